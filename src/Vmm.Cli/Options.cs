@@ -1,0 +1,183 @@
+using System.Globalization;
+using Vmm.Machine;
+
+namespace Vmm.Cli;
+
+/// <summary>A command-line error; the message names the option.</summary>
+public sealed class UsageException(string message) : Exception(message);
+
+public enum SerialMode { Stdio, File, None }
+
+/// <summary>Parsed command line of <c>vmm</c> (hand-written: no reflection, so NativeAOT has nothing to trim).</summary>
+public sealed class Options
+{
+    public bool Demo { get; set; }
+    public bool Help { get; set; }
+    public bool Version { get; set; }
+    public string? Kernel { get; set; }
+    public string? Initrd { get; set; }
+    public string Cmdline { get; set; } = "";
+    public ulong Memory { get; set; } = MachineConfig.DefaultMemory;
+    public int Cpus { get; set; } = 1;
+    public SerialMode Serial { get; set; } = SerialMode.Stdio;
+    public string? SerialPath { get; set; }
+    public LogLevel LogLevel { get; set; } = LogLevel.Warn;
+    public bool Stats { get; set; }
+    public bool NoIrqchip { get; set; }
+
+    public const string HelpText = """
+        vmm — a KVM virtual machine monitor
+
+        Usage:
+          vmm [OPTIONS]               boot the built-in demo guest (same as 'vmm demo'), or with
+                                      --kernel, the same as 'vmm run' 
+          vmm demo [OPTIONS]          boot the built-in demo guest; exit 0 when it reports success
+          vmm run --kernel PATH [OPTIONS]
+          vmm --help | --version
+
+        Options for 'run' (and, where they apply, 'demo'):
+          --kernel PATH        kernel to boot: a Multiboot v1 image (ELF32, or a.out-kludge address
+                               fields) entered in 32-bit protected mode, or a 64-bit ELF entered in
+                               long mode on identity-mapped page tables (both get multiboot info)
+          --initrd PATH        a file loaded as multiboot module 0
+          --cmdline STR        kernel arguments; the guest sees "<kernel path> STR", as GRUB and QEMU pass it
+          --memory SIZE        guest RAM, e.g. 128M, 2G, 1048576 (default 128M; suffixes K, M, G, T)
+          --cpus N             number of vCPUs (default 1; at most what KVM allows)
+          --serial MODE        COM1 (0x3f8, IRQ 4): stdio (default: guest output on stdout, stdin to the
+                               guest), file:PATH (output appended to PATH), none
+          --log-level LEVEL    error, warn (default), info or debug; debug also lists unclaimed I/O
+          --stats              print per-vCPU exit counts, costs and vCPU-thread allocations at exit
+          --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)
+          -h, --help           this text
+
+        Guest protocol: writing v to I/O port 0xf4 (isa-debug-exit) ends the VM; vmm exits with (v<<1)|1.
+
+        Exit status:
+          (v<<1)|1  the guest wrote v to port 0xf4 (always odd)
+          0         the guest powered off or reset; 'demo' also when the demo guest succeeded
+          2         bad command line or configuration
+          4         /dev/kvm is missing, not permitted, or lacks a needed capability
+          6         the kernel or initrd cannot be loaded (the message names the bad field)
+          8         the guest crashed (triple fault, failed entry, KVM internal error); a report
+                    with registers and the disassembled code at RIP goes to stderr
+          10        a vCPU halted with nothing to wake it (only with --no-irqchip)
+          12        vmm failed (a system call error)
+        """;
+
+    public static Options Parse(string[] args)
+    {
+        var o = new Options();
+        int i = 0;
+        bool explicitRun = false;
+        if (args.Length == 0)
+        {
+            o.Demo = true;
+            return o;
+        }
+        switch (args[0])
+        {
+            case "demo": o.Demo = true; i = 1; break;
+            case "run": i = 1; explicitRun = true; break;
+            case "-h": case "--help": case "help": o.Help = true; return o;
+            case "--version": o.Version = true; return o;
+            default:
+                if (!args[0].StartsWith('-'))
+                    throw new UsageException($"unknown command '{args[0]}' (expected 'run' or 'demo'; see vmm --help)");
+                break; // options without a command mean 'run'
+        }
+        for (; i < args.Length; i++)
+        {
+            string arg = args[i];
+            string? inline = null;
+            int eq = arg.IndexOf('=');
+            if (arg.StartsWith("--") && eq > 0)
+            {
+                inline = arg[(eq + 1)..];
+                arg = arg[..eq];
+            }
+            string Value()
+            {
+                if (inline is not null)
+                    return inline;
+                if (i + 1 >= args.Length)
+                    throw new UsageException($"{arg} needs a value");
+                return args[++i];
+            }
+            switch (arg)
+            {
+                case "-h": case "--help": o.Help = true; break;
+                case "--kernel": o.Kernel = Value(); break;
+                case "--initrd": o.Initrd = Value(); break;
+                case "--cmdline": o.Cmdline = Value(); break;
+                case "--memory": o.Memory = ParseSize(Value(), "--memory"); break;
+                case "--cpus":
+                {
+                    string v = Value();
+                    if (!int.TryParse(v, NumberStyles.None, CultureInfo.InvariantCulture, out int n) || n < 1)
+                        throw new UsageException($"--cpus must be a whole number of at least 1, not '{v}'");
+                    o.Cpus = n;
+                    break;
+                }
+                case "--serial":
+                {
+                    string v = Value();
+                    if (v == "stdio") o.Serial = SerialMode.Stdio;
+                    else if (v == "none") o.Serial = SerialMode.None;
+                    else if (v.StartsWith("file:") && v.Length > 5) { o.Serial = SerialMode.File; o.SerialPath = v[5..]; }
+                    else throw new UsageException($"--serial must be stdio, file:PATH or none, not '{v}'");
+                    break;
+                }
+                case "--log-level":
+                {
+                    string v = Value();
+                    if (!Log.TryParse(v, out var level))
+                        throw new UsageException($"--log-level must be error, warn, info or debug, not '{v}'");
+                    o.LogLevel = level;
+                    break;
+                }
+                case "--stats": o.Stats = true; break;
+                case "--no-irqchip": o.NoIrqchip = true; break;
+                default:
+                    throw new UsageException($"unknown option '{args[i]}' (see vmm --help)");
+            }
+        }
+        if (!o.Help && !o.Demo && o.Kernel is null)
+        {
+            if (explicitRun)
+                throw new UsageException("'run' needs --kernel PATH (or run 'vmm' alone for the demo guest)");
+            o.Demo = true; // "vmm --stats" and the like: options for the demo guest
+        }
+        if (o.Demo && (o.Kernel is not null || o.Initrd is not null))
+            throw new UsageException("'demo' boots the built-in guest: --kernel and --initrd belong to 'run'");
+        return o;
+    }
+
+    /// <summary>"128M", "2G", "512K", "1T", "4096" (bytes); "MiB"/"MB" spellings too (all binary units).</summary>
+    public static ulong ParseSize(string text, string option)
+    {
+        string t = text.Trim();
+        ulong multiplier = 1;
+        string upper = t.ToUpperInvariant();
+        foreach (var (suffix, mult) in new[] { ("KIB", 1UL << 10), ("MIB", 1UL << 20), ("GIB", 1UL << 30), ("TIB", 1UL << 40),
+                                                ("KB", 1UL << 10), ("MB", 1UL << 20), ("GB", 1UL << 30), ("TB", 1UL << 40),
+                                                ("K", 1UL << 10), ("M", 1UL << 20), ("G", 1UL << 30), ("T", 1UL << 40) })
+        {
+            if (upper.EndsWith(suffix, StringComparison.Ordinal))
+            {
+                multiplier = mult;
+                t = t[..^suffix.Length];
+                break;
+            }
+        }
+        if (!ulong.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out ulong n) || n == 0)
+            throw new UsageException($"{option} must be a size such as 128M or 2G, not '{text}'");
+        try
+        {
+            return checked(n * multiplier);
+        }
+        catch (OverflowException)
+        {
+            throw new UsageException($"{option} {text} is too large");
+        }
+    }
+}

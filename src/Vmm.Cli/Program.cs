@@ -1,0 +1,195 @@
+using Vmm.Boot;
+using Vmm.Interop;
+using Vmm.Kvm;
+using Vmm.Machine;
+
+namespace Vmm.Cli;
+
+public static class Program
+{
+    public static int Main(string[] args)
+    {
+        Options options;
+        try
+        {
+            options = Options.Parse(args);
+        }
+        catch (UsageException e)
+        {
+            Console.Error.WriteLine($"vmm: error: {e.Message}");
+            return ExitStatus.Usage;
+        }
+        if (options.Help)
+        {
+            Console.Out.WriteLine(Options.HelpText);
+            return ExitStatus.Success;
+        }
+        if (options.Version)
+        {
+            Console.Out.WriteLine("vmm " + (typeof(Program).Assembly.GetName().Version?.ToString(3) ?? "0.0.0"));
+            return ExitStatus.Success;
+        }
+        return Run(options);
+    }
+
+    private static int Run(Options options)
+    {
+        var log = new Log(options.LogLevel);
+        Stream? serialOut = null;
+        try
+        {
+            BootFile kernel;
+            BootFile? module = null;
+            if (options.Demo)
+            {
+                kernel = DemoGuest.Build();
+            }
+            else
+            {
+                kernel = ReadBootFile(options.Kernel!, "--kernel");
+                if (options.Initrd is not null)
+                    module = ReadBootFile(options.Initrd, "--initrd");
+            }
+            Stream? serialIn = null;
+            switch (options.Serial)
+            {
+                case SerialMode.Stdio:
+                    serialOut = Console.OpenStandardOutput();
+                    serialIn = Console.IsInputRedirected && IsNullDevice() ? null : Console.OpenStandardInput();
+                    break;
+                case SerialMode.File:
+                    try
+                    {
+                        serialOut = new FileStream(options.SerialPath!, FileMode.Append, FileAccess.Write, FileShare.Read);
+                    }
+                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                    {
+                        throw new UsageException($"--serial file:{options.SerialPath}: {e.Message}");
+                    }
+                    break;
+            }
+            var config = new MachineConfig
+            {
+                Kernel = kernel,
+                Module = module,
+                Arguments = options.Cmdline,
+                MemoryBytes = options.Memory,
+                Cpus = options.Cpus,
+                SerialOutput = serialOut,
+                SerialInput = serialIn,
+                InKernelIrqchip = !options.NoIrqchip,
+            };
+
+            VmOutcome outcome;
+            string stats;
+            using (var vm = new VirtualMachine(config, log))
+            {
+                outcome = vm.Run();
+                vm.Dispose(); // flushes the console before we report
+                stats = vm.DescribeStats();
+            }
+            if (options.Stats || log.IsEnabled(LogLevel.Debug))
+                Console.Error.WriteLine(string.Join('\n', stats.Split('\n').Select(l => "vmm: stats: " + l)));
+            return Report(outcome, options, log);
+        }
+        catch (UsageException e)
+        {
+            log.Error(e.Message);
+            return ExitStatus.Usage;
+        }
+        catch (ConfigException e)
+        {
+            log.Error(e.Message);
+            return ExitStatus.Usage;
+        }
+        catch (KvmUnavailableException e)
+        {
+            log.Error(e.Message);
+            return ExitStatus.KvmUnavailable;
+        }
+        catch (KernelImageException e)
+        {
+            log.Error($"cannot boot: {e.Message}");
+            return ExitStatus.BadImage;
+        }
+        catch (SyscallException e)
+        {
+            log.Error(e.Message);
+            return ExitStatus.VmmError;
+        }
+        catch (Exception e)
+        {
+            // A bug in vmm: say so in one line; the stack trace only when asked for.
+            log.Error($"internal error: {e.GetType().Name}: {e.Message}");
+            log.Debug(e.ToString());
+            return ExitStatus.VmmError;
+        }
+        finally
+        {
+            if (options.Serial == SerialMode.File)
+                serialOut?.Dispose();
+        }
+    }
+
+    private static int Report(VmOutcome outcome, Options options, Log log)
+    {
+        switch (outcome.Kind)
+        {
+            case VmExitKind.DebugExit:
+                log.Info(outcome.Message);
+                if (options.Demo)
+                {
+                    if (outcome.DebugExitValue == 0)
+                        return ExitStatus.Success;
+                    log.Error($"the demo guest reported failure ({outcome.DebugExitValue})");
+                }
+                return ExitStatus.FromDebugExit(outcome.DebugExitValue);
+            case VmExitKind.PowerOff:
+            case VmExitKind.Reset:
+                log.Info(outcome.Message);
+                return ExitStatus.Success;
+            case VmExitKind.Halted:
+                log.Error(outcome.Diagnostic ?? outcome.Message);
+                return ExitStatus.GuestHalted;
+            case VmExitKind.GuestCrash:
+                log.Error(outcome.Diagnostic ?? outcome.Message);
+                return ExitStatus.GuestCrashed;
+            default:
+                log.Error(outcome.Message);
+                return ExitStatus.VmmError;
+        }
+    }
+
+    private static BootFile ReadBootFile(string path, string option)
+    {
+        try
+        {
+            return new BootFile(path, File.ReadAllBytes(path));
+        }
+        catch (FileNotFoundException)
+        {
+            throw new UsageException($"{option} {path}: no such file");
+        }
+        catch (DirectoryNotFoundException)
+        {
+            throw new UsageException($"{option} {path}: no such file");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new UsageException($"{option} {path}: {e.Message}");
+        }
+    }
+
+    /// <summary>stdin redirected from /dev/null: don't start a reader that would only see EOF.</summary>
+    private static bool IsNullDevice()
+    {
+        try
+        {
+            return File.ResolveLinkTarget("/proc/self/fd/0", false)?.FullName == "/dev/null";
+        }
+        catch (IOException)
+        {
+            return false;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+using System.IO.Pipelines;
+
+namespace Vmm.Devices.Legacy;
+
+/// <summary>Connects a UART to host byte streams. Output: the UART writes into a <see cref="Pipe"/> whose
+/// reader runs on a dedicated thread copying to the output stream, so a vCPU never waits on a slow
+/// terminal or file (unless the pipe is more than <see cref="PauseThreshold"/> behind). Both pipe schedulers
+/// are inline: waking the reader sets an event instead of queueing a thread-pool item, so the vCPU's
+/// transmit path allocates nothing. Input: a thread reads the input stream and feeds the UART with flow
+/// control.</summary>
+public sealed class SerialConsole : IDisposable
+{
+    public const long PauseThreshold = 1 << 20;
+
+    private readonly Pipe _pipe = new(new PipeOptions(
+        pauseWriterThreshold: PauseThreshold, resumeWriterThreshold: PauseThreshold / 2,
+        readerScheduler: PipeScheduler.Inline, writerScheduler: PipeScheduler.Inline, useSynchronizationContext: false));
+    private readonly Stream? _output;
+    private readonly Thread? _outputThread;
+    private Thread? _inputThread;
+    private volatile bool _stopping;
+
+    /// <param name="output">Where guest output goes; null discards it.</param>
+    public SerialConsole(Stream? output)
+    {
+        _output = output;
+        if (output is not null)
+        {
+            _outputThread = new Thread(CopyOutput) { IsBackground = true, Name = "serial-out" };
+            _outputThread.Start();
+        }
+    }
+
+    /// <summary>What the UART transmits into.</summary>
+    public PipeWriter Writer => _pipe.Writer;
+
+    /// <summary>Starts feeding <paramref name="input"/> into <paramref name="uart"/> on a background thread.</summary>
+    public void AttachInput(Stream input, Serial16550 uart)
+    {
+        _inputThread = new Thread(() => CopyInput(input, uart)) { IsBackground = true, Name = "serial-in" };
+        _inputThread.Start();
+    }
+
+    private void CopyOutput()
+    {
+        var reader = _pipe.Reader;
+        while (true)
+        {
+            ReadResult result = reader.ReadAsync().AsTask().GetAwaiter().GetResult();
+            foreach (var segment in result.Buffer)
+                _output!.Write(segment.Span);
+            if (!result.Buffer.IsEmpty)
+                _output!.Flush();
+            reader.AdvanceTo(result.Buffer.End);
+            if (result.IsCompleted)
+                break;
+        }
+        reader.Complete();
+    }
+
+    private void CopyInput(Stream input, Serial16550 uart)
+    {
+        var buffer = new byte[256];
+        try
+        {
+            while (!_stopping)
+            {
+                int n = input.Read(buffer, 0, buffer.Length);
+                if (n <= 0)
+                    return;
+                int done = 0;
+                while (done < n && !_stopping)
+                {
+                    done += uart.EnqueueInput(buffer.AsSpan(done, n - done));
+                    if (done < n)
+                        Thread.Sleep(5); // the guest has not drained the queue yet
+                }
+            }
+        }
+        catch (IOException)
+        {
+            // stdin closed or unreadable: the guest simply gets no more input.
+        }
+        catch (ObjectDisposedException)
+        {
+        }
+    }
+
+    /// <summary>Flushes everything the guest wrote and stops the output thread.</summary>
+    public void Dispose()
+    {
+        _stopping = true;
+        _pipe.Writer.Complete();
+        _outputThread?.Join();
+    }
+}

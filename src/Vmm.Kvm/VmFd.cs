@@ -1,0 +1,95 @@
+using Vmm.Interop;
+using static Vmm.Interop.KvmConstants;
+
+namespace Vmm.Kvm;
+
+/// <summary>A KVM virtual machine (the fd KVM_CREATE_VM returned): memory slots, interrupt controllers, vCPUs.</summary>
+public sealed unsafe class VmFd : IDisposable
+{
+    private int _fd;
+    private readonly int _vcpuMmapSize;
+
+    internal VmFd(int fd, int vcpuMmapSize)
+    {
+        _fd = fd;
+        _vcpuMmapSize = vcpuMmapSize;
+    }
+
+    public int Fd => _fd;
+
+    /// <summary>KVM_CHECK_EXTENSION on the VM (some answers are per VM).</summary>
+    public int CheckExtension(int capability)
+    {
+        int r = Sys.Ioctl(_fd, KVM_CHECK_EXTENSION, capability);
+        return r < 0 ? 0 : r;
+    }
+
+    /// <summary>KVM_SET_USER_MEMORY_REGION: maps <paramref name="size"/> bytes at host address
+    /// <paramref name="hostAddress"/> to guest physical <paramref name="guestPhysicalAddress"/>. A size of 0 deletes the slot.</summary>
+    public void SetUserMemoryRegion(uint slot, ulong guestPhysicalAddress, ulong size, nint hostAddress, uint flags = 0)
+    {
+        var region = new kvm_userspace_memory_region
+        {
+            slot = slot,
+            flags = flags,
+            guest_phys_addr = guestPhysicalAddress,
+            memory_size = size,
+            userspace_addr = (ulong)hostAddress,
+        };
+        if (Sys.Ioctl(_fd, KVM_SET_USER_MEMORY_REGION, &region) < 0)
+            throw new KvmException("KVM_SET_USER_MEMORY_REGION", Errno.Last,
+                $"slot {slot}: guest 0x{guestPhysicalAddress:x}+0x{size:x}");
+    }
+
+    /// <summary>KVM_SET_TSS_ADDR: three pages of guest-physical space KVM needs for real-mode emulation on Intel.</summary>
+    public void SetTssAddress(ulong address) =>
+        KvmSystem.Check(Sys.Ioctl(_fd, KVM_SET_TSS_ADDR, (nint)address), "KVM_SET_TSS_ADDR");
+
+    /// <summary>KVM_SET_IDENTITY_MAP_ADDR: one page for the EPT identity map used in real mode on Intel.</summary>
+    public void SetIdentityMapAddress(ulong address)
+    {
+        ulong a = address;
+        KvmSystem.Check(Sys.Ioctl(_fd, KVM_SET_IDENTITY_MAP_ADDR, &a), "KVM_SET_IDENTITY_MAP_ADDR");
+    }
+
+    /// <summary>KVM_CREATE_IRQCHIP: the in-kernel PIC pair, IOAPIC and a local APIC per vCPU.</summary>
+    public void CreateIrqChip() => KvmSystem.Check(Sys.Ioctl(_fd, KVM_CREATE_IRQCHIP, 0), "KVM_CREATE_IRQCHIP");
+
+    /// <summary>KVM_CREATE_PIT2: the in-kernel i8254 timer (ports 0x40-0x43, IRQ 0).</summary>
+    public void CreatePit2()
+    {
+        // KVM_PIT_SPEAKER_DUMMY: port 0x61 is answered in the kernel too, as firmware-free guests expect.
+        var config = new kvm_pit_config { flags = KVM_PIT_SPEAKER_DUMMY };
+        KvmSystem.Check(Sys.Ioctl(_fd, KVM_CREATE_PIT2, &config), "KVM_CREATE_PIT2");
+    }
+
+    /// <summary>KVM_IRQ_LINE: sets the level of an input pin of the in-kernel PIC/IOAPIC. Called from device
+    /// threads; allocates nothing and never throws (a failed interrupt must not kill a device thread).</summary>
+    public bool SetIrqLine(uint irq, bool level)
+    {
+        var l = new kvm_irq_level { irq = irq, level = level ? 1u : 0u };
+        return Sys.Ioctl(_fd, KVM_IRQ_LINE, &l) >= 0;
+    }
+
+    /// <summary>KVM_CREATE_VCPU with the given APIC id, and the mmapped <c>kvm_run</c> page of it.</summary>
+    public VcpuFd CreateVcpu(int id)
+    {
+        int fd = KvmSystem.Check(Sys.Ioctl(_fd, KVM_CREATE_VCPU, id), "KVM_CREATE_VCPU");
+        try
+        {
+            void* run = Sys.Mmap((nuint)_vcpuMmapSize, Sys.PROT_READ | Sys.PROT_WRITE, Sys.MAP_SHARED, fd, 0, $"kvm_run of vCPU {id}");
+            return new VcpuFd(fd, id, (byte*)run, _vcpuMmapSize);
+        }
+        catch
+        {
+            Sys.Close(fd);
+            throw;
+        }
+    }
+
+    public void Dispose()
+    {
+        Sys.Close(_fd);
+        _fd = -1;
+    }
+}

@@ -1,0 +1,220 @@
+using System.Text;
+using Vmm.Boot;
+using Vmm.Devices;
+using Vmm.Devices.Legacy;
+using Vmm.Kvm;
+using Vmm.Memory;
+using static Vmm.Interop.KvmConstants;
+
+namespace Vmm.Machine;
+
+/// <summary>Assembles one x86 VM from a <see cref="MachineConfig"/>: KVM VM with in-kernel irqchip and PIT,
+/// guest RAM, the legacy devices on the I/O bus, the loaded kernel and one thread per vCPU; runs it to its
+/// end and tears everything down.</summary>
+public sealed class VirtualMachine : IVmControl, IDisposable
+{
+    /// <summary>Capabilities vmm cannot run without, with their uapi names for the error message.</summary>
+    private static readonly (int Cap, string Name)[] s_requiredCaps =
+    [
+        (KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
+        (KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID"),
+        (KVM_CAP_MP_STATE, "KVM_CAP_MP_STATE"),
+        (KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
+    ];
+
+    private static readonly (int Cap, string Name)[] s_irqchipCaps =
+    [
+        (KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP"),
+        (KVM_CAP_PIT2, "KVM_CAP_PIT2"),
+    ];
+
+    private readonly MachineConfig _config;
+    private readonly Log _log;
+    private readonly KvmSystem? _kvm;
+    private readonly VmFd _vm;
+    private readonly GuestMemory _memory;
+    private readonly SerialConsole _console;
+    private readonly List<Vcpu> _vcpus = [];
+    private readonly ManualResetEventSlim _stopped = new(false);
+    private VmOutcome? _outcome;
+    private volatile bool _stopping;
+    private bool _disposed;
+
+    public VirtualMachine(MachineConfig config, Log log)
+    {
+        config.Validate();
+        _config = config;
+        _log = log;
+        // Memory and kernel first: a bad image is reported the same with or without KVM.
+        _memory = GuestMemory.Create(config.MemoryBytes);
+        try
+        {
+            Kernel = KernelLoader.Load(_memory, config.Kernel, config.Arguments, config.Module);
+            _log.Info($"loaded {config.Kernel.Name} as {Kernel.Format}, entry 0x{Kernel.Cpu.Rip:x}; command line \"{Kernel.CommandLine}\"");
+            _kvm = KvmSystem.Open(config.KvmPath);
+            CheckCapabilities();
+            _vm = _kvm!.CreateVm();
+            SetUpArchitecture();
+            uint slot = 0;
+            foreach (var region in _memory.Regions)
+                _vm.SetUserMemoryRegion(slot++, region.Start.Value, region.Size, region.HostAddress);
+
+            IoBus = new Bus("I/O port");
+            MmioBus = new Bus("MMIO");
+            _console = new SerialConsole(config.SerialOutput);
+            Serial = new Serial16550(new KvmIrqLine(_vm, 4), _console.Writer);
+            if (config.SerialInput is not null)
+                _console.AttachInput(config.SerialInput, Serial);
+            PostCode = new PostCodeSink();
+            IoBus.Insert(Serial, 0x3F8, 8);
+            IoBus.Insert(new DebugExit(this), DebugExit.DefaultPort, DebugExit.Width);
+            IoBus.Insert(new I8042(this), I8042.DataPort, 5);
+            IoBus.Insert(PostCode, PostCodeSink.DefaultPort, 1);
+
+            KickSignal.EnsureInstalled();
+            var dispatcher = new ExitDispatcher(IoBus, MmioBus);
+            var cpuid = _kvm!.GetSupportedCpuid();
+            for (int i = 0; i < config.Cpus; i++)
+            {
+                var vcpu = new Vcpu(_vm.CreateVcpu(i), this, dispatcher, _memory);
+                _vcpus.Add(vcpu);
+                vcpu.ConfigureCpuid(cpuid, config.Cpus);
+            }
+            // The other vCPUs wait for INIT/SIPI: KVM starts APs uninitialized when the LAPIC is in the kernel.
+            _vcpus[0].SetBootState(Kernel.Cpu);
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    public Bus IoBus { get; } = null!;
+    public Bus MmioBus { get; } = null!;
+    public Serial16550 Serial { get; } = null!;
+    public PostCodeSink PostCode { get; } = null!;
+    public LoadedKernel Kernel { get; } = null!;
+
+    /// <summary>Per-vCPU counters, complete once <see cref="Run"/> returned.</summary>
+    public IReadOnlyList<VcpuStats> VcpuStats => _vcpus.Select(v => v.Stats).ToList();
+
+    internal bool Stopping => _stopping;
+
+    private void CheckCapabilities()
+    {
+        var required = _config.InKernelIrqchip ? s_requiredCaps.Concat(s_irqchipCaps) : s_requiredCaps;
+        var missing = required.Where(c => _kvm!.CheckExtension(c.Cap) <= 0).Select(c => $"{c.Name} ({c.Cap})").ToList();
+        if (missing.Count > 0)
+            throw new KvmUnavailableException($"this KVM lacks capabilities vmm relies on: {string.Join(", ", missing)}");
+        int maxVcpus = _kvm!.CheckExtension(KVM_CAP_MAX_VCPUS);
+        if (maxVcpus <= 0)
+            maxVcpus = _kvm.CheckExtension(KVM_CAP_NR_VCPUS);
+        if (maxVcpus <= 0)
+            maxVcpus = 4; // the documented default when neither capability answers
+        if (_config.Cpus > maxVcpus)
+            throw new ConfigException($"--cpus {_config.Cpus} is more than this KVM allows ({maxVcpus})");
+        int recommended = _kvm.CheckExtension(KVM_CAP_NR_VCPUS);
+        if (recommended > 0 && _config.Cpus > recommended)
+            _log.Warn($"--cpus {_config.Cpus} exceeds the {recommended} vCPUs KVM recommends on this host");
+    }
+
+    private void SetUpArchitecture()
+    {
+        // Intel without unrestricted guest needs these for real mode; elsewhere they are harmless no-ops.
+        try
+        {
+            _vm.SetIdentityMapAddress(MemoryLayout.IdentityMapAddress);
+            _vm.SetTssAddress(MemoryLayout.TssAddress);
+        }
+        catch (KvmException e)
+        {
+            _log.Debug($"ignored: {e.Message}");
+        }
+        if (_config.InKernelIrqchip)
+        {
+            _vm.CreateIrqChip();
+            _vm.CreatePit2();
+        }
+    }
+
+    /// <summary>Starts every vCPU and blocks until the VM ends.</summary>
+    public VmOutcome Run()
+    {
+        foreach (var v in _vcpus)
+            v.Start();
+        _stopped.Wait();
+        foreach (var v in _vcpus)
+            v.Kick();
+        foreach (var v in _vcpus)
+            v.Join();
+        return _outcome!;
+    }
+
+    /// <summary>Records how the VM ended (the first report wins) and stops every vCPU.</summary>
+    internal void Finish(VmOutcome outcome)
+    {
+        if (Interlocked.CompareExchange(ref _outcome, outcome, null) == null)
+        {
+            _stopping = true;
+            foreach (var v in _vcpus)
+                v.Kick();
+            _stopped.Set();
+        }
+    }
+
+    public void RequestDebugExit(uint value) =>
+        Finish(new VmOutcome(VmExitKind.DebugExit, $"guest wrote 0x{value:x} to the debug-exit port", value));
+
+    public void RequestReset(string source) =>
+        Finish(new VmOutcome(VmExitKind.Reset, $"guest requested a reset ({source})"));
+
+    public void RequestPowerOff(string source) =>
+        Finish(new VmOutcome(VmExitKind.PowerOff, $"guest powered off ({source})"));
+
+    /// <summary>Exit counts and costs per vCPU, and unclaimed accesses (for --stats and --log-level debug).</summary>
+    public string DescribeStats()
+    {
+        var sb = new StringBuilder();
+        foreach (var v in _vcpus)
+        {
+            var s = v.Stats;
+            double perExit(long ns) => s.Exits == 0 ? 0 : (double)ns / s.Exits;
+            sb.AppendLine($"vcpu{v.Id}: exits={s.Exits} pio={s.PioExits} mmio={s.MmioExits} interrupted={s.InterruptedRuns} " +
+                $"exit_allocated_bytes={s.ExitAllocatedBytes} wall_ns_per_exit={perExit(s.WallNs):F0} user_ns_per_exit={perExit(s.UserCpuNs):F0} sys_ns_per_exit={perExit(s.SystemCpuNs):F0}");
+        }
+        foreach (var bus in new[] { IoBus, MmioBus })
+        {
+            if (bus.UnclaimedReads + bus.UnclaimedWrites == 0)
+                continue;
+            string list = string.Join(", ", bus.UnclaimedAccesses().Select(a => $"0x{a.Address:x}×{a.Count}"));
+            sb.AppendLine($"{bus.Name} bus: {bus.UnclaimedReads} unclaimed reads, {bus.UnclaimedWrites} unclaimed writes: {list}");
+        }
+        return sb.ToString().TrimEnd();
+    }
+
+    public void Dispose()
+    {
+        if (_disposed)
+            return;
+        _disposed = true;
+        _stopping = true;
+        foreach (var v in _vcpus)
+        {
+            v.Kick();
+            v.Join();
+            v.Dispose();
+        }
+        _console?.Dispose();
+        _memory?.Dispose();
+        _vm?.Dispose();
+        _kvm?.Dispose();
+        _stopped.Dispose();
+    }
+
+    /// <summary>An ISA interrupt pin of the in-kernel PIC/IOAPIC.</summary>
+    private sealed class KvmIrqLine(VmFd vm, uint irq) : IInterruptLine
+    {
+        public void SetLevel(bool asserted) => vm.SetIrqLine(irq, asserted);
+    }
+}

@@ -1,0 +1,169 @@
+using System.Text;
+using Iced.Intel;
+using Vmm.Tests.TestKit;
+using static Iced.Intel.AssemblerRegisters;
+
+namespace Vmm.Tests.Kvm;
+
+/// <summary>Builds the NativeAOT vmm, the C test guest and the Iced micro-guests, runs every KVM scenario
+/// once (on this host's /dev/kvm, or in the nested-KVM VM) and keeps the results for the tests.</summary>
+public sealed class KvmFixture
+{
+    public IReadOnlyDictionary<string, Repo.Result> Results { get; }
+
+    public KvmFixture()
+    {
+        string vmm = Environment.GetEnvironmentVariable("VMM_BINARY") ?? PublishVmm();
+        Repo.MustRun("make", "-s", "-C", Repo.PathTo("guest-images"));
+        var files = new Dictionary<string, byte[]>
+        {
+            ["multiboot-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "multiboot-test.elf")),
+            ["module.txt"] = Encoding.ASCII.GetBytes("hello from module 0\n"),
+            ["pio.bin"] = MicroGuests.PortIo(),
+            ["mmio.elf"] = MicroGuests.Mmio64(),
+            ["triple.bin"] = MicroGuests.TripleFault(),
+            ["hlt.bin"] = MicroGuests.Halt(),
+            ["loop.bin"] = MicroGuests.PortLoop(20_000),
+            ["reset.bin"] = MicroGuests.Reset(),
+            ["echo.bin"] = MicroGuests.Echo(),
+            ["garbage.bin"] = Encoding.ASCII.GetBytes("this is not a kernel"),
+        };
+        Results = VmmRunner.RunAll(vmm, files,
+        [
+            new("demo", []),
+            new("demo-2cpus", ["--cpus", "2", "--log-level", "info"]),
+            new("demo-5g", ["--memory", "5G"]),
+            new("too-many-cpus", ["--cpus", "100000"]),
+            new("multiboot-test", ["run", "--kernel", "multiboot-test.elf", "--initrd", "module.txt", "--cmdline", "expect-module=hello expect-mem-mb=128"]),
+            new("multiboot-test-mismatch", ["run", "--kernel", "multiboot-test.elf", "--initrd", "module.txt", "--cmdline", "expect-module=goodbye"]),
+            new("pio", ["run", "--kernel", "pio.bin"]),
+            new("mmio", ["run", "--kernel", "mmio.elf", "--log-level", "debug"]),
+            new("triple-fault", ["run", "--kernel", "triple.bin"]),
+            new("hlt", ["run", "--kernel", "hlt.bin", "--no-irqchip"]),
+            new("exit-loop", ["run", "--kernel", "loop.bin", "--stats"]),
+            new("reset", ["run", "--kernel", "reset.bin", "--log-level", "info"]),
+            new("echo", ["run", "--kernel", "echo.bin"], Stdin: "hello vmm\n"),
+            new("bad-image", ["run", "--kernel", "garbage.bin"]),
+        ]);
+    }
+
+    private static string PublishVmm()
+    {
+        string output = Repo.PathTo("artifacts", "test-vmm");
+        Repo.MustRun("dotnet", "publish", Repo.PathTo("src", "Vmm.Cli"), "-c", "Release", "-o", output, "--nologo");
+        return Path.Combine(output, "vmm");
+    }
+}
+
+/// <summary>Tiny guests assembled with Iced for exit edge cases. Each exits through port 0xf4: 0 (status 1)
+/// on success, a check number on failure.</summary>
+public static class MicroGuests
+{
+    private static void Exit(Assembler a, uint value)
+    {
+        a.mov(dx, 0xF4);
+        a.mov(eax, value);
+        a.@out(dx, eax);
+        a.hlt();
+    }
+
+    /// <summary>1/2/4-byte port I/O both ways, unclaimed ports, rep outsb to COM1, rep insb from the UART
+    /// scratch register, and a final 2-byte write to the debug-exit port.</summary>
+    public static byte[] PortIo()
+    {
+        const uint text = ImageBuilder.Guest32Data, buffer = ImageBuilder.Guest32Data + 0x100;
+        byte[] message = Encoding.ASCII.GetBytes("rep-outsb-ok\n");
+        var data = new byte[0x200];
+        message.CopyTo(data, 0);
+        return ImageBuilder.Guest32(a =>
+        {
+            var fails = Enumerable.Range(0, 6).Select(_ => a.CreateLabel()).ToArray();
+            a.mov(dx, 0x3FF); a.mov(al, 0x5A); a.@out(dx, al);          // 1-byte out: UART scratch
+            a.xor(eax, eax); a.@in(al, dx); a.cmp(al, 0x5A); a.jne(fails[1]); // 1-byte in
+            a.mov(dx, 0x200); a.@in(ax, dx); a.cmp(ax, 0xFFFF); a.jne(fails[2]); // unclaimed 2-byte in: all ones
+            a.@in(eax, dx); a.cmp(eax, -1); a.jne(fails[3]);               // unclaimed 4-byte in
+            a.mov(dx, 0x3FF); a.@in(ax, dx); a.cmp(ax, 0xFF5A); a.jne(fails[4]); // byte register, wide read
+            a.cld();
+            a.mov(esi, text); a.mov(ecx, (uint)message.Length); a.mov(dx, 0x3F8); a.rep.outsb(); // string out
+            a.mov(edi, buffer); a.mov(ecx, 4); a.mov(dx, 0x3FF); a.rep.insb(); // string in
+            a.cmp(__dword_ptr[buffer], 0x5A5A5A5A); a.jne(fails[5]);
+            a.mov(dx, 0xF4); a.mov(ax, 0x21); a.@out(dx, ax);              // 2-byte debug exit: status 0x43
+            a.hlt();
+            for (uint i = 1; i < fails.Length; i++)
+            {
+                a.Label(ref fails[i]);
+                Exit(a, i);
+            }
+        }, data);
+    }
+
+    /// <summary>Long-mode MMIO reads and writes of 1, 2, 4 and 8 bytes to an unclaimed address in the MMIO hole.</summary>
+    public static byte[] Mmio64() => ImageBuilder.Guest64(a =>
+    {
+        var fail = a.CreateLabel();
+        a.mov(rbx, 0xD000_0000UL);
+        a.mov(al, __byte_ptr[rbx]); a.cmp(al, 0xFF); a.jne(fail);
+        a.mov(ax, __word_ptr[rbx]); a.cmp(ax, 0xFFFF); a.jne(fail);
+        a.mov(eax, __dword_ptr[rbx]); a.cmp(eax, -1); a.jne(fail);
+        a.mov(rax, __qword_ptr[rbx]); a.cmp(rax, -1); a.jne(fail);
+        a.mov(__byte_ptr[rbx], 1); a.mov(__word_ptr[rbx], 2); a.mov(__dword_ptr[rbx], 3); a.mov(__qword_ptr[rbx], 4);
+        Exit(a, 0);
+        a.Label(ref fail);
+        Exit(a, 9);
+    });
+
+    /// <summary>An empty IDT and an int3: #BP → #GP → #DF → triple fault.</summary>
+    public static byte[] TripleFault() => ImageBuilder.Guest32(a =>
+    {
+        a.push(0); a.push(0);
+        a.lidt(__[esp]);
+        a.int3();
+    });
+
+    public static byte[] Halt() => ImageBuilder.Guest32(a => { a.cli(); a.hlt(); });
+
+    /// <summary><paramref name="count"/> one-byte writes to the POST-code port, then exit 0.</summary>
+    public static byte[] PortLoop(uint count) => ImageBuilder.Guest32(a =>
+    {
+        var loop = a.CreateLabel();
+        a.mov(ecx, count);
+        a.Label(ref loop);
+        a.@out(0x80, al);
+        a.dec(ecx); a.jnz(loop);
+        Exit(a, 0);
+    });
+
+    /// <summary>The i8042 reset command.</summary>
+    public static byte[] Reset() => ImageBuilder.Guest32(a =>
+    {
+        a.mov(al, 0xFE); a.@out(0x64, al);
+        a.cli(); a.hlt();
+    });
+
+    /// <summary>Reads COM1 until a newline, echoing letters upper-cased; bounded so no input cannot hang it.</summary>
+    public static byte[] Echo() => ImageBuilder.Guest32(a =>
+    {
+        var poll = a.CreateLabel(); var got = a.CreateLabel(); var send = a.CreateLabel(); var done = a.CreateLabel(); var timeout = a.CreateLabel();
+        a.mov(edi, 2_000_000);
+        a.Label(ref poll);
+        a.dec(edi); a.jz(timeout);
+        a.mov(dx, 0x3FD); a.@in(al, dx); a.test(al, 1); a.jz(poll);
+        a.Label(ref got);
+        a.mov(dx, 0x3F8); a.@in(al, dx);
+        a.cmp(al, 0x0A); a.je(done);
+        a.cmp(al, (byte)'a'); a.jb(send);
+        a.cmp(al, (byte)'z'); a.ja(send);
+        a.sub(al, 0x20);
+        a.Label(ref send);
+        a.@out(dx, al);
+        a.jmp(poll);
+        a.Label(ref done);
+        a.mov(al, 0x0A); a.@out(dx, al);
+        Exit(a, 0);
+        a.Label(ref timeout);
+        Exit(a, 5);
+    });
+}
+
+[CollectionDefinition("kvm")]
+public sealed class KvmCollection : ICollectionFixture<KvmFixture>;

@@ -1,0 +1,101 @@
+using System.Text;
+
+namespace Vmm.Tests.TestKit;
+
+/// <summary>One invocation of the vmm binary in a KVM test.</summary>
+public sealed record VmmScenario(string Name, IReadOnlyList<string> Args, string? Stdin = null);
+
+/// <summary>Runs vmm scenarios against a real /dev/kvm: directly where this machine has one, otherwise
+/// inside a QEMU/TCG Linux guest whose emulated AMD SVM gives it a real KVM (tools/nested-kvm). Either way
+/// every scenario runs on KVM for real; all scenarios share one nested VM boot because a boot costs seconds.</summary>
+public static class VmmRunner
+{
+    public static bool HostHasKvm
+    {
+        get
+        {
+            try
+            {
+                using var f = new FileStream("/dev/kvm", FileMode.Open, FileAccess.ReadWrite);
+                return true;
+            }
+            catch (Exception)
+            {
+                return false;
+            }
+        }
+    }
+
+    /// <summary>"local /dev/kvm" or "nested KVM in QEMU/TCG".</summary>
+    public static string Where => HostHasKvm ? "local /dev/kvm" : "nested KVM in QEMU/TCG (tools/nested-kvm)";
+
+    /// <summary>Runs every scenario with <paramref name="files"/> (name → content) and the vmm binary in its
+    /// working directory.</summary>
+    public static IReadOnlyDictionary<string, Repo.Result> RunAll(string vmmBinary, IReadOnlyDictionary<string, byte[]> files,
+        IReadOnlyList<VmmScenario> scenarios)
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-kvm-tests-").FullName;
+        try
+        {
+            File.Copy(vmmBinary, Path.Combine(dir, "vmm"));
+            File.SetUnixFileMode(Path.Combine(dir, "vmm"), UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute | UnixFileMode.GroupRead | UnixFileMode.GroupExecute | UnixFileMode.OtherRead | UnixFileMode.OtherExecute);
+            foreach (var (name, content) in files)
+                File.WriteAllBytes(Path.Combine(dir, name), content);
+            return HostHasKvm ? RunLocally(dir, scenarios) : RunNested(dir, scenarios);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    private static Dictionary<string, Repo.Result> RunLocally(string dir, IReadOnlyList<VmmScenario> scenarios)
+    {
+        var results = new Dictionary<string, Repo.Result>();
+        foreach (var s in scenarios)
+            results[s.Name] = Repo.Run(Path.Combine(dir, "vmm"), s.Args, dir, TimeSpan.FromMinutes(5), s.Stdin ?? "");
+        return results;
+    }
+
+    private static Dictionary<string, Repo.Result> RunNested(string dir, IReadOnlyList<VmmScenario> scenarios)
+    {
+        // A shell script runs each scenario and prints its results base64-encoded between markers.
+        var script = new StringBuilder("#!/bin/sh\n");
+        int i = 0;
+        foreach (var s in scenarios)
+        {
+            string stdin = $"stdin{i}";
+            File.WriteAllText(Path.Combine(dir, stdin), s.Stdin ?? "");
+            string args = string.Join(' ', s.Args.Select(ShellQuote));
+            script.Append($"./vmm {args} <{stdin} >out{i} 2>err{i}; rc=$?\n");
+            script.Append($"echo \"@@SCENARIO {i} $rc\"; base64 -w0 out{i}; echo; base64 -w0 err{i}; echo\n");
+            i++;
+        }
+        File.WriteAllText(Path.Combine(dir, "run-scenarios.sh"), script.ToString());
+        File.SetUnixFileMode(Path.Combine(dir, "run-scenarios.sh"), UnixFileMode.UserRead | UnixFileMode.UserExecute | UnixFileMode.UserWrite);
+
+        var harness = Repo.PathTo("tools", "nested-kvm", "run-in-vm.sh");
+        var r = Repo.Run(harness, ["--timeout", "1200", "--files", dir, "--", "./run-scenarios.sh"], timeout: TimeSpan.FromMinutes(22));
+        if (r.ExitCode != 0)
+            throw new InvalidOperationException($"the nested KVM harness failed with {r.ExitCode} (125: harness failure, 124: timeout):\n{r.Stdout}\n{r.Stderr}");
+        var lines = r.Stdout.Split('\n');
+        var results = new Dictionary<string, Repo.Result>();
+        for (int l = 0; l < lines.Length; l++)
+        {
+            var parts = lines[l].Trim().Split(' ');
+            if (parts.Length != 3 || parts[0] != "@@SCENARIO")
+                continue;
+            var s = scenarios[int.Parse(parts[1])];
+            string Decode(string b64) => Encoding.UTF8.GetString(Convert.FromBase64String(b64.Trim()));
+            results[s.Name] = new Repo.Result(int.Parse(parts[2]), Decode(lines[l + 1]), Decode(lines[l + 2]));
+        }
+        foreach (var s in scenarios)
+        {
+            if (!results.ContainsKey(s.Name))
+                throw new InvalidOperationException($"scenario {s.Name} produced no result in the nested VM:\n{r.Stdout}\n{r.Stderr}");
+        }
+        return results;
+    }
+
+    private static string ShellQuote(string s) => "'" + s.Replace("'", "'\\''") + "'";
+}
