@@ -2,14 +2,18 @@
  * kvm_exit_floor - minimal bare-C KVM program; the floor for our VMM's exit cost.
  *
  * Usage:
- *   kvm_exit_floor pio  N [real|prot32|long]   N x `out dx, al` to port 0x10, then hlt
- *   kvm_exit_floor mmio N [real|prot32|long]   N x `mov [mem], al` to unbacked GPA 0xF0000, then hlt
+ *   kvm_exit_floor pio  N [real|prot32|long] [irqchip]   N x `out dx, al` to port 0x10, then hlt
+ *   kvm_exit_floor mmio N [real|prot32|long] [irqchip]   N x `mov [mem], al` to unbacked GPA 0xF0000, then hlt
  *   kvm_exit_floor caps                        print KVM capabilities and try
  *                                              KVM_CREATE_IRQCHIP / KVM_CREATE_PIT2
  *
  * Guest: 1 vCPU, one 64 KiB memslot at GPA 0 (code at 0x1000, page tables at
  * 0x2000..0x4fff for long mode). GPA 0xF0000 lies outside every memslot, so
  * writes there exit to userspace as KVM_EXIT_MMIO.
+ *
+ * irqchip: also create the in-kernel irqchip and PIT (KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2) as vmm does by
+ * default, to separate their cost from the VMM's. HLT then stays in the kernel, so the run ends after the
+ * N-th expected exit instead of at the guest's hlt.
  *
  * Timing starts after the first exit (one-off warm-up costs), so the per-exit figures are
  * averages over exits 2..N. user/sys come from getrusage(RUSAGE_SELF).
@@ -154,9 +158,9 @@ int main(int argc, char **argv)
 {
     if (argc == 2 && strcmp(argv[1], "caps") == 0)
         return do_caps();
-    if (argc < 3 || argc > 4 || (strcmp(argv[1], "pio") && strcmp(argv[1], "mmio"))) {
-        fprintf(stderr, "usage: %s pio|mmio N [real|prot32|long]\n       %s caps\n", argv[0],
-                argv[0]);
+    if (argc < 3 || argc > 5 || (strcmp(argv[1], "pio") && strcmp(argv[1], "mmio"))) {
+        fprintf(stderr, "usage: %s pio|mmio N [real|prot32|long] [irqchip]\n       %s caps\n",
+                argv[0], argv[0]);
         return 2;
     }
     const int mmio = strcmp(argv[1], "mmio") == 0;
@@ -168,7 +172,7 @@ int main(int argc, char **argv)
         return 2;
     }
     enum guest_mode gm = REAL;
-    const char *gname = argc == 4 ? argv[3] : "real";
+    const char *gname = argc >= 4 ? argv[3] : "real";
     if (!strcmp(gname, "real"))
         gm = REAL;
     else if (!strcmp(gname, "prot32"))
@@ -178,6 +182,14 @@ int main(int argc, char **argv)
     else {
         fprintf(stderr, "kvm_exit_floor: unknown guest mode '%s'\n", gname);
         return 2;
+    }
+    int irqchip = 0;
+    if (argc == 5) {
+        if (strcmp(argv[4], "irqchip")) {
+            fprintf(stderr, "kvm_exit_floor: unknown option '%s' (expected 'irqchip')\n", argv[4]);
+            return 2;
+        }
+        irqchip = 1;
     }
 
     int kvm = open_kvm();
@@ -193,6 +205,15 @@ int main(int argc, char **argv)
         .slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE, .userspace_addr = (uintptr_t)mem};
     if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0)
         die("KVM_SET_USER_MEMORY_REGION");
+    if (irqchip) {
+        if (ioctl(vm, KVM_SET_TSS_ADDR, 0xfffbd000UL) < 0)
+            die("KVM_SET_TSS_ADDR");
+        if (ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0)
+            die("KVM_CREATE_IRQCHIP");
+        struct kvm_pit_config pit = {.flags = KVM_PIT_SPEAKER_DUMMY};
+        if (ioctl(vm, KVM_CREATE_PIT2, &pit) < 0)
+            die("KVM_CREATE_PIT2");
+    }
 
     /* Guest code:  L: <access> ; dec ecx ; jnz L ; hlt */
     uint8_t *p = mem + CODE_GPA;
@@ -293,7 +314,8 @@ int main(int argc, char **argv)
                      run->io.direction, run->io.port, run->io.size, run->io.count);
             if (*((uint8_t *)run + run->io.data_offset) != 0xab)
                 fail("unexpected PIO data 0x%x", *((uint8_t *)run + run->io.data_offset));
-            exits++;
+            if (++exits == n && irqchip)
+                break; /* the final hlt would not exit to userspace */
             continue;
         }
         if (mmio && run->exit_reason == KVM_EXIT_MMIO) {
@@ -302,7 +324,8 @@ int main(int argc, char **argv)
                 fail("unexpected MMIO exit: write=%u gpa=0x%llx len=%u data0=0x%x",
                      run->mmio.is_write, (unsigned long long)run->mmio.phys_addr, run->mmio.len,
                      run->mmio.data[0]);
-            exits++;
+            if (++exits == n && irqchip)
+                break;
             continue;
         }
         if (run->exit_reason == KVM_EXIT_FAIL_ENTRY)
@@ -330,7 +353,8 @@ int main(int argc, char **argv)
     double sys = (ru1.ru_stime.tv_sec - ru0.ru_stime.tv_sec) * 1e9 +
                  (ru1.ru_stime.tv_usec - ru0.ru_stime.tv_usec) * 1e3;
     printf("mode=%s exits=%llu wall_ns_per_exit=%.0f user_ns_per_exit=%.0f "
-           "sys_ns_per_exit=%.0f guest=%s\n",
-           mmio ? "mmio" : "pio", exits, wall / timed, user / timed, sys / timed, gname);
+           "sys_ns_per_exit=%.0f guest=%s%s\n",
+           mmio ? "mmio" : "pio", exits, wall / timed, user / timed, sys / timed, gname,
+           irqchip ? " irqchip=1" : "");
     return 0;
 }

@@ -31,7 +31,15 @@ public sealed unsafe class KvmSystem : IDisposable
             };
         }
         var kvm = new KvmSystem(fd);
-        int version = kvm.ApiVersion;
+        int version = Sys.Ioctl(fd, KVM_GET_API_VERSION, 0);
+        if (version < 0)
+        {
+            int errno = Errno.Last;
+            kvm.Dispose();
+            throw new KvmUnavailableException(errno == Errno.ENOTTY
+                ? $"{path} is not a KVM device (KVM_GET_API_VERSION: {Errno.Describe(errno)})"
+                : $"{path}: KVM_GET_API_VERSION failed: {Errno.Describe(errno)}");
+        }
         if (version != KVM_API_VERSION)
         {
             kvm.Dispose();

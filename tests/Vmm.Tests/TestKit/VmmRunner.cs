@@ -14,12 +14,13 @@ public static class VmmRunner
     {
         get
         {
+            // A usable KVM, not merely a file of that name: open it and ask for the API version.
             try
             {
-                using var f = new FileStream("/dev/kvm", FileMode.Open, FileAccess.ReadWrite);
+                using var kvm = Vmm.Kvm.KvmSystem.Open();
                 return true;
             }
-            catch (Exception)
+            catch (Vmm.Kvm.KvmUnavailableException)
             {
                 return false;
             }

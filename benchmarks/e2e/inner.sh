@@ -1,0 +1,83 @@
+#!/bin/sh
+# inner.sh - the measurement half of benchmarks/e2e/run.sh; runs INSIDE the nested-KVM guest
+# (tools/nested-kvm/run-in-vm.sh), in the directory that run.sh staged:
+#   vmm  kvm_exit_floor  runstat  pio-loop.bin  mmio-loop.bin  hello.bin  qemu/bin/qemu-system-x86_64 (optional)
+#
+# Every case runs once per round, rounds interleave the cases (so a slow patch of the emulating host hits all
+# of them alike), round 0 is a warm-up. One line per measurement on stdout, all starting with "E2E ":
+#   E2E case=<name> round=<r> ok=<0|1> wall_ns=.. user_ns=.. sys_ns=.. maxrss_kb=.. rc=<rc> [per-exit fields]
+# wall_ns .. maxrss_kb are the whole process's, from runstat (fork -> reaped, rusage of the child).
+# Per-exit fields (exit-loop cases only), as the program itself reports them:
+#   exits= wall_ns_per_exit= user_ns_per_exit= sys_ns_per_exit=
+# Environment: ROUNDS (measured rounds, default 5), EXITS (default 20000; must match the guests' loop count),
+# QEMU_MACHINES (default "microvm pc"; empty to skip QEMU).
+set -u
+ROUNDS=${ROUNDS:-5}
+EXITS=${EXITS:-20000}
+QEMU_MACHINES=${QEMU_MACHINES-microvm pc}
+QEMU=./qemu/bin/qemu-system-x86_64
+HELLO='hello from a multiboot micro-guest'
+OUT=/tmp/e2e-out
+
+echo "E2E-INFO kernel=$(uname -r) cpu=\"$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')\" ncpu=$(grep -c ^processor /proc/cpuinfo)"
+for p in npt nested avic; do
+    [ -r /sys/module/kvm_amd/parameters/$p ] && echo "E2E-INFO kvm_amd.$p=$(cat /sys/module/kvm_amd/parameters/$p)"
+done
+if [ -n "$QEMU_MACHINES" ]; then
+    if [ -x "$QEMU" ]; then
+        echo "E2E-INFO qemu=\"$($QEMU --version 2>&1 | head -n1)\""
+    else
+        echo "E2E-INFO qemu=missing"
+        QEMU_MACHINES=
+    fi
+fi
+
+# measure CASE ROUND EXPECTED_RC CHECK COMMAND... ; CHECK: floor | vmmstats | hello
+measure() {
+    name=$1 round=$2 want=$3 check=$4
+    shift 4
+    stat=$(./runstat "$OUT" "$@")
+    rc=$(echo "$stat" | sed -n 's/^rc=\([0-9]*\).*/\1/p')
+    ok=1
+    [ "$rc" = "$want" ] || ok=0
+    extra=
+    case $check in
+    floor)
+        line=$(grep '^mode=' "$OUT" | tail -n1)
+        extra=$(echo "$line" | sed -n 's/.*\(exits=[0-9]*\) \(wall_ns_per_exit=[0-9]*\) \(user_ns_per_exit=[0-9]*\) \(sys_ns_per_exit=[0-9]*\).*/\1 \2 \3 \4/p')
+        ;;
+    vmmstats)
+        line=$(grep 'vmm: stats: vcpu0:' "$OUT" | tail -n1)
+        extra=$(echo "$line" | sed -n 's/.*\(exits=[0-9]*\).*\(wall_ns_per_exit=[0-9]*\) \(user_ns_per_exit=[0-9]*\) \(sys_ns_per_exit=[0-9]*\).*/\1 \2 \3 \4/p')
+        ;;
+    hello)
+        grep -q "$HELLO" "$OUT" || ok=0
+        ;;
+    esac
+    if [ "$check" != hello ] && [ -z "$extra" ]; then ok=0; fi
+    echo "E2E case=$name round=$round ok=$ok ${stat#rc=*[0-9] } rc=$rc $extra"
+    if [ "$ok" != 1 ]; then
+        echo "E2E-FAIL case=$name round=$round: output follows" >&2
+        head -c 4000 "$OUT" >&2
+    fi
+}
+
+r=0
+while [ $r -le "$ROUNDS" ]; do
+    # vmm creates the in-kernel irqchip + PIT by default, the floor does not: each is also run the other way.
+    measure floor-pio "$r" 0 floor ./kvm_exit_floor pio "$EXITS" prot32
+    measure vmm-pio "$r" 1 vmmstats ./vmm run --kernel pio-loop.bin --stats
+    measure floor-pio-irqchip "$r" 0 floor ./kvm_exit_floor pio "$EXITS" prot32 irqchip
+    measure vmm-pio-noirqchip "$r" 1 vmmstats ./vmm run --kernel pio-loop.bin --stats --no-irqchip
+    measure floor-mmio "$r" 0 floor ./kvm_exit_floor mmio "$EXITS" prot32
+    measure vmm-mmio "$r" 1 vmmstats ./vmm run --kernel mmio-loop.bin --stats
+    measure floor-mmio-irqchip "$r" 0 floor ./kvm_exit_floor mmio "$EXITS" prot32 irqchip
+    measure vmm-mmio-noirqchip "$r" 1 vmmstats ./vmm run --kernel mmio-loop.bin --stats --no-irqchip
+    measure start-vmm "$r" 1 hello ./vmm run --kernel hello.bin
+    for m in $QEMU_MACHINES; do
+        measure "start-qemu-$m" "$r" 1 hello "$QEMU" -M "$m" -accel kvm -m 128 -display none -serial stdio \
+            -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel hello.bin
+    done
+    r=$((r + 1))
+done
+echo "E2E-DONE"

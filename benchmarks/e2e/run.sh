@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# run.sh - end-to-end comparison of vmm against the bare-C KVM floor and QEMU, on real KVM.
+#
+# Builds vmm (NativeAOT), kvm_exit_floor and runstat (static C), the micro-guests (pio-loop.bin,
+# mmio-loop.bin, hello.bin from `Vmm.Benchmarks make-guests`) and stages a copy of the host's QEMU with the
+# firmware it needs, then runs inner.sh in ONE tools/nested-kvm/run-in-vm.sh boot, so every number comes
+# from the same VM, interleaved round by round. Prints a summary (medians over the measured rounds) and
+# the vmm/floor ratios; raw lines and the summary are kept in benchmarks/e2e/build/.
+#
+# Usage:
+#   benchmarks/e2e/run.sh                      # build everything, measure, summarise
+#   benchmarks/e2e/run.sh --summarize RAWFILE  # summarise a kept raw file again
+# Environment:
+#   ROUNDS=5            measured rounds (plus one warm-up round)
+#   QEMU_MACHINES="microvm pc"   QEMU machine types for the start-up comparison ("" to skip QEMU)
+#   E2E_SKIP_PUBLISH=1  reuse benchmarks/e2e/build/vmm/vmm instead of publishing again
+#   E2E_TIMEOUT=1500    seconds for the whole nested VM run
+#
+# The nested VM runs KVM on QEMU/TCG-emulated AMD SVM: absolute times are 30-50x those of hardware KVM
+# and only the ratios between programs measured in the same run mean anything (see benchmarks/README.md).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+build=$here/build
+exits=20000
+
+summarize() {
+    local raw=$1
+    awk -v exits="$exits" '
+    function median(key,   n, i, j, t, a) {
+        n = cnt[key]
+        if (n == 0) return ""
+        for (i = 1; i <= n; i++) a[i] = val[key, i]
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j + 1] = a[j]; a[j + 1] = t }
+        lo[key] = a[1]; hi[key] = a[n]
+        return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    function add(key, v) { cnt[key]++; val[key, cnt[key]] = v }
+    function f(x, d) { return x == "" ? "n/a" : sprintf("%." d "f", x) }
+    function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "n/a" : sprintf("%.2f", a / b) }
+    /^E2E-INFO / { sub(/^E2E-INFO /, ""); info[++ninfo] = $0; next }
+    /^E2E case=/ {
+        delete kv
+        for (i = 2; i <= NF; i++) { split($i, p, "="); kv[p[1]] = p[2] }
+        c = kv["case"]
+        if (!(c in seen)) { seen[c] = 1; order[++ncase] = c }
+        if (kv["round"] == 0) { warm[c]++; next }
+        if (kv["ok"] != 1) { bad[c]++; next }
+        good[c]++
+        for (k in kv) if (k != "case" && k != "round" && k != "ok" && k != "rc") add(c SUBSEP k, kv[k])
+    }
+    END {
+        for (i = 1; i <= ninfo; i++) print "- " info[i]
+        print ""
+        print "Exit cost, medians over " (good["floor-pio"] + 0) " measured rounds (min-max in brackets); per-exit figures as each program reports them:"
+        print ""
+        print "| case | wall ns/exit | user ns/exit | sys ns/exit | process wall ms | max RSS MiB | failed runs |"
+        print "|---|---|---|---|---|---|---|"
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c ~ /^start-/) continue
+            w = median(c SUBSEP "wall_ns_per_exit"); wl = lo[c SUBSEP "wall_ns_per_exit"]; wh = hi[c SUBSEP "wall_ns_per_exit"]
+            u = median(c SUBSEP "user_ns_per_exit"); ul = lo[c SUBSEP "user_ns_per_exit"]; uh = hi[c SUBSEP "user_ns_per_exit"]
+            s = median(c SUBSEP "sys_ns_per_exit")
+            pw = median(c SUBSEP "wall_ns"); rss = median(c SUBSEP "maxrss_kb")
+            W[c] = w; U[c] = u; S[c] = s
+            printf "| %s | %s [%s-%s] | %s [%s-%s] | %s | %s | %s | %d |\n", c, f(w, 0), f(wl, 0), f(wh, 0), f(u, 0), f(ul, 0), f(uh, 0), f(s, 0), f(pw / 1e6, 0), f(rss / 1024, 1), bad[c]
+        }
+        print ""
+        print "| ratio (medians) | wall | user CPU | sys CPU |"
+        print "|---|---|---|---|"
+        np = split("vmm-pio/floor-pio vmm-pio/floor-pio-irqchip vmm-pio-noirqchip/floor-pio vmm-mmio/floor-mmio vmm-mmio/floor-mmio-irqchip vmm-mmio-noirqchip/floor-mmio", pairs, " ")
+        for (i = 1; i <= np; i++) {
+            split(pairs[i], pr, "/")
+            if ((pr[1] in seen) && (pr[2] in seen))
+                printf "| %s / %s | %s | %s | %s |\n", pr[1], pr[2], ratio(W[pr[1]], W[pr[2]]), ratio(U[pr[1]], U[pr[2]]), ratio(S[pr[1]], S[pr[2]])
+        }
+        print ""
+        print "Start-up: process start -> guest printed its line and exited via port 0xf4 -> process reaped (runstat), medians [min-max]:"
+        print ""
+        print "| case | wall ms | user ms | sys ms | max RSS MiB | failed runs |"
+        print "|---|---|---|---|---|---|"
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c !~ /^start-/) continue
+            w = median(c SUBSEP "wall_ns"); wl = lo[c SUBSEP "wall_ns"]; wh = hi[c SUBSEP "wall_ns"]
+            u = median(c SUBSEP "user_ns"); s = median(c SUBSEP "sys_ns")
+            r = median(c SUBSEP "maxrss_kb"); rl = lo[c SUBSEP "maxrss_kb"]; rh = hi[c SUBSEP "maxrss_kb"]
+            SW[c] = w; SR[c] = r
+            printf "| %s | %s [%s-%s] | %s | %s | %s [%s-%s] | %d |\n", c, f(w / 1e6, 0), f(wl / 1e6, 0), f(wh / 1e6, 0), f(u / 1e6, 0), f(s / 1e6, 0), f(r / 1024, 1), f(rl / 1024, 1), f(rh / 1024, 1), bad[c]
+        }
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c ~ /^start-qemu/ && ("start-vmm" in SW))
+                printf "\n%s / start-vmm: wall %s, max RSS %s", c, ratio(SW[c], SW["start-vmm"]), ratio(SR[c], SR["start-vmm"])
+        }
+        print ""
+    }' "$raw"
+}
+
+if [ "${1:-}" = --summarize ]; then
+    summarize "${2:?--summarize needs the raw file}"
+    exit 0
+fi
+
+cd "$repo"
+mkdir -p "$build"
+files=$build/files
+rm -rf "$files"
+mkdir -p "$files"
+
+# 1. vmm, NativeAOT (what ships).
+if [ "${E2E_SKIP_PUBLISH:-0}" != 1 ] || [ ! -x "$build/vmm/vmm" ]; then
+    echo "run.sh: publishing vmm (NativeAOT)" >&2
+    dotnet publish src/Vmm.Cli -c Release -o "$build/vmm" --nologo >"$build/publish.log" 2>&1 ||
+        { cat "$build/publish.log" >&2; exit 1; }
+fi
+cp "$build/vmm/vmm" "$files/vmm"
+
+# 2. The C floor and the process meter, static so they need nothing in the guest.
+gcc -O2 -Wall -Werror -static -o "$build/kvm_exit_floor" "$here/kvm_exit_floor.c"
+gcc -O2 -Wall -Werror -static -o "$build/runstat" "$here/runstat.c"
+cp "$build/kvm_exit_floor" "$build/runstat" "$files/"
+
+# 3. Micro-guests.
+echo "run.sh: generating micro-guests" >&2
+dotnet run -c Release --project benchmarks/Vmm.Benchmarks -- make-guests "$files" >/dev/null
+
+# 4. QEMU for the start-up comparison: the host binary (the harness copies the libraries ldd lists) under
+#    qemu/bin, its firmware under qemu/share, where QEMU finds it relative to its own path (<bin>/../share).
+#    microvm needs qboot (bios-microvm.bin) and the multiboot option ROM; pc needs SeaBIOS, the VGA BIOS,
+#    kvmvapic.bin and its default NIC's ROM. Symlinks are dereferenced (the guest has no /usr/share).
+qemu_machines=${QEMU_MACHINES-microvm pc}
+if [ -n "$qemu_machines" ]; then
+    qemu=$(command -v qemu-system-x86_64 || true)
+    if [ -z "$qemu" ]; then
+        echo "run.sh: qemu-system-x86_64 not found: skipping the QEMU start-up comparison" >&2
+        qemu_machines=
+    else
+        mkdir -p "$files/qemu/bin" "$files/qemu/share/qemu" "$files/qemu/share/seabios"
+        cp -L "$qemu" "$files/qemu/bin/qemu-system-x86_64"
+        for f in bios-microvm.bin multiboot_dma.bin multiboot.bin linuxboot_dma.bin kvmvapic.bin; do
+            [ -e "/usr/share/qemu/$f" ] && cp -L "/usr/share/qemu/$f" "$files/qemu/share/qemu/"
+        done
+        for f in bios-256k.bin vgabios-stdvga.bin; do
+            [ -e "/usr/share/seabios/$f" ] && cp -L "/usr/share/seabios/$f" "$files/qemu/share/seabios/"
+        done
+        if [ -e /usr/lib/ipxe/qemu/efi-e1000.rom ]; then # pc's default NIC (Debian looks in <bin>/../lib/ipxe/qemu)
+            mkdir -p "$files/qemu/lib/ipxe/qemu"
+            cp -L /usr/lib/ipxe/qemu/efi-e1000.rom "$files/qemu/lib/ipxe/qemu/"
+        fi
+    fi
+fi
+cp "$here/inner.sh" "$files/inner.sh"
+chmod +x "$files/inner.sh"
+
+# 5. One nested VM run for everything.
+stamp=$(date +%Y%m%d-%H%M%S)
+raw=$build/raw-$stamp.txt
+echo "run.sh: running inner.sh in the nested-KVM VM (ROUNDS=${ROUNDS:-5}; several minutes)" >&2
+set +e
+"$repo/tools/nested-kvm/run-in-vm.sh" --timeout "${E2E_TIMEOUT:-1500}" --mem 1536 \
+    --env "ROUNDS=${ROUNDS:-5}" --env "EXITS=$exits" --env "QEMU_MACHINES=$qemu_machines" \
+    --files "$files" -- ./inner.sh | tee "$raw"
+rc=${PIPESTATUS[0]}
+set -e
+if [ "$rc" != 0 ] || ! grep -q '^E2E-DONE' "$raw"; then
+    echo "run.sh: the nested run failed (status $rc); raw output in $raw" >&2
+    exit 1
+fi
+summarize "$raw" | tee "$build/summary-$stamp.md"
+echo "run.sh: raw lines in $raw, summary in $build/summary-$stamp.md" >&2

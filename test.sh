@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs vmm's whole test suite on a fresh Debian/Ubuntu machine with the .NET 10 SDK: installs what the
+# tests need (gcc and make for the C test guests and the ABI probe, QEMU for the cross-check), then
+# runs every test. KVM tests run for real: on this machine's /dev/kvm when it has one, otherwise inside
+# a QEMU/TCG Linux guest whose emulated AMD SVM provides KVM (tools/nested-kvm). They are never skipped.
+# Extra arguments go to 'dotnet test' (e.g. --filter FullyQualifiedName~Serial).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+for p in gcc libc6-dev make binutils qemu-system-x86; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=; [ "$(id -u)" = 0 ] || sudo=sudo
+    echo "test.sh: installing ${need[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# A usable /dev/kvm is a character device we can open read-write ('<>' alone would create a plain file).
+if ! { [ -c /dev/kvm ] && ( : <>/dev/kvm ) 2>/dev/null; }; then
+    echo "test.sh: no usable /dev/kvm here: KVM tests will run in a nested-KVM QEMU guest (tools/nested-kvm)" >&2
+    tools/nested-kvm/setup.sh
+fi
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+dotnet test Vmm.sln --nologo "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+# One plain summary line over all test assemblies.
+awk '/(Passed|Failed)! +- Failed: /{gsub(",", ""); for (i = 1; i <= NF; i++) { if ($i == "Failed:") f += $(i+1); if ($i == "Passed:") p += $(i+1); if ($i == "Skipped:") s += $(i+1) } }
+     END { printf "vmm tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$rc"

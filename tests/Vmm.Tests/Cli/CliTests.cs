@@ -1,0 +1,154 @@
+using Vmm.Cli;
+using Vmm.Machine;
+using Vmm.Tests.TestKit;
+
+namespace Vmm.Tests.Cli;
+
+public class CliTests
+{
+    [Fact]
+    public void No_arguments_means_the_demo_guest()
+    {
+        var o = Options.Parse([]);
+        Assert.True(o.Demo);
+        Assert.Null(o.Kernel);
+    }
+
+    [Fact]
+    public void Run_parses_every_option()
+    {
+        var o = Options.Parse(["run", "--kernel", "k.elf", "--initrd", "i.img", "--cmdline", "a b=c", "--memory", "2G",
+            "--cpus", "3", "--serial", "file:/tmp/out", "--log-level", "debug", "--stats", "--no-irqchip"]);
+        Assert.Equal(("k.elf", "i.img", "a b=c", 2UL << 30, 3), (o.Kernel, o.Initrd, o.Cmdline, o.Memory, o.Cpus));
+        Assert.Equal((SerialMode.File, "/tmp/out", LogLevel.Debug), (o.Serial, o.SerialPath, o.LogLevel));
+        Assert.True(o.Stats && o.NoIrqchip && !o.Demo);
+    }
+
+    [Fact]
+    public void Options_accept_the_equals_form_and_imply_run_when_a_kernel_is_given()
+    {
+        var o = Options.Parse(["--kernel=k", "--memory=512M", "--serial=none"]);
+        Assert.Equal(("k", 512UL << 20, SerialMode.None), (o.Kernel, o.Memory, o.Serial));
+        Assert.True(Options.Parse(["--stats"]).Demo);
+    }
+
+    [Theory]
+    [InlineData("128M", 128UL << 20)]
+    [InlineData("128MiB", 128UL << 20)]
+    [InlineData("2g", 2UL << 30)]
+    [InlineData("1T", 1UL << 40)]
+    [InlineData("65536K", 64UL << 20)]
+    [InlineData("4194304", 4UL << 20)]
+    public void Sizes_parse_with_binary_suffixes(string text, ulong bytes) => Assert.Equal(bytes, Options.ParseSize(text, "--memory"));
+
+    [Theory]
+    [InlineData(new[] { "run" }, "'run' needs --kernel PATH")]
+    [InlineData(new[] { "run", "--kernel" }, "--kernel needs a value")]
+    [InlineData(new[] { "--memory", "lots" }, "--memory must be a size such as 128M or 2G, not 'lots'")]
+    [InlineData(new[] { "--memory", "99999999999T" }, "--memory 99999999999T is too large")]
+    [InlineData(new[] { "--cpus", "0" }, "--cpus must be a whole number of at least 1, not '0'")]
+    [InlineData(new[] { "--serial", "tcp:1" }, "--serial must be stdio, file:PATH or none")]
+    [InlineData(new[] { "--log-level", "loud" }, "--log-level must be error, warn, info or debug")]
+    [InlineData(new[] { "--frobnicate" }, "unknown option '--frobnicate'")]
+    [InlineData(new[] { "boot" }, "unknown command 'boot'")]
+    [InlineData(new[] { "demo", "--kernel", "k" }, "'demo' boots the built-in guest")]
+    public void Bad_command_lines_name_the_option(string[] args, string message)
+    {
+        var e = Assert.Throws<UsageException>(() => Options.Parse(args));
+        Assert.Contains(message, e.Message);
+    }
+
+    [Theory]
+    [InlineData("--kernel")]
+    [InlineData("--initrd")]
+    [InlineData("--cmdline")]
+    [InlineData("--memory")]
+    [InlineData("--cpus")]
+    [InlineData("--serial")]
+    [InlineData("--log-level")]
+    [InlineData("--stats")]
+    [InlineData("--no-irqchip")]
+    [InlineData("--help")]
+    public void Help_documents_every_option(string option) => Assert.Contains(option, Options.HelpText);
+
+    [Fact]
+    public void Help_documents_every_exit_status()
+    {
+        foreach (var f in typeof(ExitStatus).GetFields().Where(f => f.IsLiteral))
+            Assert.Matches($@"\n\s+{(int)f.GetValue(null)!}\s", Options.HelpText);
+    }
+
+    [Theory]
+    [InlineData(0u, 1)]
+    [InlineData(1u, 3)]
+    [InlineData(0x21u, 0x43)]
+    [InlineData(0x80u, 1)] // the OS keeps 8 bits, as with QEMU
+    public void Debug_exit_status_is_v_shifted_left_or_1(uint value, int status) => Assert.Equal(status, ExitStatus.FromDebugExit(value));
+
+    private static (int Status, string Stderr) RunVmm(params string[] args)
+    {
+        var err = new StringWriter();
+        var old = Console.Error;
+        Console.SetError(err);
+        try
+        {
+            return (Program.Main(args), err.ToString());
+        }
+        finally
+        {
+            Console.SetError(old);
+        }
+    }
+
+    [Fact]
+    public void A_missing_kernel_file_is_a_usage_error_not_a_crash()
+    {
+        var (status, stderr) = RunVmm("run", "--kernel", "/nonexistent/kernel.elf");
+        Assert.Equal(ExitStatus.Usage, status);
+        Assert.Equal("vmm: error: --kernel /nonexistent/kernel.elf: no such file\n", stderr);
+    }
+
+    [Fact]
+    public void A_malformed_kernel_is_reported_before_KVM_is_touched()
+    {
+        var path = Path.GetTempFileName();
+        try
+        {
+            var image = ImageBuilder.Elf(false, 0x10_0000, [new ImageBuilder.Segment(0x10_0000, ImageBuilder.MultibootHeaderBytes())]);
+            image[0x60 + 8] ^= 0xFF; // break the multiboot checksum
+            File.WriteAllBytes(path, image);
+            var (status, stderr) = RunVmm("run", "--kernel", path, "--serial", "none");
+            Assert.Equal(ExitStatus.BadImage, status);
+            Assert.StartsWith("vmm: error: cannot boot: multiboot header at offset 0x60: checksum", stderr);
+            Assert.DoesNotContain("   at ", stderr); // no stack trace
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+
+    [Fact]
+    public void A_missing_dev_kvm_gets_one_line_with_the_remedy_and_status_4()
+    {
+        var config = new MachineConfig { Kernel = DemoGuest.Build(), KvmPath = "/nonexistent/kvm" };
+        var e = Assert.Throws<Vmm.Kvm.KvmUnavailableException>(() => new VirtualMachine(config, new Log(LogLevel.Error, TextWriter.Null)));
+        Assert.Equal("/nonexistent/kvm does not exist: load the KVM module (modprobe kvm_intel or kvm_amd) and enable virtualization in the firmware, or run on a host that offers KVM", e.Message);
+        Assert.DoesNotContain('\n', e.Message);
+    }
+
+    [Fact]
+    public void A_file_posing_as_dev_kvm_is_named_as_not_a_KVM_device()
+    {
+        var path = Path.GetTempFileName();
+        try
+        {
+            var e = Assert.Throws<Vmm.Kvm.KvmUnavailableException>(() => Vmm.Kvm.KvmSystem.Open(path));
+            Assert.Equal($"{path} is not a KVM device (KVM_GET_API_VERSION: Inappropriate ioctl for device (ENOTTY))", e.Message);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+}
