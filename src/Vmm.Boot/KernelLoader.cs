@@ -62,7 +62,7 @@ public static class KernelLoader
         }
         CheckEntry(memory, entry, ranges, kernel.Name);
 
-        var info = WriteMultibootInfo(memory, kernel.Name, arguments, module, ranges, header);
+        var info = WriteMultibootInfo(memory, kernel.Name, arguments, module, ranges);
         BootLayout.WriteGdt(memory);
         var cpu = new BootCpuState
         {
@@ -89,7 +89,7 @@ public static class KernelLoader
         if (entry >= MemoryLayout.MmioHoleEnd)
             throw new KernelImageException($"{kernel.Name}: ELF entry point 0x{entry:x} is above the 4 GiB identity map");
 
-        var info = WriteMultibootInfo(memory, kernel.Name, arguments, module, ranges, header: null);
+        var info = WriteMultibootInfo(memory, kernel.Name, arguments, module, ranges);
         BootLayout.WriteGdt(memory);
         ulong cr3 = BootLayout.WriteIdentityPageTables(memory);
         var cpu = new BootCpuState
@@ -178,7 +178,7 @@ public static class KernelLoader
     /// <summary>The multiboot information structure (spec 3.3) with mem_lower/upper, the memory map, the
     /// command line (kernel name, then arguments, as GRUB and QEMU pass it), module 0 and the loader name.</summary>
     private static InfoResult WriteMultibootInfo(GuestMemory memory, string kernelName, string arguments, BootFile? module,
-        List<(ulong Start, ulong End)> kernelRanges, MultibootHeader? header)
+        List<(ulong Start, ulong End)> kernelRanges)
     {
         const uint MEM = 1 << 0, CMDLINE = 1 << 2, MODS = 1 << 3, MMAP = 1 << 6, LOADER_NAME = 1 << 9;
         string commandLine = arguments.Length == 0 ? kernelName : kernelName + " " + arguments;

@@ -18,8 +18,9 @@ public static class MemoryLayout
 
     public const ulong MmioHoleEnd = 4 * GiB;
 
-    /// <summary>Three pages KVM_SET_TSS_ADDR needs, and the EPT identity-map page after... before them,
-    /// placed at the top of the hole below the BIOS flash area where no device lives (as QEMU does).</summary>
+    /// <summary>The page KVM_SET_IDENTITY_MAP_ADDR needs and, after it, the three pages of KVM_SET_TSS_ADDR
+    /// (Intel real-mode emulation), just below the BIOS flash area at the top of the hole, where no device
+    /// lives (QEMU uses the same addresses).</summary>
     public const ulong IdentityMapAddress = 0xFEFF_C000;
     public const ulong TssAddress = 0xFEFF_D000;
 

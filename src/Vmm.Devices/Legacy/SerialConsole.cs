@@ -41,16 +41,29 @@ public sealed class SerialConsole : IDisposable
         _inputThread.Start();
     }
 
+    /// <summary>True once the output stream failed (e.g. stdout closed); guest output is discarded from then on
+    /// so the guest keeps running.</summary>
+    public bool OutputFailed { get; private set; }
+
     private void CopyOutput()
     {
         var reader = _pipe.Reader;
         while (true)
         {
             ReadResult result = reader.ReadAsync().AsTask().GetAwaiter().GetResult();
-            foreach (var segment in result.Buffer)
-                _output!.Write(segment.Span);
-            if (!result.Buffer.IsEmpty)
-                _output!.Flush();
+            if (!OutputFailed && !result.Buffer.IsEmpty)
+            {
+                try
+                {
+                    foreach (var segment in result.Buffer)
+                        _output!.Write(segment.Span);
+                    _output!.Flush();
+                }
+                catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException)
+                {
+                    OutputFailed = true; // a closed pipe or full disk must not take the VM down
+                }
+            }
             reader.AdvanceTo(result.Buffer.End);
             if (result.IsCompleted)
                 break;
