@@ -44,7 +44,8 @@ public sealed class Options
           --memory SIZE        guest RAM, e.g. 128M, 2G, 1048576 (default 128M; suffixes K, M, G, T)
           --cpus N             number of vCPUs (default 1; at most what KVM allows)
           --serial MODE        COM1 (0x3f8, IRQ 4): stdio (default: guest output on stdout, stdin to the
-                               guest), file:PATH (output appended to PATH), none
+                               guest; a terminal is put in raw mode and Ctrl-A x quits, Ctrl-A Ctrl-A
+                               sends Ctrl-A), file:PATH (output appended to PATH), none
           --log-level LEVEL    error, warn (default), info or debug; debug also lists unclaimed I/O
           --stats              print per-vCPU exit counts, costs and vCPU-thread allocations at exit
           --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)

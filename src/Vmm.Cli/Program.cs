@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Vmm.Boot;
 using Vmm.Interop;
 using Vmm.Kvm;
@@ -36,6 +37,8 @@ public static class Program
     {
         var log = new Log(options.LogLevel);
         Stream? serialOut = null;
+        RawTerminal? terminal = null;
+        PosixSignalRegistration? onTerm = null, onHup = null;
         try
         {
             BootFile kernel;
@@ -56,6 +59,18 @@ public static class Program
                 case SerialMode.Stdio:
                     serialOut = Console.OpenStandardOutput();
                     serialIn = Console.IsInputRedirected && IsNullDevice() ? null : Console.OpenStandardInput();
+                    if (!Console.IsInputRedirected)
+                    {
+                        // An interactive terminal: raw mode so every key (Ctrl-C too) reaches the guest; Ctrl-A x quits.
+                        terminal = RawTerminal.TryEnter(0);
+                        if (terminal is not null)
+                        {
+                            var t = terminal;
+                            onTerm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, _ => t.Dispose());
+                            onHup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, _ => t.Dispose());
+                            log.Info("console: raw terminal; press Ctrl-A x to quit");
+                        }
+                    }
                     break;
                 case SerialMode.File:
                     try
@@ -78,6 +93,7 @@ public static class Program
                 SerialOutput = serialOut,
                 SerialInput = serialIn,
                 InKernelIrqchip = !options.NoIrqchip,
+                ConsoleEscape = terminal is not null,
             };
 
             VmOutcome outcome;
@@ -126,6 +142,9 @@ public static class Program
         }
         finally
         {
+            terminal?.Dispose();
+            onTerm?.Dispose();
+            onHup?.Dispose();
             if (options.Serial == SerialMode.File)
                 serialOut?.Dispose();
         }

@@ -19,6 +19,9 @@ public sealed record MachineConfig
     /// <summary>What COM1 receives; null for nothing.</summary>
     public Stream? SerialInput { get; init; }
 
+    /// <summary>The input is an interactive terminal: Ctrl-A x on it powers the VM off (QEMU's console escape).</summary>
+    public bool ConsoleEscape { get; init; }
+
     /// <summary>The in-kernel PIC/IOAPIC/LAPIC and PIT. Without it interrupts cannot be delivered and HLT exits to vmm.</summary>
     public bool InKernelIrqchip { get; init; } = true;
 

@@ -64,7 +64,8 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             _console = new SerialConsole(config.SerialOutput);
             Serial = new Serial16550(new KvmIrqLine(_vm, 4), _console.Writer);
             if (config.SerialInput is not null)
-                _console.AttachInput(config.SerialInput, Serial);
+                _console.AttachInput(config.SerialInput, Serial,
+                    config.ConsoleEscape ? () => RequestPowerOff("Ctrl-A x on the console") : null);
             PostCode = new PostCodeSink();
             IoBus.Insert(Serial, 0x3F8, 8);
             IoBus.Insert(new DebugExit(this), DebugExit.DefaultPort, DebugExit.Width);

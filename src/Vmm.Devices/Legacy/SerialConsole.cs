@@ -34,11 +34,48 @@ public sealed class SerialConsole : IDisposable
     /// <summary>What the UART transmits into.</summary>
     public PipeWriter Writer => _pipe.Writer;
 
-    /// <summary>Starts feeding <paramref name="input"/> into <paramref name="uart"/> on a background thread.</summary>
-    public void AttachInput(Stream input, Serial16550 uart)
+    /// <summary>The console escape key, Ctrl-A, as in QEMU: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A.</summary>
+    public const byte EscapeKey = 0x01;
+
+    /// <summary>Starts feeding <paramref name="input"/> into <paramref name="uart"/> on a background thread.
+    /// With <paramref name="onQuit"/>, the input is an interactive terminal: Ctrl-A x calls it.</summary>
+    public void AttachInput(Stream input, Serial16550 uart, Action? onQuit = null)
     {
-        _inputThread = new Thread(() => CopyInput(input, uart)) { IsBackground = true, Name = "serial-in" };
+        _inputThread = new Thread(() => CopyInput(input, uart, onQuit)) { IsBackground = true, Name = "serial-in" };
         _inputThread.Start();
+    }
+
+    /// <summary>Applies the Ctrl-A escape to <paramref name="input"/>, writing the bytes meant for the guest to
+    /// <paramref name="output"/> (at least twice as long) and returning their count. <paramref name="escapePending"/>
+    /// carries a Ctrl-A from one read to the next.</summary>
+    public static int ApplyEscape(ReadOnlySpan<byte> input, Span<byte> output, ref bool escapePending, out bool quit)
+    {
+        quit = false;
+        int n = 0;
+        foreach (byte b in input)
+        {
+            if (escapePending)
+            {
+                escapePending = false;
+                if (b == (byte)'x' || b == (byte)'X')
+                {
+                    quit = true;
+                    return n;
+                }
+                output[n++] = EscapeKey;
+                if (b != EscapeKey)
+                    output[n++] = b;
+            }
+            else if (b == EscapeKey)
+            {
+                escapePending = true;
+            }
+            else
+            {
+                output[n++] = b;
+            }
+        }
+        return n;
     }
 
     /// <summary>True once the output stream failed (e.g. stdout closed); guest output is discarded from then on
@@ -71,16 +108,29 @@ public sealed class SerialConsole : IDisposable
         reader.Complete();
     }
 
-    private void CopyInput(Stream input, Serial16550 uart)
+    private void CopyInput(Stream input, Serial16550 uart, Action? onQuit)
     {
-        var buffer = new byte[256];
+        var raw = new byte[256];
+        var buffer = new byte[512]; // an escape plus another key can become two bytes
+        bool escapePending = false;
         try
         {
             while (!_stopping)
             {
-                int n = input.Read(buffer, 0, buffer.Length);
+                int n = input.Read(raw, 0, raw.Length);
                 if (n <= 0)
                     return;
+                raw.AsSpan(0, n).CopyTo(buffer);
+                if (onQuit is not null)
+                {
+                    n = ApplyEscape(raw.AsSpan(0, n), buffer, ref escapePending, out bool quit);
+                    if (quit)
+                    {
+                        uart.EnqueueInput(buffer.AsSpan(0, n));
+                        onQuit();
+                        return;
+                    }
+                }
                 int done = 0;
                 while (done < n && !_stopping)
                 {

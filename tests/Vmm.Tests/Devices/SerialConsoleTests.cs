@@ -70,4 +70,47 @@ public class SerialConsoleTests
         console.Dispose();
         Assert.Equal("typed line\n", received.ToString());
     }
+
+    [Theory]
+    [InlineData(new byte[] { (byte)'a', 1, (byte)'x', (byte)'b' }, new byte[] { (byte)'a' }, true, false)]
+    [InlineData(new byte[] { 1, 1, (byte)'q' }, new byte[] { 1, (byte)'q' }, false, false)]
+    [InlineData(new byte[] { 1, (byte)'h' }, new byte[] { 1, (byte)'h' }, false, false)]
+    [InlineData(new byte[] { (byte)'z', 1 }, new byte[] { (byte)'z' }, false, true)]
+    public void Ctrl_A_escape_quits_on_x_and_passes_everything_else(byte[] input, byte[] forGuest, bool quits, bool pendingAfter)
+    {
+        var output = new byte[input.Length * 2];
+        bool pending = false;
+        int n = SerialConsole.ApplyEscape(input, output, ref pending, out bool quit);
+        Assert.Equal(forGuest, output[..n]);
+        Assert.Equal((quits, pendingAfter), (quit, pending));
+    }
+
+    [Fact]
+    public void Ctrl_A_split_across_reads_still_escapes()
+    {
+        var output = new byte[8];
+        bool pending = false;
+        Assert.Equal(0, SerialConsole.ApplyEscape([1], output, ref pending, out _));
+        int n = SerialConsole.ApplyEscape([(byte)'k', (byte)'m'], output, ref pending, out bool quit);
+        Assert.Equal(new byte[] { 1, (byte)'k', (byte)'m' }, output[..n]);
+        Assert.False(quit);
+    }
+
+    [Fact]
+    public void Ctrl_A_x_from_the_input_stream_calls_quit_after_delivering_earlier_keys()
+    {
+        var console = new SerialConsole(null);
+        var uart = new Serial16550(new RecordingInterruptLine(), console.Writer);
+        using var quit = new ManualResetEventSlim();
+        console.AttachInput(new MemoryStream([(byte)'o', (byte)'k', 1, (byte)'x', (byte)'!']), uart, quit.Set);
+        Assert.True(quit.Wait(TimeSpan.FromSeconds(10)));
+        var b = new byte[1];
+        uart.Read(0, b);
+        Assert.Equal((byte)'o', b[0]);
+        uart.Read(0, b);
+        Assert.Equal((byte)'k', b[0]);
+        uart.Read(5, b);
+        Assert.Equal(0, b[0] & 1); // '!' after the escape never reached the guest
+        console.Dispose();
+    }
 }
