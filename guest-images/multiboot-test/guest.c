@@ -401,7 +401,9 @@ static void check_uart_interrupts(void)
     check(irq4_count > 0 && (irq4_first_iir & 0x0F) == 0x02, "irq4 thr-empty interrupt",
           "irq4_count=%u iir=0x%x", irq4_count, irq4_first_iir);
 
-    /* RX data in loopback: IER.ERBFI, send a byte, expect IIR 0x04 and the byte. */
+    /* RX data in loopback: IER.ERBFI, send a byte, expect an RX interrupt and the byte. IIR may say 0x04
+     * (data available) or 0x0C (character timeout): QEMU reports the timeout once four character times
+     * pass before the guest reads IIR, which happens on a loaded host; both mean "receive data". */
     uart_drain();
     outb(COM1 + MCR, MCR_LOOP);
     irq4_reset();
@@ -412,7 +414,8 @@ static void check_uart_interrupts(void)
     outb(COM1 + MCR, MCR_NORMAL); /* leave loopback */
     check(pending, "pic irr shows irq4 pending (rx)", "OCW3 IRR read never had bit 4, irq4_count=%u",
           irq4_count);
-    check(irq4_count > 0 && (irq4_first_iir & 0x0F) == 0x04 && rx_count == 1 && rx_byte == 0x5A,
+    check(irq4_count > 0 && ((irq4_first_iir & 0x0F) == 0x04 || (irq4_first_iir & 0x0F) == 0x0C) &&
+          rx_count == 1 && rx_byte == 0x5A,
           "irq4 rx-data interrupt", "irq4_count=%u iir=0x%x rx_count=%u byte=0x%x", irq4_count,
           irq4_first_iir, rx_count, rx_byte);
     check(other_irqs == 0, "no unexpected interrupts", "%u other IRQs", other_irqs);

@@ -25,8 +25,9 @@ public static class BootLayout
     public const ulong PageTablesAddress = 0x9000;
     public const ulong PageTablesEnd = PageTablesAddress + 6 * 0x1000;
 
-    /// <summary>The boot CPU's initial stack pointer (multiboot leaves ESP undefined; a valid one is friendlier).</summary>
-    public const ulong InitialStack = 0x8_0000;
+    /// <summary>The boot CPU's initial stack pointer (multiboot leaves ESP undefined; a valid one is friendlier):
+    /// the page below the page tables, inside the area kernels may not load into.</summary>
+    public const ulong InitialStack = 0x9000;
 
     /// <summary>Writes the flat GDT (null, code32, code64, data) and returns its limit.</summary>
     public static ushort WriteGdt(GuestMemory memory)

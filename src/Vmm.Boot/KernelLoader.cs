@@ -9,7 +9,11 @@ public sealed record BootFile(string Name, byte[] Contents);
 
 /// <summary>What a loader did: the entry state, and a description of what went where (for logs and tests).</summary>
 public sealed record LoadedKernel(string Format, BootCpuState Cpu, string CommandLine,
-    IReadOnlyList<(ulong Start, ulong End)> KernelRanges, (ulong Start, ulong End)? Module);
+    IReadOnlyList<(ulong Start, ulong End)> KernelRanges, (ulong Start, ulong End)? Module)
+{
+    /// <summary>Things the kernel asked for that vmm does not provide but that need not stop the boot.</summary>
+    public IReadOnlyList<string> Warnings { get; init; } = [];
+}
 
 /// <summary>Recognises a kernel image and loads it: Multiboot v1 (ELF32 or the a.out-kludge address fields),
 /// entered in 32-bit protected mode as the spec defines; or a 64-bit ELF entered in long mode on
@@ -27,7 +31,7 @@ public static class KernelLoader
             throw new KernelImageException($"{kernel.Name}: the kernel image is empty");
         bool isElf = ElfImage.HasElfMagic(image);
         bool isElf64 = isElf && image.Length > 4 && image[4] == 2;
-        MultibootHeader? multiboot = MultibootHeader.Find(image);
+        MultibootHeader? multiboot = MultibootHeader.Find(image, out string? nearMiss);
 
         if (isElf64 && (multiboot is null || !multiboot.HasAddressFields))
             return LoadElf64(memory, kernel, arguments, module);
@@ -35,6 +39,8 @@ public static class KernelLoader
             return LoadMultiboot(memory, kernel, multiboot, arguments, module);
         if (image.Length > 0x206 && BinaryPrimitives.ReadUInt32LittleEndian(image.AsSpan(0x202)) == 0x53726448)
             throw new KernelImageException($"{kernel.Name}: a Linux bzImage (\"HdrS\" at offset 0x202); the Linux boot protocol is not supported yet — use a multiboot or ELF64 kernel");
+        if (nearMiss is not null)
+            throw new KernelImageException(nearMiss);
         if (isElf)
             throw new KernelImageException($"{kernel.Name}: a 32-bit ELF without a multiboot header in its first {MultibootHeader.SearchLimit} bytes; vmm boots multiboot kernels and 64-bit ELF kernels");
         throw new KernelImageException($"{kernel.Name}: not a kernel vmm can boot: no ELF magic at offset 0 and no multiboot header (magic 0x{MultibootHeader.Magic:x8}) in the first {MultibootHeader.SearchLimit} bytes");
@@ -64,6 +70,9 @@ public static class KernelLoader
 
         var info = WriteMultibootInfo(memory, kernel.Name, arguments, module, ranges);
         BootLayout.WriteGdt(memory);
+        var warnings = new List<string>();
+        if ((header.Flags & MultibootHeader.FlagVideoMode) != 0)
+            warnings.Add($"{kernel.Name}: the multiboot header asks for a video mode (flag 2); vmm has no display and passes no video information (as QEMU does)");
         var cpu = new BootCpuState
         {
             Mode = CpuMode.Protected32,
@@ -77,7 +86,7 @@ public static class KernelLoader
             GdtLimit = 31,
             Cr0 = 0x11, // PE | ET: protected mode, paging off (spec 3.2)
         };
-        return new LoadedKernel(format, cpu, info.CommandLine, ranges, info.Module);
+        return new LoadedKernel(format, cpu, info.CommandLine, ranges, info.Module) { Warnings = warnings };
     }
 
     private static LoadedKernel LoadElf64(GuestMemory memory, BootFile kernel, string arguments, BootFile? module)
@@ -155,7 +164,9 @@ public static class KernelLoader
     private static void CheckPlacement(GuestMemory memory, ulong start, ulong size, string what)
     {
         if (start < ReservedLowEnd)
-            throw new KernelImageException($"{what} overlaps vmm's boot structures below 0x{ReservedLowEnd:x} (GDT, multiboot info, page tables); link the kernel at 1 MiB or above");
+            throw new KernelImageException($"{what} overlaps vmm's boot structures below 0x{ReservedLowEnd:x} (GDT, multiboot info, page tables, stack); link the kernel at 1 MiB or above");
+        if (start < MemoryLayout.HighMemoryStart && start + size > MemoryMap.EbdaStart)
+            throw new KernelImageException($"{what} overlaps the EBDA/BIOS area 0x{MemoryMap.EbdaStart:x}-0x{MemoryLayout.HighMemoryStart - 1:x} the memory map reports as reserved; link the kernel at 1 MiB or above");
         if (!memory.IsValidRange(new GuestAddress(start), size))
             throw new KernelImageException($"{what} is outside guest RAM ({DescribeRam(memory)}); link the kernel lower or give the VM more --memory");
     }
@@ -217,7 +228,8 @@ public static class KernelLoader
         if (module is not null)
         {
             ulong kernelEnd = kernelRanges.Max(r => r.End);
-            ulong start = (kernelEnd + 0xFFF) & ~0xFFFUL; // page-aligned whether or not flag 0 asks
+            // Page-aligned whether or not flag 0 asks, and never in the reserved area below 1 MiB.
+            ulong start = Math.Max((kernelEnd + 0xFFF) & ~0xFFFUL, MemoryLayout.HighMemoryStart);
             ulong end = start + (ulong)module.Contents.Length;
             if (!memory.IsValidRange(new GuestAddress(start), (ulong)module.Contents.Length) || end > highEnd)
                 throw new KernelImageException($"module {module.Name} ({module.Contents.Length} bytes) does not fit in guest RAM after the kernel (which ends at 0x{kernelEnd:x}; RAM ends at 0x{highEnd:x}); give the VM more --memory");

@@ -25,10 +25,13 @@ public sealed record MultibootHeader
 
     public bool HasAddressFields => (Flags & FlagAddressFields) != 0;
 
-    /// <summary>Finds and validates the header; null when the image has none.</summary>
-    public static MultibootHeader? Find(ReadOnlySpan<byte> image)
+    /// <summary>Finds and validates the header; null when the image has none. Like GRUB and QEMU, a magic
+    /// value whose checksum does not match is skipped (the constant may occur in code or data);
+    /// <paramref name="nearMiss"/> describes the first such one, for the error when no header is found.</summary>
+    public static MultibootHeader? Find(ReadOnlySpan<byte> image, out string? nearMiss)
     {
         int limit = Math.Min(image.Length, SearchLimit) - 12;
+        nearMiss = null;
         for (int at = 0; at <= limit; at += 4)
         {
             if (BinaryPrimitives.ReadUInt32LittleEndian(image[at..]) != Magic)
@@ -36,7 +39,10 @@ public sealed record MultibootHeader
             uint flags = BinaryPrimitives.ReadUInt32LittleEndian(image[(at + 4)..]);
             uint checksum = BinaryPrimitives.ReadUInt32LittleEndian(image[(at + 8)..]);
             if (unchecked(Magic + flags + checksum) != 0)
-                throw new KernelImageException($"multiboot header at offset 0x{at:x}: checksum 0x{checksum:x8} at offset 0x{at + 8:x} does not make magic + flags + checksum zero (expected 0x{unchecked(0u - Magic - flags):x8})");
+            {
+                nearMiss ??= $"multiboot header at offset 0x{at:x}: checksum 0x{checksum:x8} at offset 0x{at + 8:x} does not make magic + flags + checksum zero (expected 0x{unchecked(0u - Magic - flags):x8})";
+                continue;
+            }
             // Bits 0-15 are requirements: a loader must refuse one it does not understand (spec 3.1.2).
             uint unknown = flags & 0xFFF8;
             if (unknown != 0)

@@ -6,6 +6,7 @@ namespace Vmm.Machine;
 public sealed record MachineConfig
 {
     public const ulong DefaultMemory = 128 * 1024 * 1024;
+    public const ulong MaxMemory = 4UL << 40;
 
     public required BootFile Kernel { get; init; }
     public BootFile? Module { get; init; }
@@ -35,8 +36,11 @@ public sealed record MachineConfig
             throw new ConfigException($"--memory must be at least 2 MiB, not {MemoryBytes} bytes");
         if (MemoryBytes % 4096 != 0)
             throw new ConfigException($"--memory must be a multiple of 4 KiB, not {MemoryBytes} bytes");
-        if (MemoryBytes > 1UL << 46)
-            throw new ConfigException($"--memory {MemoryBytes >> 30} GiB is beyond the 64 TiB vmm supports");
+        // KVM caps one memory slot at 2^31 - 1 pages (just under 8 TiB); vmm uses one slot above 4 GiB.
+        if (MemoryBytes > MaxMemory)
+            throw new ConfigException($"--memory {MemoryBytes >> 30} GiB is beyond the {MaxMemory >> 40} TiB vmm supports");
+        if (Cpus > 1 && !InKernelIrqchip)
+            throw new ConfigException("--cpus above 1 needs the in-kernel irqchip: without it KVM starts every vCPU at the reset vector instead of waiting for INIT/SIPI (drop --no-irqchip)");
     }
 }
 

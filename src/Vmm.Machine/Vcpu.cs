@@ -17,7 +17,8 @@ internal sealed class Vcpu : IDisposable
     private readonly ExitDispatcher _dispatcher;
     private readonly GuestMemory _memory;
     private Thread? _thread;
-    private volatile int _tid;
+    private readonly Lock _kickLock = new();
+    private int _tid; // kernel thread id while the loop runs; 0 before and after (guarded by _kickLock)
 
     public Vcpu(VcpuFd fd, VirtualMachine vm, ExitDispatcher dispatcher, GuestMemory memory)
     {
@@ -111,17 +112,25 @@ internal sealed class Vcpu : IDisposable
     /// the signal interrupts a KVM_RUN in progress (e.g. a CPU halted in the kernel).</summary>
     public void Kick()
     {
-        _fd.SetImmediateExit(true);
-        int tid = _tid;
-        if (tid != 0 && tid != Sys.GetTid())
-            Sys.Tgkill(tid, KickSignal.Number);
+        lock (_kickLock)
+        {
+            if (_disposed)
+                return;
+            _fd.SetImmediateExit(true);
+            // Under the lock the thread cannot exit (and its tid be reused) between the check and the signal.
+            if (_tid != 0 && _tid != Sys.GetTid())
+                Sys.Tgkill(_tid, KickSignal.Number);
+        }
     }
+
+    private bool _disposed;
 
     public void Join() => _thread?.Join();
 
     private void RunLoop()
     {
-        _tid = Sys.GetTid();
+        lock (_kickLock)
+            _tid = Sys.GetTid();
         long startTicks = Stopwatch.GetTimestamp();
         var (user0, sys0) = Sys.ThreadCpuTime();
         VmOutcome? outcome = null;
@@ -139,6 +148,8 @@ internal sealed class Vcpu : IDisposable
             Stats.UserCpuNs = user1 - user0;
             Stats.SystemCpuNs = sys1 - sys0;
             Stats.WallNs = (long)Stopwatch.GetElapsedTime(startTicks).TotalNanoseconds;
+            lock (_kickLock)
+                _tid = 0;
         }
         if (outcome is not null)
             _vm.Finish(outcome);
@@ -240,5 +251,14 @@ internal sealed class Vcpu : IDisposable
         return new VmOutcome(kind, headline, Diagnostic: diagnostic);
     }
 
-    public void Dispose() => _fd.Dispose();
+    public void Dispose()
+    {
+        lock (_kickLock)
+        {
+            if (_disposed)
+                return;
+            _disposed = true;
+            _fd.Dispose();
+        }
+    }
 }

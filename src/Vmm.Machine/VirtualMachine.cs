@@ -34,7 +34,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
     private readonly VmFd _vm;
     private readonly GuestMemory _memory;
     private readonly SerialConsole _console;
-    private readonly List<Vcpu> _vcpus = [];
+    private Vcpu[] _vcpus = [];
     private readonly ManualResetEventSlim _stopped = new(false);
     private VmOutcome? _outcome;
     private volatile bool _stopping;
@@ -51,6 +51,8 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         {
             Kernel = KernelLoader.Load(_memory, config.Kernel, config.Arguments, config.Module);
             _log.Info($"loaded {config.Kernel.Name} as {Kernel.Format}, entry 0x{Kernel.Cpu.Rip:x}; command line \"{Kernel.CommandLine}\"");
+            foreach (var warning in Kernel.Warnings)
+                _log.Warn(warning);
             _kvm = KvmSystem.Open(config.KvmPath);
             CheckCapabilities();
             _vm = _kvm!.CreateVm();
@@ -62,10 +64,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             IoBus = new Bus("I/O port");
             MmioBus = new Bus("MMIO");
             _console = new SerialConsole(config.SerialOutput);
-            Serial = new Serial16550(new KvmIrqLine(_vm, 4), _console.Writer);
-            if (config.SerialInput is not null)
-                _console.AttachInput(config.SerialInput, Serial,
-                    config.ConsoleEscape ? () => RequestPowerOff("Ctrl-A x on the console") : null);
+            Serial = new Serial16550(new KvmIrqLine(_vm, 4), _console);
             PostCode = new PostCodeSink();
             IoBus.Insert(Serial, 0x3F8, 8);
             IoBus.Insert(new DebugExit(this), DebugExit.DefaultPort, DebugExit.Width);
@@ -75,14 +74,25 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             KickSignal.EnsureInstalled();
             var dispatcher = new ExitDispatcher(IoBus, MmioBus);
             var cpuid = _kvm!.GetSupportedCpuid();
-            for (int i = 0; i < config.Cpus; i++)
+            var vcpus = new List<Vcpu>();
+            try
             {
-                var vcpu = new Vcpu(_vm.CreateVcpu(i), this, dispatcher, _memory);
-                _vcpus.Add(vcpu);
-                vcpu.ConfigureCpuid(cpuid, config.Cpus);
+                for (int i = 0; i < config.Cpus; i++)
+                {
+                    vcpus.Add(new Vcpu(_vm.CreateVcpu(i), this, dispatcher, _memory));
+                    vcpus[^1].ConfigureCpuid(cpuid, config.Cpus);
+                }
+            }
+            finally
+            {
+                _vcpus = [.. vcpus]; // published whole: Finish() may run on other threads from now on
             }
             // The other vCPUs wait for INIT/SIPI: KVM starts APs uninitialized when the LAPIC is in the kernel.
             _vcpus[0].SetBootState(Kernel.Cpu);
+            // Input last: a Ctrl-A x already waiting in the terminal may end the VM at once.
+            if (config.SerialInput is not null)
+                _console.AttachInput(config.SerialInput, Serial,
+                    config.ConsoleEscape ? () => RequestPowerOff("Ctrl-A x on the console") : null);
         }
         catch
         {
@@ -158,7 +168,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         if (Interlocked.CompareExchange(ref _outcome, outcome, null) == null)
         {
             _stopping = true;
-            foreach (var v in _vcpus)
+            foreach (var v in Volatile.Read(ref _vcpus))
                 v.Kick();
             _stopped.Set();
         }
@@ -200,12 +210,14 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             return;
         _disposed = true;
         _stopping = true;
+        // Stop every thread before releasing anything a late Finish() or kick could still touch.
+        _console?.StopInput();
         foreach (var v in _vcpus)
-        {
             v.Kick();
+        foreach (var v in _vcpus)
             v.Join();
+        foreach (var v in _vcpus)
             v.Dispose();
-        }
         _console?.Dispose();
         _memory?.Dispose();
         _vm?.Dispose();

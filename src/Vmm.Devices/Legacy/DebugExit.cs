@@ -13,10 +13,10 @@ public sealed class DebugExit(IVmControl control) : IBusDevice
 
     public void Write(ulong offset, ReadOnlySpan<byte> data)
     {
-        // Narrower writes count too: QEMU zero-extends them.
+        // Any width at any of the four ports counts, zero-extended: QEMU ignores the offset too.
         Span<byte> value = stackalloc byte[4];
         value.Clear();
-        data[..Math.Min(data.Length, 4)].CopyTo(value[(int)Math.Min(offset, 3)..]);
+        data[..Math.Min(data.Length, 4)].CopyTo(value);
         control.RequestDebugExit(BinaryPrimitives.ReadUInt32LittleEndian(value));
     }
 }

@@ -57,6 +57,7 @@ public sealed class I8042(IVmControl control) : IBusDevice
     private bool Command(byte command)
     {
         _status |= STATUS_CMD;
+        _pendingCommand = 0; // a new command cancels one still waiting for its data byte
         switch (command)
         {
             case 0x20: Respond(_commandByte); break;          // read command byte

@@ -1,11 +1,10 @@
-using System.IO.Pipelines;
-
 namespace Vmm.Devices.Legacy;
 
 /// <summary>A National Semiconductor 16550A UART (register set of the PC16550D datasheet): divisor latch,
 /// IER, IIR with interrupt priorities, FCR and 16-byte FIFOs with trigger levels, LCR, MCR with loopback,
-/// LSR, MSR and the scratch register. Transmitted bytes go to a <see cref="PipeWriter"/> at once (the line
-/// is infinitely fast, so THR is always empty again after a write); received bytes come from
+/// LSR, MSR and the scratch register. Transmitted bytes go to an <see cref="IByteSink"/> at once (the line
+/// is infinitely fast); when the sink is full THR stays busy (LSR.THRE clear) until it drains, so a guest
+/// that waits for THRE is slowed to the host's pace and loses nothing. Received bytes come from
 /// <see cref="EnqueueInput"/>, held in a host-side queue that refills the 16-byte FIFO as the guest drains it,
 /// so pasted input is never lost.</summary>
 public sealed class Serial16550 : IBusDevice
@@ -40,7 +39,9 @@ public sealed class Serial16550 : IBusDevice
 
     private readonly Lock _lock = new();
     private readonly IInterruptLine _irq;
-    private readonly PipeWriter? _output;
+    private readonly IByteSink? _output;
+    private bool _thrHolding;   // THR holds a byte the sink refused
+    private byte _thr;
 
     private readonly byte[] _rxFifo = new byte[FifoSize];
     private int _rxHead, _rxCount;
@@ -53,16 +54,42 @@ public sealed class Serial16550 : IBusDevice
     private bool _thrEmptyInterrupt; // "THR empty" is a pending source until IIR is read or THR written
     private bool _irqLevel;
     private long _bytesTransmitted;
+    private long _droppedBytes;
 
     /// <param name="irq">The UART's interrupt line (IRQ 4 for COM1).</param>
     /// <param name="output">Where transmitted bytes go; null discards them.</param>
-    public Serial16550(IInterruptLine irq, PipeWriter? output)
+    public Serial16550(IInterruptLine irq, IByteSink? output)
     {
         _irq = irq;
         _output = output;
+        output?.SetSpaceAvailableCallback(OnOutputSpaceAvailable);
     }
 
-    public long BytesTransmitted => Interlocked.Read(ref _bytesTransmitted);
+    /// <summary>The sink drained: send the held THR byte and report THR empty (with its interrupt).</summary>
+    private void OnOutputSpaceAvailable()
+    {
+        lock (_lock)
+        {
+            if (!_thrHolding || !_output!.TryWrite(_thr))
+                return;
+            _thrHolding = false;
+            _bytesTransmitted++;
+            _lsr |= LSR_THRE | LSR_TEMT;
+            _thrEmptyInterrupt = true;
+            UpdateInterrupt();
+        }
+    }
+
+    public long BytesTransmitted
+    {
+        get { lock (_lock) return _bytesTransmitted; }
+    }
+
+    /// <summary>Bytes the guest wrote to THR while it was still full (it did not wait for THRE).</summary>
+    public long DroppedBytes
+    {
+        get { lock (_lock) return _droppedBytes; }
+    }
 
     /// <summary>Space left in the host-side input queue.</summary>
     public int InputSpace
@@ -179,25 +206,31 @@ public sealed class Serial16550 : IBusDevice
                 _ier = (byte)(value & 0x0F);
                 return;
             case IIR_FCR:
-                if ((value & FCR_ENABLE) != (_fcr & FCR_ENABLE) || (value & FCR_CLEAR_RX) != 0)
+            {
+                // With bit 0 clear the other bits are not programmed (datasheet, FCR); switching the FIFOs
+                // on or off, or the clear bit, empties the receiver. The new mode applies before refilling.
+                bool modeChange = (value & FCR_ENABLE) != (_fcr & FCR_ENABLE);
+                bool clearRx = modeChange || ((value & FCR_ENABLE) != 0 && (value & FCR_CLEAR_RX) != 0);
+                _fcr = (value & FCR_ENABLE) != 0 ? (byte)(value & 0xC9) : (byte)0;
+                if (clearRx)
                 {
-                    // Changing the FIFO mode, or the clear bit, empties the receive FIFO.
                     _rxHead = _rxCount = 0;
                     _lsr = (byte)(_lsr & ~LSR_DR);
                     RefillRxFifo();
                 }
-                if ((value & FCR_CLEAR_TX) != 0)
-                    _lsr |= LSR_THRE | LSR_TEMT;
-                _fcr = (byte)(value & 0xC9);
                 return;
+            }
             case LCR:
                 _lcr = value;
                 return;
             case MCR:
             {
                 byte before = ModemStatus();
+                bool wasLoopback = Loopback;
                 _mcr = (byte)(value & 0x1F);
                 byte after = ModemStatus();
+                if (wasLoopback && !Loopback)
+                    RefillRxFifo(); // host input that arrived during loopback becomes visible now
                 // Modem-status deltas (loopback makes MCR outputs visible as MSR inputs).
                 byte delta = 0;
                 if (((before ^ after) & MSR_CTS) != 0) delta |= MSR_DCTS;
@@ -230,20 +263,23 @@ public sealed class Serial16550 : IBusDevice
 
     private void Transmit(byte value)
     {
+        if (_thrHolding)
+        {
+            // Writing THR while it is still full: the byte is lost, as on hardware (the guest ignored THRE).
+            _droppedBytes++;
+            return;
+        }
+        _thrEmptyInterrupt = false;
         if (Loopback)
         {
             PushRx(value);
         }
-        else if (_output is not null)
+        else if (_output is not null && !_output.TryWrite(value))
         {
-            _output.GetSpan(1)[0] = value;
-            _output.Advance(1);
-            var flush = _output.FlushAsync();
-            if (!flush.IsCompleted)
-            {
-                // The console consumer is more than the pipe's pause threshold behind: back-pressure the guest.
-                flush.AsTask().GetAwaiter().GetResult();
-            }
+            _thr = value;
+            _thrHolding = true;
+            _lsr = (byte)(_lsr & ~(LSR_THRE | LSR_TEMT));
+            return;
         }
         _bytesTransmitted++;
         _lsr |= LSR_THRE | LSR_TEMT;

@@ -1,20 +1,29 @@
+using System.Buffers;
 using System.IO.Pipelines;
 
 namespace Vmm.Devices.Legacy;
 
-/// <summary>Connects a UART to host byte streams. Output: the UART writes into a <see cref="Pipe"/> whose
-/// reader runs on a dedicated thread copying to the output stream, so a vCPU never waits on a slow
-/// terminal or file (unless the pipe is more than <see cref="PauseThreshold"/> behind). Both pipe schedulers
-/// are inline: waking the reader sets an event instead of queueing a thread-pool item, so the vCPU's
-/// transmit path allocates nothing. Input: a thread reads the input stream and feeds the UART with flow
-/// control.</summary>
-public sealed class SerialConsole : IDisposable
+/// <summary>Connects a UART to host byte streams.
+/// Output: the UART puts bytes into a fixed ring buffer (no allocation, no blocking on the vCPU thread); a
+/// dedicated thread copies them to the output stream. When the stream falls a whole buffer behind,
+/// <see cref="TryWrite"/> refuses and the UART keeps THR full, so the guest waits for THRE as it would on
+/// a real slow line — back-pressure without stalling KVM_RUN. (System.IO.Pipelines was measured here first:
+/// its ArrayPool-backed segments allocate on the writing thread under sustained output.)
+/// Input: a thread reads the input stream through a <see cref="PipeReader"/> and hands the UART what its
+/// queue accepts; the rest stays in the pipe (examined, not consumed) until the guest drains the queue.</summary>
+public sealed class SerialConsole : IByteSink, IDisposable
 {
-    public const long PauseThreshold = 1 << 20;
+    public const int BufferSize = 1 << 20;
 
-    private readonly Pipe _pipe = new(new PipeOptions(
-        pauseWriterThreshold: PauseThreshold, resumeWriterThreshold: PauseThreshold / 2,
-        readerScheduler: PipeScheduler.Inline, writerScheduler: PipeScheduler.Inline, useSynchronizationContext: false));
+    /// <summary>The console escape key, Ctrl-A, as in QEMU: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A.</summary>
+    public const byte EscapeKey = 0x01;
+
+    private readonly byte[] _ring = new byte[BufferSize];
+    private readonly object _lock = new(); // Monitor: the output thread waits on it
+    private int _head, _count;
+    private bool _refused;      // a writer was turned away: tell it when there is room
+    private bool _completed;
+    private Action? _spaceAvailable;
     private readonly Stream? _output;
     private readonly Thread? _outputThread;
     private Thread? _inputThread;
@@ -31,11 +40,69 @@ public sealed class SerialConsole : IDisposable
         }
     }
 
-    /// <summary>What the UART transmits into.</summary>
-    public PipeWriter Writer => _pipe.Writer;
+    /// <summary>True once the output stream failed (e.g. stdout closed); guest output is discarded from then on
+    /// so the guest keeps running.</summary>
+    public bool OutputFailed { get; private set; }
 
-    /// <summary>The console escape key, Ctrl-A, as in QEMU: Ctrl-A x quits, Ctrl-A Ctrl-A sends one Ctrl-A.</summary>
-    public const byte EscapeKey = 0x01;
+    public void SetSpaceAvailableCallback(Action callback) => _spaceAvailable = callback;
+
+    public bool TryWrite(byte value)
+    {
+        if (_output is null || OutputFailed)
+            return true; // discarded
+        lock (_lock)
+        {
+            if (_count == _ring.Length || _completed)
+            {
+                _refused = true;
+                return false;
+            }
+            _ring[(_head + _count) % _ring.Length] = value;
+            if (_count++ == 0)
+                Monitor.Pulse(_lock); // the output thread waits only when the ring is empty
+            return true;
+        }
+    }
+
+    private void CopyOutput()
+    {
+        var chunk = new byte[64 * 1024];
+        while (true)
+        {
+            int n;
+            lock (_lock)
+            {
+                while (_count == 0 && !_completed)
+                    Monitor.Wait(_lock);
+                if (_count == 0)
+                    return; // completed and drained
+                n = Math.Min(_count, Math.Min(chunk.Length, _ring.Length - _head));
+                _ring.AsSpan(_head, n).CopyTo(chunk);
+            }
+            if (!OutputFailed)
+            {
+                try
+                {
+                    _output!.Write(chunk, 0, n);
+                    _output.Flush();
+                }
+                catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException)
+                {
+                    OutputFailed = true; // a closed pipe or a full disk must not take the VM down
+                }
+            }
+            bool notify;
+            lock (_lock)
+            {
+                _head = (_head + n) % _ring.Length;
+                _count -= n;
+                notify = _refused;
+                _refused = false;
+            }
+            if (notify)
+                _spaceAvailable?.Invoke();
+        }
+    }
 
     /// <summary>Starts feeding <paramref name="input"/> into <paramref name="uart"/> on a background thread.
     /// With <paramref name="onQuit"/>, the input is an interactive terminal: Ctrl-A x calls it.</summary>
@@ -78,82 +145,75 @@ public sealed class SerialConsole : IDisposable
         return n;
     }
 
-    /// <summary>True once the output stream failed (e.g. stdout closed); guest output is discarded from then on
-    /// so the guest keeps running.</summary>
-    public bool OutputFailed { get; private set; }
-
-    private void CopyOutput()
-    {
-        var reader = _pipe.Reader;
-        while (true)
-        {
-            ReadResult result = reader.ReadAsync().AsTask().GetAwaiter().GetResult();
-            if (!OutputFailed && !result.Buffer.IsEmpty)
-            {
-                try
-                {
-                    foreach (var segment in result.Buffer)
-                        _output!.Write(segment.Span);
-                    _output!.Flush();
-                }
-                catch (Exception e) when (e is IOException or ObjectDisposedException or NotSupportedException)
-                {
-                    OutputFailed = true; // a closed pipe or full disk must not take the VM down
-                }
-            }
-            reader.AdvanceTo(result.Buffer.End);
-            if (result.IsCompleted)
-                break;
-        }
-        reader.Complete();
-    }
-
     private void CopyInput(Stream input, Serial16550 uart, Action? onQuit)
     {
-        var raw = new byte[256];
-        var buffer = new byte[512]; // an escape plus another key can become two bytes
+        var reader = PipeReader.Create(input, new StreamPipeReaderOptions(bufferSize: 4096, leaveOpen: true));
+        var translated = new byte[2 * 4096];
         bool escapePending = false;
         try
         {
             while (!_stopping)
             {
-                int n = input.Read(raw, 0, raw.Length);
-                if (n <= 0)
-                    return;
-                raw.AsSpan(0, n).CopyTo(buffer);
-                if (onQuit is not null)
+                ReadResult result = reader.ReadAsync().AsTask().GetAwaiter().GetResult();
+                var buffer = result.Buffer;
+                // Hand over at most one segment at a time; what the UART's queue does not take stays unconsumed.
+                var first = buffer.First.Span;
+                int taken;
+                if (onQuit is null)
                 {
-                    n = ApplyEscape(raw.AsSpan(0, n), buffer, ref escapePending, out bool quit);
+                    taken = first.IsEmpty ? 0 : uart.EnqueueInput(first);
+                }
+                else
+                {
+                    // Terminal input arrives a few keys at a time; escape-translate the whole segment, then wait
+                    // for the UART to take all of it before reading on.
+                    int n = ApplyEscape(first, translated, ref escapePending, out bool quit);
+                    int done = 0;
+                    while (done < n && !_stopping)
+                    {
+                        done += uart.EnqueueInput(translated.AsSpan(done, n - done));
+                        if (done < n)
+                            Thread.Sleep(5);
+                    }
                     if (quit)
                     {
-                        uart.EnqueueInput(buffer.AsSpan(0, n));
-                        onQuit();
+                        if (!_stopping)
+                            onQuit();
                         return;
                     }
+                    taken = first.Length;
                 }
-                int done = 0;
-                while (done < n && !_stopping)
-                {
-                    done += uart.EnqueueInput(buffer.AsSpan(done, n - done));
-                    if (done < n)
-                        Thread.Sleep(5); // the guest has not drained the queue yet
-                }
+                // Consumed = examined: the rest is offered again at once, not only when more input arrives.
+                reader.AdvanceTo(buffer.GetPosition(taken));
+                if (result.IsCompleted && taken == buffer.Length)
+                    return; // end of input
+                if (taken < first.Length)
+                    Thread.Sleep(5); // the guest has not drained the UART's queue yet
             }
         }
-        catch (IOException)
+        catch (Exception e) when (e is IOException or ObjectDisposedException)
         {
             // stdin closed or unreadable: the guest simply gets no more input.
         }
-        catch (ObjectDisposedException)
+        finally
         {
+            reader.Complete();
         }
     }
 
-    /// <summary>Flushes everything the guest wrote and stops the output thread.</summary>
+    /// <summary>Stops handing input to the guest (the input thread may stay blocked in a read; it exits on
+    /// its next wake-up without touching the VM).</summary>
+    public void StopInput() => _stopping = true;
+
+    /// <summary>Writes out everything the guest sent and stops the output thread.</summary>
     public void Dispose()
     {
         _stopping = true;
-        _pipe.Writer.Complete();
+        lock (_lock)
+        {
+            _completed = true;
+            Monitor.PulseAll(_lock);
+        }
         _outputThread?.Join();
     }
 }

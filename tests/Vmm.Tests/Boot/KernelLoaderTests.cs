@@ -199,4 +199,40 @@ public class KernelLoaderTests : IDisposable
         Assert.Equal(new MemoryMapEntry(0x1_0000_0000, MemoryLayout.GiB, MemoryType.Ram), map[^1]);
         Assert.Equal(new MemoryMapEntry(0x10_0000, MemoryLayout.MmioHoleStart - 0x10_0000, MemoryType.Ram), map[^2]);
     }
+
+    [Fact]
+    public void A_stray_multiboot_magic_before_the_real_header_is_skipped_like_GRUB_does()
+    {
+        var image = AoutKludge(0x20_0000, [0xF4]);
+        var stray = new byte[16];
+        ImageBuilder.W32(stray, 0, MultibootHeader.Magic); // the constant in code, no valid checksum after it
+        var k = KernelLoader.Load(_mem, new BootFile("k", stray.Concat(image).ToArray()), "", null);
+        Assert.Equal(0x20_0020UL, k.Cpu.Rip);
+    }
+
+    [Fact]
+    public void A_video_mode_request_is_a_warning_not_an_error()
+    {
+        var text = MultibootHeaderBytes(0x7).Concat(new byte[4]).Concat(Code(0xF4)).ToArray();
+        var k = KernelLoader.Load(_mem, new BootFile("fb", Elf(false, 0x10_0010, [new Segment(0x10_0000, text)])), "", null);
+        Assert.Contains(k.Warnings, w => w.Contains("video mode"));
+    }
+
+    [Fact]
+    public void Kernels_may_not_load_over_the_reserved_BIOS_area()
+    {
+        var text = MultibootHeaderBytes().Concat(new byte[4]).Concat(Code(0xF4)).ToArray();
+        var e = Assert.Throws<KernelImageException>(() =>
+            KernelLoader.Load(_mem, new BootFile("low", Elf(false, 0xA0010, [new Segment(0xA0000, text)])), "", null));
+        Assert.Contains("overlaps the EBDA/BIOS area", e.Message);
+    }
+
+    [Fact]
+    public void The_module_goes_above_1_MiB_even_after_a_low_kernel()
+    {
+        var text = MultibootHeaderBytes().Concat(new byte[4]).Concat(Code(0xF4)).ToArray();
+        var k = KernelLoader.Load(_mem, new BootFile("low", Elf(false, 0x2_0010, [new Segment(0x2_0000, text)])), "",
+            new BootFile("m", new byte[0x10_0000]));
+        Assert.True(k.Module!.Value.Start >= 0x10_0000);
+    }
 }

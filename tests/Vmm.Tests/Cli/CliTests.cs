@@ -151,4 +151,13 @@ public class CliTests
             File.Delete(path);
         }
     }
+
+    [Fact]
+    public void Several_vCPUs_without_the_irqchip_are_refused_before_anything_starts()
+    {
+        var config = new MachineConfig { Kernel = DemoGuest.Build(), Cpus = 2, InKernelIrqchip = false };
+        Assert.Contains("--cpus above 1 needs the in-kernel irqchip", Assert.Throws<ConfigException>(config.Validate).Message);
+        var big = new MachineConfig { Kernel = DemoGuest.Build(), MemoryBytes = 8UL << 40 };
+        Assert.Contains("beyond the 4 TiB vmm supports", Assert.Throws<ConfigException>(big.Validate).Message);
+    }
 }

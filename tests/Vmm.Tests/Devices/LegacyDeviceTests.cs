@@ -73,4 +73,26 @@ public class LegacyDeviceTests
         Assert.Equal(0x34, post.LastCode);
         Assert.Equal(2, post.Writes);
     }
+
+    [Theory]
+    [InlineData(0UL)]
+    [InlineData(1UL)]
+    [InlineData(3UL)]
+    public void Debug_exit_ignores_the_port_offset_like_QEMU(ulong offset)
+    {
+        var control = new RecordingVmControl();
+        new DebugExit(control).Write(offset, BitConverter.GetBytes(5u)); // a 4-byte write at 0xf7 must not throw
+        Assert.Equal(5u, control.DebugExitValue);
+    }
+
+    [Fact]
+    public void I8042_a_new_command_cancels_one_waiting_for_its_data_byte()
+    {
+        var control = new RecordingVmControl();
+        var kbc = new I8042(control);
+        kbc.Write(4, [0xD1]); // write output port: expects a data byte...
+        kbc.Write(4, [0xAA]); // ...but a self-test comes first
+        kbc.Write(0, [0xF4]); // a keyboard byte with bit 0 clear: must not reset
+        Assert.Empty(control.Events);
+    }
 }

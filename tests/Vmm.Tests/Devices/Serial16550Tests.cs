@@ -1,6 +1,3 @@
-using System.Buffers;
-using System.IO.Pipelines;
-using System.Text;
 using Vmm.Devices.Legacy;
 using Vmm.Tests.TestKit;
 
@@ -11,10 +8,10 @@ public class Serial16550Tests
     private const int RBR = 0, THR = 0, IER = 1, IIR = 2, FCR = 2, LCR = 3, MCR = 4, LSR = 5, MSR = 6, SCR = 7;
 
     private readonly RecordingInterruptLine _irq = new();
-    private readonly Pipe _pipe = new();
+    private readonly RecordingByteSink _sink = new();
     private readonly Serial16550 _uart;
 
-    public Serial16550Tests() => _uart = new Serial16550(_irq, _pipe.Writer);
+    public Serial16550Tests() => _uart = new Serial16550(_irq, _sink);
 
     private byte In(int reg)
     {
@@ -25,12 +22,7 @@ public class Serial16550Tests
 
     private void Out(int reg, byte value) => _uart.Write((ulong)reg, [value]);
 
-    private string Transmitted()
-    {
-        _pipe.Writer.Complete();
-        var result = _pipe.Reader.ReadAsync().AsTask().Result;
-        return Encoding.ASCII.GetString(result.Buffer.ToArray());
-    }
+    private string Transmitted() => _sink.Text;
 
     [Fact]
     public void Idle_state_matches_the_datasheet_reset_values()
@@ -210,5 +202,73 @@ public class Serial16550Tests
         var data = new byte[4];
         _uart.Read(SCR, data);
         Assert.Equal(new byte[] { 0x12, 0xFF, 0xFF, 0xFF }, data);
+    }
+
+    [Fact]
+    public void A_full_console_keeps_THR_busy_until_it_drains_then_raises_THRE()
+    {
+        _sink.Capacity = 2;
+        Out(IER, 0x02);
+        In(IIR); // acknowledge the THRE interrupt enabling raised
+        Out(THR, (byte)'a');
+        Out(THR, (byte)'b');
+        Out(THR, (byte)'c');              // refused: THR holds it
+        Assert.Equal(0x00, In(LSR) & 0x60); // THR not empty: a polling guest waits
+        Assert.False(_irq.Level);
+        Assert.Equal("ab", Transmitted());
+        _sink.Drain(10);
+        Assert.Equal("abc", Transmitted());
+        Assert.Equal(0x60, In(LSR) & 0x60);
+        Assert.True(_irq.Level);            // THR-empty interrupt for interrupt-driven guests
+        Assert.Equal(0x02, In(IIR));
+        Assert.Equal(0, _uart.DroppedBytes);
+    }
+
+    [Fact]
+    public void Writing_THR_while_it_is_still_full_loses_the_byte_and_counts_it()
+    {
+        _sink.Capacity = 0;
+        Out(THR, (byte)'x');
+        Out(THR, (byte)'y');
+        _sink.Drain(10);
+        Assert.Equal("x", Transmitted());
+        Assert.Equal(1, _uart.DroppedBytes);
+    }
+
+    [Fact]
+    public void Input_queued_during_loopback_appears_when_loopback_ends()
+    {
+        Out(MCR, 0x10);
+        _uart.EnqueueInput("q"u8);
+        Assert.Equal(0, In(LSR) & 1);     // the receiver is disconnected from the line in loopback
+        Out(MCR, 0x00);
+        Assert.Equal(1, In(LSR) & 1);
+        Assert.Equal((byte)'q', In(RBR));
+    }
+
+    [Fact]
+    public void Enabling_the_FIFO_lets_it_fill_to_16_bytes_and_disabling_it_returns_to_one()
+    {
+        _uart.EnqueueInput(Enumerable.Range(0, 40).Select(i => (byte)i).ToArray());
+        Out(FCR, 0x01);
+        int n = 0;
+        Out(MCR, 0x10); // loopback: no refill from the host queue while counting
+        while ((In(LSR) & 1) != 0) { In(RBR); n++; }
+        Assert.Equal(16, n);
+        Out(MCR, 0x00);
+        Out(FCR, 0x00); // FIFO off: one-byte holding register
+        Out(MCR, 0x10);
+        n = 0;
+        while ((In(LSR) & 1) != 0) { In(RBR); n++; }
+        Assert.Equal(1, n);
+    }
+
+    [Fact]
+    public void FCR_bits_are_ignored_while_the_FIFO_stays_disabled()
+    {
+        _uart.EnqueueInput("k"u8);
+        Out(FCR, 0x02); // clear-RX without the enable bit: not programmed
+        Assert.Equal(1, In(LSR) & 1);
+        Assert.Equal(0x01, In(IIR));
     }
 }

@@ -11,7 +11,7 @@ public class SerialConsoleTests
     {
         var output = new MemoryStream();
         var console = new SerialConsole(output);
-        var uart = new Serial16550(new RecordingInterruptLine(), console.Writer);
+        var uart = new Serial16550(new RecordingInterruptLine(), console);
         var text = string.Concat(Enumerable.Repeat("line of guest output\n", 500));
         foreach (char c in text)
             uart.Write(0, [(byte)c]);
@@ -37,7 +37,7 @@ public class SerialConsoleTests
     public void A_broken_output_stream_does_not_stop_the_guest()
     {
         var console = new SerialConsole(new BrokenStream());
-        var uart = new Serial16550(new RecordingInterruptLine(), console.Writer);
+        var uart = new Serial16550(new RecordingInterruptLine(), console);
         for (int i = 0; i < 10_000; i++)
             uart.Write(0, [(byte)'x']);
         console.Dispose();
@@ -49,7 +49,7 @@ public class SerialConsoleTests
     public void Input_stream_bytes_reach_the_guest_in_order()
     {
         var console = new SerialConsole(null);
-        var uart = new Serial16550(new RecordingInterruptLine(), console.Writer);
+        var uart = new Serial16550(new RecordingInterruptLine(), console);
         console.AttachInput(new MemoryStream(Encoding.ASCII.GetBytes("typed line\n")), uart);
         var received = new StringBuilder();
         var deadline = DateTime.UtcNow.AddSeconds(10);
@@ -100,7 +100,7 @@ public class SerialConsoleTests
     public void Ctrl_A_x_from_the_input_stream_calls_quit_after_delivering_earlier_keys()
     {
         var console = new SerialConsole(null);
-        var uart = new Serial16550(new RecordingInterruptLine(), console.Writer);
+        var uart = new Serial16550(new RecordingInterruptLine(), console);
         using var quit = new ManualResetEventSlim();
         console.AttachInput(new MemoryStream([(byte)'o', (byte)'k', 1, (byte)'x', (byte)'!']), uart, quit.Set);
         Assert.True(quit.Wait(TimeSpan.FromSeconds(10)));

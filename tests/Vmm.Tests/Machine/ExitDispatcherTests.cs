@@ -166,7 +166,7 @@ public class ExitDispatcherTests
         // The real devices on the hot path: the UART (with its console pipe) and the POST-code port.
         var console = new SerialConsole(Stream.Null);
         var io = new Bus("I/O port");
-        io.Insert(new Serial16550(new RecordingInterruptLine(), console.Writer), 0x3F8, 8);
+        io.Insert(new Serial16550(new RecordingInterruptLine(), console), 0x3F8, 8);
         io.Insert(new PostCodeSink(), 0x80, 1);
         var mmio = new Bus("MMIO");
         mmio.Insert(new PostCodeSink(), 0xD000_0000, 0x1000);
@@ -205,5 +205,27 @@ public class ExitDispatcherTests
             default: SetMmio(0xD000_0000, 4, write: (i & 8) != 0); break;
         }
         dispatcher.Dispatch(_run, _stats);
+    }
+
+    [Fact]
+    public void Sustained_serial_output_allocates_nothing_on_the_writing_thread()
+    {
+        var console = new SerialConsole(Stream.Null);
+        var uart = new Serial16550(new RecordingInterruptLine(), console);
+        long allocated = -1;
+        var thread = new Thread(() =>
+        {
+            ReadOnlySpan<byte> b = [(byte)'.'];
+            for (int i = 0; i < 200_000; i++)
+                uart.Write(0, b);
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            for (int i = 0; i < 4_000_000; i++) // four times the console buffer
+                uart.Write(0, b);
+            allocated = GC.GetAllocatedBytesForCurrentThread() - before;
+        });
+        thread.Start();
+        thread.Join();
+        console.Dispose();
+        Assert.Equal(0, allocated);
     }
 }

@@ -32,3 +32,31 @@ public sealed class RecordingVmControl : IVmControl
 
     public void RequestPowerOff(string source) => Events.Add("poweroff: " + source);
 }
+
+/// <summary>A byte sink with a capacity: full means refused, as a console that fell behind.</summary>
+public sealed class RecordingByteSink(int capacity = int.MaxValue) : Vmm.Devices.IByteSink
+{
+    private Action? _spaceAvailable;
+
+    public List<byte> Bytes { get; } = [];
+    public int Capacity { get; set; } = capacity;
+
+    public bool TryWrite(byte value)
+    {
+        if (Bytes.Count >= Capacity)
+            return false;
+        Bytes.Add(value);
+        return true;
+    }
+
+    public void SetSpaceAvailableCallback(Action callback) => _spaceAvailable = callback;
+
+    /// <summary>Makes room for <paramref name="more"/> bytes and tells the device.</summary>
+    public void Drain(int more)
+    {
+        Capacity = Bytes.Count + more;
+        _spaceAvailable?.Invoke();
+    }
+
+    public string Text => System.Text.Encoding.ASCII.GetString(Bytes.ToArray());
+}
