@@ -9,10 +9,10 @@
 # wall_ns .. maxrss_kb are the whole process's, from runstat (fork -> reaped, rusage of the child).
 # Per-exit fields (exit-loop cases only), as the program itself reports them:
 #   exits= wall_ns_per_exit= user_ns_per_exit= sys_ns_per_exit=
-# Environment: ROUNDS (measured rounds, default 5), EXITS (default 20000; must match the guests' loop count),
+# Environment: ROUNDS (measured rounds, default 7), EXITS (default 20000; must match the guests' loop count),
 # QEMU_MACHINES (default "microvm pc"; empty to skip QEMU).
 set -u
-ROUNDS=${ROUNDS:-5}
+ROUNDS=${ROUNDS:-7}
 EXITS=${EXITS:-20000}
 QEMU_MACHINES=${QEMU_MACHINES-microvm pc}
 QEMU=./qemu/bin/qemu-system-x86_64

@@ -11,7 +11,7 @@
 #   benchmarks/e2e/run.sh                      # build everything, measure, summarise
 #   benchmarks/e2e/run.sh --summarize RAWFILE  # summarise a kept raw file again
 # Environment:
-#   ROUNDS=5            measured rounds (plus one warm-up round)
+#   ROUNDS=7            measured rounds (plus one warm-up round)
 #   QEMU_MACHINES="microvm pc"   QEMU machine types for the start-up comparison ("" to skip QEMU)
 #   E2E_SKIP_PUBLISH=1  reuse benchmarks/e2e/build/vmm/vmm instead of publishing again
 #   E2E_TIMEOUT=1500    seconds for the whole nested VM run
@@ -49,6 +49,8 @@ summarize() {
         if (kv["ok"] != 1) { bad[c]++; next }
         good[c]++
         for (k in kv) if (k != "case" && k != "round" && k != "ok" && k != "rc") add(c SUBSEP k, kv[k])
+        for (k in kv) R[c, kv["round"], k] = kv[k]
+        if (kv["round"] > maxround) maxround = kv["round"]
     }
     END {
         for (i = 1; i <= ninfo; i++) print "- " info[i]
@@ -68,13 +70,24 @@ summarize() {
             printf "| %s | %s [%s-%s] | %s [%s-%s] | %s | %s | %s | %d |\n", c, f(w, 0), f(wl, 0), f(wh, 0), f(u, 0), f(ul, 0), f(uh, 0), f(s, 0), f(pw / 1e6, 0), f(rss / 1024, 1), bad[c]
         }
         print ""
-        print "| ratio (medians) | wall | user CPU | sys CPU |"
-        print "|---|---|---|---|"
+        print "Ratios per exit. \"of medians\": median(vmm) / median(floor); \"paired\": the median [min-max] of the"
+        print "per-round ratios (each vmm run against the floor run of the same round, seconds apart):"
+        print ""
+        print "| ratio | wall, of medians | wall, paired | user CPU, of medians | user CPU, paired | sys CPU, of medians |"
+        print "|---|---|---|---|---|---|"
         np = split("vmm-pio/floor-pio vmm-pio/floor-pio-irqchip vmm-pio-noirqchip/floor-pio vmm-mmio/floor-mmio vmm-mmio/floor-mmio-irqchip vmm-mmio-noirqchip/floor-mmio", pairs, " ")
         for (i = 1; i <= np; i++) {
             split(pairs[i], pr, "/")
-            if ((pr[1] in seen) && (pr[2] in seen))
-                printf "| %s / %s | %s | %s | %s |\n", pr[1], pr[2], ratio(W[pr[1]], W[pr[2]]), ratio(U[pr[1]], U[pr[2]]), ratio(S[pr[1]], S[pr[2]])
+            if (!((pr[1] in seen) && (pr[2] in seen))) continue
+            for (r = 1; r <= maxround; r++) {
+                if (((pr[1], r, "wall_ns_per_exit") in R) && ((pr[2], r, "wall_ns_per_exit") in R) && R[pr[2], r, "wall_ns_per_exit"] > 0 && R[pr[2], r, "user_ns_per_exit"] > 0) {
+                    add(pairs[i] SUBSEP "w", R[pr[1], r, "wall_ns_per_exit"] / R[pr[2], r, "wall_ns_per_exit"])
+                    add(pairs[i] SUBSEP "u", R[pr[1], r, "user_ns_per_exit"] / R[pr[2], r, "user_ns_per_exit"])
+                }
+            }
+            pw = median(pairs[i] SUBSEP "w"); pwl = lo[pairs[i] SUBSEP "w"]; pwh = hi[pairs[i] SUBSEP "w"]
+            pu = median(pairs[i] SUBSEP "u"); pul = lo[pairs[i] SUBSEP "u"]; puh = hi[pairs[i] SUBSEP "u"]
+            printf "| %s / %s | %s | %s [%s-%s] | %s | %s [%s-%s] | %s |\n", pr[1], pr[2], ratio(W[pr[1]], W[pr[2]]), f(pw, 2), f(pwl, 2), f(pwh, 2), ratio(U[pr[1]], U[pr[2]]), f(pu, 2), f(pul, 2), f(puh, 2), ratio(S[pr[1]], S[pr[2]])
         }
         print ""
         print "Start-up: process start -> guest printed its line and exited via port 0xf4 -> process reaped (runstat), medians [min-max]:"
@@ -158,10 +171,10 @@ chmod +x "$files/inner.sh"
 # 5. One nested VM run for everything.
 stamp=$(date +%Y%m%d-%H%M%S)
 raw=$build/raw-$stamp.txt
-echo "run.sh: running inner.sh in the nested-KVM VM (ROUNDS=${ROUNDS:-5}; several minutes)" >&2
+echo "run.sh: running inner.sh in the nested-KVM VM (ROUNDS=${ROUNDS:-7}; several minutes)" >&2
 set +e
 "$repo/tools/nested-kvm/run-in-vm.sh" --timeout "${E2E_TIMEOUT:-1500}" --mem 1536 \
-    --env "ROUNDS=${ROUNDS:-5}" --env "EXITS=$exits" --env "QEMU_MACHINES=$qemu_machines" \
+    --env "ROUNDS=${ROUNDS:-7}" --env "EXITS=$exits" --env "QEMU_MACHINES=$qemu_machines" \
     --files "$files" -- ./inner.sh | tee "$raw"
 rc=${PIPESTATUS[0]}
 set -e
