@@ -20,8 +20,9 @@ fi
 # A usable /dev/kvm is a character device we can open read-write ('<>' alone would create a plain file).
 if ! { [ -c /dev/kvm ] && ( : <>/dev/kvm ) 2>/dev/null; }; then
     echo "test.sh: no usable /dev/kvm here: KVM tests will run in a nested-KVM QEMU guest (tools/nested-kvm)" >&2
-    tools/nested-kvm/setup.sh
 fi
+# Always: it also fetches the stock Debian kernel the Linux boot test uses.
+tools/nested-kvm/setup.sh
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -37,8 +37,8 @@ public static class KernelLoader
             return LoadElf64(memory, kernel, arguments, module);
         if (multiboot is not null)
             return LoadMultiboot(memory, kernel, multiboot, arguments, module);
-        if (image.Length > 0x206 && BinaryPrimitives.ReadUInt32LittleEndian(image.AsSpan(0x202)) == 0x53726448)
-            throw new KernelImageException($"{kernel.Name}: a Linux bzImage (\"HdrS\" at offset 0x202); the Linux boot protocol is not supported yet — use a multiboot or ELF64 kernel");
+        if (LinuxLoader.IsBzImage(image))
+            return LinuxLoader.Load(memory, kernel, arguments, module);
         if (nearMiss is not null)
             throw new KernelImageException(nearMiss);
         if (isElf)

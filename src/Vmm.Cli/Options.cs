@@ -36,11 +36,13 @@ public sealed class Options
           vmm --help | --version
 
         Options for 'run' (and, where they apply, 'demo'):
-          --kernel PATH        kernel to boot: a Multiboot v1 image (ELF32, or a.out-kludge address
-                               fields) entered in 32-bit protected mode, or a 64-bit ELF entered in
-                               long mode on identity-mapped page tables (both get multiboot info)
-          --initrd PATH        a file loaded as multiboot module 0
-          --cmdline STR        kernel arguments; the guest sees "<kernel path> STR", as GRUB and QEMU pass it
+          --kernel PATH        kernel to boot: a Linux bzImage (boot protocol 2.06+, 64-bit entry,
+                               e820 map in boot_params); a Multiboot v1 image (ELF32, or a.out-kludge
+                               address fields) entered in 32-bit protected mode; or a 64-bit ELF
+                               entered in long mode on identity-mapped page tables (multiboot info)
+          --initrd PATH        Linux: the initrd; multiboot: module 0
+          --cmdline STR        kernel arguments; a multiboot guest sees "<kernel path> STR", as GRUB and
+                               QEMU pass it
           --memory SIZE        guest RAM, e.g. 128M, 2G, 1048576 (default 128M; suffixes K, M, G, T)
           --cpus N             number of vCPUs (default 1; at most what KVM allows)
           --serial MODE        COM1 (0x3f8, IRQ 4): stdio (default: guest output on stdout, stdin to the

@@ -152,7 +152,7 @@ public class KernelLoaderTests : IDisposable
         { "not executable", () => { var i = MultibootElf32(); i[16] = 3; return i; }, "e_type at offset 0x10 is 3" },
         { "big-endian", () => { var i = MultibootElf32(); i[5] = 2; return i; }, "EI_DATA" },
         { "ELF32 without multiboot header", () => Elf(false, 0x10_0000, [new Segment(0x10_0000, [0xF4])]), "a 32-bit ELF without a multiboot header" },
-        { "bzImage", () => { var i = new byte[0x1000]; ImageBuilder.W32(i, 0x202, 0x53726448); return i; }, "Linux bzImage" },
+        { "bzImage without boot flag", () => { var i = new byte[0x1000]; ImageBuilder.W32(i, 0x202, 0x53726448); return i; }, "Linux setup header boot_flag at offset 0x1fe is 0x0000, expected 0xaa55" },
         { "aout load_end past file", () => { var i = AoutKludge(0x10_0000, [0xF4]); ImageBuilder.W32(i, 20, 0x20_0000); return i; }, "load_end_addr 0x200000 (offset 0x14) asks for 0x100000 bytes" },
         { "aout load_addr above header", () => { var i = AoutKludge(0x10_0000, [0xF4]); ImageBuilder.W32(i, 16, 0x10_1000); return i; }, "load_addr 0x101000 (offset 0x10) is above header_addr" },
         { "aout bss below load end", () => { var i = AoutKludge(0x10_0000, [0xF4]); ImageBuilder.W32(i, 24, 0x10_0001); return i; }, "bss_end_addr 0x100001 (offset 0x18) is below load_end_addr" },

@@ -150,4 +150,20 @@ public class KvmBootTests(KvmFixture kvm)
         Assert.True(r.ExitCode == 6, Show(r));
         Assert.Contains("cannot boot: garbage.bin: not a kernel vmm can boot", r.Stderr);
     }
+
+    [Fact]
+    public void A_stock_Debian_kernel_boots_with_our_command_line_and_e820_map_until_it_needs_a_root_fs()
+    {
+        var r = R("linux");
+        Assert.True(r.ExitCode == 0, Show(r)); // panic=-1 reboots through the i8042
+        Assert.Contains("Linux version 6.", r.Stdout);
+        Assert.Contains("Command line: " + KvmFixture.LinuxCommandLine + "\r\n", r.Stdout); // exactly ours
+        Assert.Contains("BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable", r.Stdout);
+        Assert.Contains("BIOS-e820: [mem 0x000000000009fc00-0x000000000009ffff] reserved", r.Stdout);
+        Assert.Contains("BIOS-e820: [mem 0x00000000000f0000-0x00000000000fffff] reserved", r.Stdout);
+        Assert.Contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable", r.Stdout);
+        Assert.Contains("Memory: ", r.Stdout);
+        Assert.Contains("serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A", r.Stdout);
+        Assert.Contains("VFS: Unable to mount root fs", r.Stdout);
+    }
 }

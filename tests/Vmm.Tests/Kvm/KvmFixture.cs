@@ -27,6 +27,7 @@ public sealed class KvmFixture
             ["reset.bin"] = MicroGuests.Reset(),
             ["echo.bin"] = MicroGuests.Echo(),
             ["garbage.bin"] = Encoding.ASCII.GetBytes("this is not a kernel"),
+            ["vmlinuz"] = File.ReadAllBytes(StockKernel()),
         };
         Results = VmmRunner.RunAll(vmm, files,
         [
@@ -44,7 +45,23 @@ public sealed class KvmFixture
             new("reset", ["run", "--kernel", "reset.bin", "--log-level", "info"]),
             new("echo", ["run", "--kernel", "echo.bin"], Stdin: "hello vmm\n"),
             new("bad-image", ["run", "--kernel", "garbage.bin"]),
+            // A stock Debian kernel, no initramfs: it boots until it cannot mount a root file system, then
+            // panic=-1 reboots through the i8042 (vmm exits 0).
+            new("linux", ["run", "--kernel", "vmlinuz", "--memory", "256M", "--cmdline", LinuxCommandLine]),
         ]);
+    }
+
+    public const string LinuxCommandLine = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 vmm.test=linux-boot";
+
+    /// <summary>The Debian cloud kernel tools/nested-kvm fetches (apt-get download) and caches.</summary>
+    private static string StockKernel()
+    {
+        Repo.MustRun(Repo.PathTo("tools", "nested-kvm", "run-in-vm.sh"), "--prepare");
+        string cache = Environment.GetEnvironmentVariable("NESTED_KVM_CACHE")
+            ?? Path.Combine(Environment.GetEnvironmentVariable("XDG_CACHE_HOME") ?? Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache"), "vmm-nested-kvm");
+        return Directory.GetFiles(cache, "vmlinuz", SearchOption.AllDirectories)
+            .OrderByDescending(File.GetLastWriteTimeUtc).FirstOrDefault()
+            ?? throw new InvalidOperationException($"no vmlinuz under {cache} after run-in-vm.sh --prepare");
     }
 
     private static string PublishVmm()
