@@ -70,6 +70,13 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             IoBus.Insert(new DebugExit(this), DebugExit.DefaultPort, DebugExit.Width);
             IoBus.Insert(new I8042(this), I8042.DataPort, 5);
             IoBus.Insert(PostCode, PostCodeSink.DefaultPort, 1);
+            ulong below4G = 0;
+            foreach (var region in _memory.Regions)
+            {
+                if (region.Start.Value < MemoryLayout.MmioHoleStart)
+                    below4G += region.Size;
+            }
+            IoBus.Insert(new CmosRtc(below4G, _memory.Size - below4G), CmosRtc.Port, 2);
 
             KickSignal.EnsureInstalled();
             var dispatcher = new ExitDispatcher(IoBus, MmioBus);

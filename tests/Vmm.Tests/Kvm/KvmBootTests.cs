@@ -165,5 +165,7 @@ public class KvmBootTests(KvmFixture kvm)
         Assert.Contains("Memory: ", r.Stdout);
         Assert.Contains("serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A", r.Stdout);
         Assert.Contains("VFS: Unable to mount root fs", r.Stdout);
+        // The CMOS clock answers with the host's date (UTC): Linux sets its clock from it.
+        Assert.Contains($"rtc_cmos rtc_cmos: setting system clock to {DateTime.UtcNow:yyyy-MM-dd}", r.Stdout);
     }
 }
