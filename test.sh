@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs vmm's whole test suite on a fresh Debian/Ubuntu machine with the .NET 10 SDK: installs what the
-# tests need (gcc and make for the C test guests and the ABI probe, QEMU for the cross-check), then
+# tests need (gcc and make for the C test guests and the ABI probe, QEMU for the cross-check, iasl for
+# the ACPI tables), then
 # runs every test. KVM tests run for real: on this machine's /dev/kvm when it has one, otherwise inside
 # a QEMU/TCG Linux guest whose emulated AMD SVM provides KVM (tools/nested-kvm). They are never skipped.
 # Extra arguments go to 'dotnet test' (e.g. --filter FullyQualifiedName~Serial).
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-for p in gcc libc6-dev make binutils qemu-system-x86; do
+for p in gcc libc6-dev make binutils qemu-system-x86 acpica-tools; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -1,5 +1,6 @@
 using System.Text;
 using Vmm.Boot;
+using Vmm.Boot.Acpi;
 using Vmm.Devices;
 using Vmm.Devices.Legacy;
 using Vmm.Kvm;
@@ -55,6 +56,8 @@ public sealed class VirtualMachine : IVmControl, IDisposable
                 _log.Warn(warning);
             _kvm = KvmSystem.Open(config.KvmPath);
             CheckCapabilities();
+            // In the BIOS area the memory map leaves out, where every loader's guest finds it.
+            AcpiTables.Write(_memory, config.Cpus);
             _vm = _kvm!.CreateVm();
             SetUpArchitecture();
             uint slot = 0;
@@ -77,6 +80,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
                     below4G += region.Size;
             }
             IoBus.Insert(new CmosRtc(below4G, _memory.Size - below4G), CmosRtc.Port, 2);
+            IoBus.Insert(new AcpiPmDevice(this), AcpiPorts.BlockStart, AcpiPorts.BlockLength);
 
             KickSignal.EnsureInstalled();
             var dispatcher = new ExitDispatcher(IoBus, MmioBus);
@@ -132,6 +136,8 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             maxVcpus = 4; // the documented default when neither capability answers
         if (_config.Cpus > maxVcpus)
             throw new ConfigException($"--cpus {_config.Cpus} is more than this KVM allows ({maxVcpus})");
+        if (_config.Cpus > AcpiTables.MaxCpus)
+            throw new ConfigException($"--cpus {_config.Cpus}: vmm describes at most {AcpiTables.MaxCpus} vCPUs to the guest (8-bit APIC ids in the MADT)");
         int recommended = _kvm.CheckExtension(KVM_CAP_NR_VCPUS);
         if (recommended > 0 && _config.Cpus > recommended)
             _log.Warn($"--cpus {_config.Cpus} exceeds the {recommended} vCPUs KVM recommends on this host");

@@ -163,10 +163,30 @@ public class KvmBootTests(KvmFixture kvm)
         Assert.Contains("BIOS-e820: [mem 0x00000000000f0000-0x00000000000fffff] reserved", r.Stdout);
         Assert.Contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable", r.Stdout);
         Assert.Contains("Memory: ", r.Stdout);
-        Assert.Contains("serial8250: ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A", r.Stdout);
+        Assert.Contains("ttyS0 at I/O 0x3f8 (irq = 4, base_baud = 115200) is a 16550A", r.Stdout);
         Assert.Contains("VFS: Unable to mount root fs", r.Stdout);
+        // ACPI: our tables, SMP from the MADT, S5 from the DSDT, COM1 from PnP, the PM timer.
+        Assert.Contains("ACPI: RSDP 0x00000000000E0000 000024 (v02 VMMCS )", r.Stdout);
+        foreach (var table in new[] { "XSDT", "FACP", "DSDT", "FACS", "APIC" })
+            Assert.Contains($"ACPI: {table} 0x00000000000E", r.Stdout);
+        Assert.Contains("ACPI: PM-Timer IO Port: 0x608", r.Stdout);
+        Assert.Contains("smpboot: Allowing 2 CPUs", r.Stdout);
+        Assert.Contains("smp: Brought up 1 node, 2 CPUs", r.Stdout);
+        Assert.Contains("ACPI: PM: (supports S0 S5)", r.Stdout);
+        Assert.Contains("pnp: PnP ACPI: found 1 devices", r.Stdout);
+        Assert.Contains("guest requested a reset (ACPI reset register)", r.Stderr);
         // The CMOS clock answers with the host's date (UTC): Linux sets its clock from it.
         // (the run may have started before midnight UTC)
         Assert.True(new[] { DateTime.UtcNow, DateTime.UtcNow.AddDays(-1) }.Any(d => r.Stdout.Contains($"rtc_cmos rtc_cmos: setting system clock to {d:yyyy-MM-dd}")), Show(r));
+    }
+
+    [Fact]
+    public void Linux_runs_the_initramfs_and_powers_off_through_ACPI_S5()
+    {
+        var r = R("linux-initramfs");
+        Assert.True(r.ExitCode == 0, Show(r));
+        Assert.Contains(KvmFixture.InitramfsMarker, r.Stdout);
+        Assert.Contains("reboot: Power down", r.Stdout);
+        Assert.Contains("guest powered off (ACPI S5 (PM1a_CNT SLP_EN))", r.Stderr);
     }
 }

@@ -28,6 +28,7 @@ public sealed class KvmFixture
             ["echo.bin"] = MicroGuests.Echo(),
             ["garbage.bin"] = Encoding.ASCII.GetBytes("this is not a kernel"),
             ["vmlinuz"] = File.ReadAllBytes(StockKernel()),
+            ["initramfs.cpio.gz"] = BusyboxInitramfs(),
         };
         Results = VmmRunner.RunAll(vmm, files,
         [
@@ -47,11 +48,36 @@ public sealed class KvmFixture
             new("bad-image", ["run", "--kernel", "garbage.bin"]),
             // A stock Debian kernel, no initramfs: it boots until it cannot mount a root file system, then
             // panic=-1 reboots through the i8042 (vmm exits 0).
-            new("linux", ["run", "--kernel", "vmlinuz", "--memory", "256M", "--cmdline", LinuxCommandLine]),
+            new("linux", ["run", "--kernel", "vmlinuz", "--memory", "256M", "--cpus", "2", "--cmdline", LinuxCommandLine, "--log-level", "info"]),
+            // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
+            new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
+                "--cmdline", "console=ttyS0 panic=-1 rdinit=/init", "--log-level", "info"]),
         ]);
     }
 
     public const string LinuxCommandLine = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 vmm.test=linux-boot";
+    public const string InitramfsMarker = "vmm-initramfs: /init ran, powering off";
+
+    /// <summary>/init (a busybox shell script that prints a marker and powers off) and a static busybox
+    /// (Debian busybox-static), packed with cpio as the kernel wants it.</summary>
+    private static byte[] BusyboxInitramfs()
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-initramfs-").FullName;
+        try
+        {
+            Directory.CreateDirectory(Path.Combine(dir, "root", "bin"));
+            File.Copy("/bin/busybox", Path.Combine(dir, "root", "bin", "busybox"));
+            File.WriteAllText(Path.Combine(dir, "root", "init"),
+                $"#!/bin/busybox sh\n/bin/busybox echo '{InitramfsMarker}'\n/bin/busybox poweroff -f\n");
+            Repo.MustRun("chmod", "755", Path.Combine(dir, "root", "init"));
+            Repo.MustRun("bash", "-c", $"cd '{dir}/root' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
+            return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
 
     /// <summary>The Debian cloud kernel tools/nested-kvm fetches (apt-get download) and caches.</summary>
     private static string StockKernel()
