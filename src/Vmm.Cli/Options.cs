@@ -8,6 +8,9 @@ public sealed class UsageException(string message) : Exception(message);
 
 public enum SerialMode { Stdio, File, None }
 
+/// <summary>What a guest reset (i8042 pulse, ACPI reset register) does.</summary>
+public enum RebootAction { Exit, Restart }
+
 /// <summary>Parsed command line of <c>vmm</c> (hand-written: no reflection, so NativeAOT has nothing to trim).</summary>
 public sealed class Options
 {
@@ -24,6 +27,7 @@ public sealed class Options
     public LogLevel LogLevel { get; set; } = LogLevel.Warn;
     public bool Stats { get; set; }
     public bool NoIrqchip { get; set; }
+    public RebootAction OnReboot { get; set; } = RebootAction.Exit;
 
     public const string HelpText = """
         vmm — a KVM virtual machine monitor
@@ -51,13 +55,16 @@ public sealed class Options
           --log-level LEVEL    error, warn (default), info or debug; debug also lists unclaimed I/O
           --stats              print per-vCPU exit counts, costs and vCPU-thread allocations at exit
           --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)
+          --on-reboot ACTION   a guest reset (i8042, ACPI reset register): exit (default: vmm exits 0)
+                               or restart (a fresh VM boots the same kernel; RAM is not kept)
           -h, --help           this text
 
         Guest protocol: writing v to I/O port 0xf4 (isa-debug-exit) ends the VM; vmm exits with (v<<1)|1.
 
         Exit status:
           (v<<1)|1  the guest wrote v to port 0xf4 (always odd)
-          0         the guest powered off or reset; 'demo' also when the demo guest succeeded
+          0         the guest powered off (ACPI S5) or reset (with --on-reboot exit); 'demo' also
+                    when the demo guest succeeded
           2         bad command line or configuration
           4         /dev/kvm is missing, not permitted, or lacks a needed capability
           6         the kernel or initrd cannot be loaded (the message names the bad field)
@@ -140,6 +147,17 @@ public sealed class Options
                 }
                 case "--stats": o.Stats = true; break;
                 case "--no-irqchip": o.NoIrqchip = true; break;
+                case "--on-reboot":
+                {
+                    string v = Value();
+                    o.OnReboot = v switch
+                    {
+                        "exit" => RebootAction.Exit,
+                        "restart" => RebootAction.Restart,
+                        _ => throw new UsageException($"--on-reboot must be exit or restart, not '{v}'"),
+                    };
+                    break;
+                }
                 default:
                     throw new UsageException($"unknown option '{args[i]}' (see vmm --help)");
             }

@@ -96,17 +96,23 @@ public static class Program
                 ConsoleEscape = terminal is not null,
             };
 
-            VmOutcome outcome;
-            string stats;
-            using (var vm = new VirtualMachine(config, log))
+            for (int boot = 1; ; boot++)
             {
-                outcome = vm.Run();
-                vm.Dispose(); // flushes the console before we report
-                stats = vm.DescribeStats();
+                VmOutcome outcome;
+                string stats;
+                using (var vm = new VirtualMachine(config, log))
+                {
+                    outcome = vm.Run();
+                    vm.Dispose(); // flushes the console before we report
+                    stats = vm.DescribeStats();
+                }
+                if (options.Stats || log.IsEnabled(LogLevel.Debug))
+                    Console.Error.WriteLine(string.Join('\n', stats.Split('\n').Select(l => "vmm: stats: " + l)));
+                if (!ShouldRestart(outcome, options))
+                    return Report(outcome, options, log);
+                // A fresh machine, as after a cold reset: RAM is not kept, the kernel is loaded again.
+                log.Info($"{outcome.Message}: restarting the VM (--on-reboot restart, boot {boot + 1})");
             }
-            if (options.Stats || log.IsEnabled(LogLevel.Debug))
-                Console.Error.WriteLine(string.Join('\n', stats.Split('\n').Select(l => "vmm: stats: " + l)));
-            return Report(outcome, options, log);
         }
         catch (UsageException e)
         {
@@ -149,6 +155,10 @@ public static class Program
                 serialOut?.Dispose();
         }
     }
+
+    /// <summary>A guest reset restarts the VM under --on-reboot restart; everything else ends vmm.</summary>
+    public static bool ShouldRestart(VmOutcome outcome, Options options) =>
+        outcome.Kind == VmExitKind.Reset && options.OnReboot == RebootAction.Restart;
 
     private static int Report(VmOutcome outcome, Options options, Log log)
     {

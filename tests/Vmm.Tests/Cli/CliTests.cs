@@ -51,6 +51,7 @@ public class CliTests
     [InlineData(new[] { "--log-level", "loud" }, "--log-level must be error, warn, info or debug")]
     [InlineData(new[] { "--frobnicate" }, "unknown option '--frobnicate'")]
     [InlineData(new[] { "boot" }, "unknown command 'boot'")]
+    [InlineData(new[] { "--on-reboot", "halt" }, "--on-reboot must be exit or restart, not 'halt'")]
     [InlineData(new[] { "demo", "--kernel", "k" }, "'demo' boots the built-in guest")]
     public void Bad_command_lines_name_the_option(string[] args, string message)
     {
@@ -68,6 +69,7 @@ public class CliTests
     [InlineData("--log-level")]
     [InlineData("--stats")]
     [InlineData("--no-irqchip")]
+    [InlineData("--on-reboot")]
     [InlineData("--help")]
     public void Help_documents_every_option(string option) => Assert.Contains(option, Options.HelpText);
 
@@ -159,5 +161,17 @@ public class CliTests
         Assert.Contains("--cpus above 1 needs the in-kernel irqchip", Assert.Throws<ConfigException>(config.Validate).Message);
         var big = new MachineConfig { Kernel = DemoGuest.Build(), MemoryBytes = 8UL << 40 };
         Assert.Contains("beyond the 4 TiB vmm supports", Assert.Throws<ConfigException>(big.Validate).Message);
+    }
+
+    [Fact]
+    public void On_reboot_restart_restarts_only_after_a_guest_reset()
+    {
+        var restart = Options.Parse(["--kernel", "k", "--on-reboot", "restart"]);
+        Assert.Equal(RebootAction.Restart, restart.OnReboot);
+        Assert.Equal(RebootAction.Exit, Options.Parse(["--kernel", "k"]).OnReboot);
+        Assert.True(Program.ShouldRestart(new VmOutcome(VmExitKind.Reset, "reset"), restart));
+        Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.PowerOff, "off"), restart));
+        Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.DebugExit, "exit"), restart));
+        Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.Reset, "reset"), Options.Parse(["--kernel", "k"])));
     }
 }
