@@ -2,6 +2,7 @@
 # inner.sh - the measurement half of benchmarks/e2e/run.sh; runs INSIDE the nested-KVM guest
 # (tools/nested-kvm/run-in-vm.sh), in the directory that run.sh staged:
 #   vmm  kvm_exit_floor  runstat  pio-loop.bin  mmio-loop.bin  hello.bin  qemu/bin/qemu-system-x86_64 (optional)
+#   vmlinuz  initramfs.cpio.gz (for the linux cases)
 #
 # Every case runs once per round, rounds interleave the cases (so a slow patch of the emulating host hits all
 # of them alike), round 0 is a warm-up. One line per measurement on stdout, all starting with "E2E ":
@@ -9,9 +10,20 @@
 # wall_ns .. maxrss_kb are the whole process's, from runstat (fork -> reaped, rusage of the child).
 # Per-exit fields (exit-loop cases only), as the program itself reports them:
 #   exits= wall_ns_per_exit= user_ns_per_exit= sys_ns_per_exit=
+# Linux-boot cases (linux-*) add, from runstat -m: first_byte_ns= (first output byte), linux_ns= (the line
+# with "Linux version") and init_ns= (the line /init prints before `poweroff -f`), all from fork.
 # Environment: ROUNDS (measured rounds, default 7), EXITS (default 20000; must match the guests' loop count),
-# QEMU_MACHINES (default "microvm pc"; empty to skip QEMU).
+# QEMU_MACHINES (default "microvm pc"; empty to skip QEMU), CASES (default "exit start linux": which groups
+# run; linux only where vmlinuz is staged), LINUX_QEMU_MACHINES (default "pc microvm"), LINUX_CMDLINE,
+# LINUX_TIMEOUT (seconds per Linux run, default 300).
 set -u
+CASES=${CASES:-exit start linux}
+LINUX_QEMU_MACHINES=${LINUX_QEMU_MACHINES-pc microvm}
+LINUX_CMDLINE=${LINUX_CMDLINE:-console=ttyS0 panic=-1 rdinit=/init}
+LINUX_TIMEOUT=${LINUX_TIMEOUT:-300}
+INIT_MARKER='vmm-initramfs: /init ran, powering off'
+has() { case " $CASES " in *" $1 "*) return 0 ;; esac; return 1; }
+[ -e vmlinuz ] || CASES=$(echo " $CASES " | sed 's/ linux / /')
 ROUNDS=${ROUNDS:-7}
 EXITS=${EXITS:-20000}
 QEMU_MACHINES=${QEMU_MACHINES-microvm pc}
@@ -32,11 +44,16 @@ if [ -n "$QEMU_MACHINES" ]; then
     fi
 fi
 
-# measure CASE ROUND EXPECTED_RC CHECK COMMAND... ; CHECK: floor | vmmstats | hello
+# measure CASE ROUND EXPECTED_RC CHECK COMMAND... ; CHECK: floor | vmmstats | hello | linux
 measure() {
     name=$1 round=$2 want=$3 check=$4
     shift 4
-    stat=$(./runstat "$OUT" "$@")
+    if [ "$check" = linux ]; then
+        stat=$(./runstat -t "$LINUX_TIMEOUT" -m 'Linux version' -m "$INIT_MARKER" "$OUT" "$@" |
+            sed 's/mark1_ns=/linux_ns=/; s/mark2_ns=/init_ns=/')
+    else
+        stat=$(./runstat "$OUT" "$@")
+    fi
     rc=$(echo "$stat" | sed -n 's/^rc=\([0-9]*\).*/\1/p')
     ok=1
     [ "$rc" = "$want" ] || ok=0
@@ -53,8 +70,11 @@ measure() {
     hello)
         grep -q "$HELLO" "$OUT" || ok=0
         ;;
+    linux)
+        case $stat in *linux_ns=-1*|*init_ns=-1*) ok=0 ;; esac
+        ;;
     esac
-    if [ "$check" != hello ] && [ -z "$extra" ]; then ok=0; fi
+    case $check in floor|vmmstats) [ -n "$extra" ] || ok=0 ;; esac
     echo "E2E case=$name round=$round ok=$ok ${stat#rc=*[0-9] } rc=$rc $extra"
     if [ "$ok" != 1 ]; then
         echo "E2E-FAIL case=$name round=$round: output follows" >&2
@@ -65,6 +85,7 @@ measure() {
 r=0
 while [ $r -le "$ROUNDS" ]; do
     # vmm creates the in-kernel irqchip + PIT by default, the floor does not: each is also run the other way.
+    if has exit; then
     measure floor-pio "$r" 0 floor ./kvm_exit_floor pio "$EXITS" prot32
     measure vmm-pio "$r" 1 vmmstats ./vmm run --kernel pio-loop.bin --stats
     measure floor-pio-irqchip "$r" 0 floor ./kvm_exit_floor pio "$EXITS" prot32 irqchip
@@ -73,11 +94,24 @@ while [ $r -le "$ROUNDS" ]; do
     measure vmm-mmio "$r" 1 vmmstats ./vmm run --kernel mmio-loop.bin --stats
     measure floor-mmio-irqchip "$r" 0 floor ./kvm_exit_floor mmio "$EXITS" prot32 irqchip
     measure vmm-mmio-noirqchip "$r" 1 vmmstats ./vmm run --kernel mmio-loop.bin --stats --no-irqchip
+    fi
+    if has start; then
     measure start-vmm "$r" 1 hello ./vmm run --kernel hello.bin
     for m in $QEMU_MACHINES; do
         measure "start-qemu-$m" "$r" 1 hello "$QEMU" -M "$m" -accel kvm -m 128 -display none -serial stdio \
             -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel hello.bin
     done
+    fi
+    if has linux; then
+    # A stock Debian kernel + a busybox initramfs whose /init prints INIT_MARKER and runs `poweroff -f`
+    # (ACPI S5); both programs exit 0.
+    measure linux-vmm "$r" 0 linux ./vmm run --kernel vmlinuz --initrd initramfs.cpio.gz --memory 256M \
+        --cmdline "$LINUX_CMDLINE"
+    [ -n "$QEMU_MACHINES" ] && for m in $LINUX_QEMU_MACHINES; do
+        measure "linux-qemu-$m" "$r" 0 linux "$QEMU" -M "$m" -accel kvm -m 256 -display none -serial stdio \
+            -no-reboot -kernel vmlinuz -initrd initramfs.cpio.gz -append "$LINUX_CMDLINE"
+    done
+    fi
     r=$((r + 1))
 done
 echo "E2E-DONE"

@@ -9,12 +9,17 @@
 #
 # Usage:
 #   benchmarks/e2e/run.sh                      # build everything, measure, summarise
+#   benchmarks/e2e/run.sh --linux              # only the Linux-boot cases (vmm vs QEMU), still one nested VM run
 #   benchmarks/e2e/run.sh --summarize RAWFILE  # summarise a kept raw file again
 # Environment:
 #   ROUNDS=7            measured rounds (plus one warm-up round)
 #   QEMU_MACHINES="microvm pc"   QEMU machine types for the start-up comparison ("" to skip QEMU)
 #   E2E_SKIP_PUBLISH=1  reuse benchmarks/e2e/build/vmm/vmm instead of publishing again
 #   E2E_TIMEOUT=1500    seconds for the whole nested VM run
+#   LINUX_QEMU_MACHINES="pc microvm"  QEMU machine types for the Linux-boot comparison
+#   LINUX_CMDLINE="console=ttyS0 panic=-1 rdinit=/init"  kernel command line for both programs
+# The Linux-boot cases boot tools/nested-kvm's cached Debian kernel (run-in-vm.sh --prepare) with a busybox
+# initramfs whose /init prints a line and runs `poweroff -f`.
 #
 # The nested VM runs KVM on QEMU/TCG-emulated AMD SVM: absolute times are 30-50x those of hardware KVM
 # and only the ratios between programs measured in the same run mean anything (see benchmarks/README.md).
@@ -55,13 +60,14 @@ summarize() {
     END {
         for (i = 1; i <= ninfo; i++) print "- " info[i]
         print ""
+        if (good["floor-pio"] + 0 > 0) {
         print "Exit cost, medians over " (good["floor-pio"] + 0) " measured rounds (min-max in brackets); per-exit figures as each program reports them:"
         print ""
         print "| case | wall ns/exit | user ns/exit | sys ns/exit | process wall ms | max RSS MiB | failed runs |"
         print "|---|---|---|---|---|---|---|"
         for (i = 1; i <= ncase; i++) {
             c = order[i]
-            if (c ~ /^start-/) continue
+            if (c ~ /^(start|linux)-/) continue
             w = median(c SUBSEP "wall_ns_per_exit"); wl = lo[c SUBSEP "wall_ns_per_exit"]; wh = hi[c SUBSEP "wall_ns_per_exit"]
             u = median(c SUBSEP "user_ns_per_exit"); ul = lo[c SUBSEP "user_ns_per_exit"]; uh = hi[c SUBSEP "user_ns_per_exit"]
             s = median(c SUBSEP "sys_ns_per_exit")
@@ -89,6 +95,8 @@ summarize() {
             pu = median(pairs[i] SUBSEP "u"); pul = lo[pairs[i] SUBSEP "u"]; puh = hi[pairs[i] SUBSEP "u"]
             printf "| %s / %s | %s | %s [%s-%s] | %s | %s [%s-%s] | %s |\n", pr[1], pr[2], ratio(W[pr[1]], W[pr[2]]), f(pw, 2), f(pwl, 2), f(pwh, 2), ratio(U[pr[1]], U[pr[2]]), f(pu, 2), f(pul, 2), f(puh, 2), ratio(S[pr[1]], S[pr[2]])
         }
+        }
+        if (good["start-vmm"] + 0 > 0) {
         print ""
         print "Start-up: process start -> guest printed its line and exited via port 0xf4 -> process reaped (runstat), medians [min-max]:"
         print ""
@@ -109,9 +117,52 @@ summarize() {
                 printf "\n%s / start-vmm: wall %s, max RSS %s", c, ratio(SW[c], SW["start-vmm"]), ratio(SR[c], SR["start-vmm"])
         }
         print ""
+        }
+        if (!("linux-vmm" in seen)) exit
+        print ""
+        print "Linux boot: process start -> first output byte / \"Linux version\" line / /init line / process reaped"
+        print "after poweroff (runstat), ms, medians [min-max]:"
+        print ""
+        print "| case | first byte | Linux version | /init | exit | user ms | sys ms | max RSS MiB | failed runs |"
+        print "|---|---|---|---|---|---|---|---|---|"
+        nk = split("first_byte_ns linux_ns init_ns wall_ns", lk, " ")
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c !~ /^linux-/) continue
+            line = "| " c
+            for (j = 1; j <= nk; j++) {
+                m = median(c SUBSEP lk[j]); L[c, lk[j]] = m
+                line = line " | " f(m / 1e6, 0) " [" f(lo[c SUBSEP lk[j]] / 1e6, 0) "-" f(hi[c SUBSEP lk[j]] / 1e6, 0) "]"
+            }
+            r = median(c SUBSEP "maxrss_kb"); L[c, "maxrss_kb"] = r
+            printf "%s | %s | %s | %s [%s-%s] | %d |\n", line, f(median(c SUBSEP "user_ns") / 1e6, 0), f(median(c SUBSEP "sys_ns") / 1e6, 0), f(r / 1024, 1), f(lo[c SUBSEP "maxrss_kb"] / 1024, 1), f(hi[c SUBSEP "maxrss_kb"] / 1024, 1), bad[c] + 0
+        }
+        print ""
+        print "Ratios vmm / QEMU, of medians; paired = median [min-max] of the per-round ratios:"
+        print ""
+        print "| ratio | Linux version | Linux version, paired | exit | exit, paired | max RSS |"
+        print "|---|---|---|---|---|---|"
+        for (i = 1; i <= ncase; i++) {
+            q = order[i]
+            if (q !~ /^linux-qemu/) continue
+            for (r = 1; r <= maxround; r++) {
+                if ((("linux-vmm", r, "wall_ns") in R) && ((q, r, "wall_ns") in R)) {
+                    add(q SUBSEP "pl", R["linux-vmm", r, "linux_ns"] / R[q, r, "linux_ns"])
+                    add(q SUBSEP "pw", R["linux-vmm", r, "wall_ns"] / R[q, r, "wall_ns"])
+                }
+            }
+            pl = median(q SUBSEP "pl"); pll = lo[q SUBSEP "pl"]; plh = hi[q SUBSEP "pl"]
+            pw = median(q SUBSEP "pw"); pwl = lo[q SUBSEP "pw"]; pwh = hi[q SUBSEP "pw"]
+            printf "| linux-vmm / %s | %s | %s [%s-%s] | %s | %s [%s-%s] | %s |\n", q, ratio(L["linux-vmm", "linux_ns"], L[q, "linux_ns"]), f(pl, 2), f(pll, 2), f(plh, 2), ratio(L["linux-vmm", "wall_ns"], L[q, "wall_ns"]), f(pw, 2), f(pwl, 2), f(pwh, 2), ratio(L["linux-vmm", "maxrss_kb"], L[q, "maxrss_kb"])
+        }
     }' "$raw"
 }
 
+cases="exit start linux"
+if [ "${1:-}" = --linux ]; then
+    cases=linux
+    shift
+fi
 if [ "${1:-}" = --summarize ]; then
     summarize "${2:?--summarize needs the raw file}"
     exit 0
@@ -165,16 +216,33 @@ if [ -n "$qemu_machines" ]; then
         fi
     fi
 fi
+# 5. The Linux-boot guest: tools/nested-kvm's cached Debian kernel and a busybox initramfs (static busybox +
+#    an /init that prints a marker and powers off; the same as tests/Vmm.Tests/Kvm/KvmFixture.cs builds).
+if [ "$cases" != "${cases/linux/}" ]; then
+    cache=$("$repo/tools/nested-kvm/run-in-vm.sh" --prepare | tail -n1)
+    vmlinuz=$(ls -t "${NESTED_KVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm-nested-kvm}"/linux-image-*/vmlinuz "$cache"/vmlinuz 2>/dev/null | head -n1)
+    [ -n "$vmlinuz" ] || { echo "run.sh: no vmlinuz in the nested-kvm cache" >&2; exit 1; }
+    cp "$vmlinuz" "$files/vmlinuz"
+    ird=$build/initramfs
+    rm -rf "$ird"
+    mkdir -p "$ird/bin"
+    cp /bin/busybox "$ird/bin/busybox"
+    printf '#!/bin/busybox sh\n/bin/busybox echo '\''vmm-initramfs: /init ran, powering off'\''\n/bin/busybox poweroff -f\n' >"$ird/init"
+    chmod 755 "$ird/init"
+    (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$files/initramfs.cpio.gz"
+fi
 cp "$here/inner.sh" "$files/inner.sh"
 chmod +x "$files/inner.sh"
 
-# 5. One nested VM run for everything.
+# 6. One nested VM run for everything.
 stamp=$(date +%Y%m%d-%H%M%S)
 raw=$build/raw-$stamp.txt
 echo "run.sh: running inner.sh in the nested-KVM VM (ROUNDS=${ROUNDS:-7}; several minutes)" >&2
 set +e
 "$repo/tools/nested-kvm/run-in-vm.sh" --timeout "${E2E_TIMEOUT:-1500}" --mem 1536 \
-    --env "ROUNDS=${ROUNDS:-7}" --env "EXITS=$exits" --env "QEMU_MACHINES=$qemu_machines" \
+    --env "ROUNDS=${ROUNDS:-7}" --env "EXITS=$exits" --env "QEMU_MACHINES=$qemu_machines" --env "CASES=$cases" \
+    --env "LINUX_QEMU_MACHINES=${LINUX_QEMU_MACHINES-pc microvm}" \
+    --env "LINUX_CMDLINE=${LINUX_CMDLINE:-console=ttyS0 panic=-1 rdinit=/init}" \
     --files "$files" -- ./inner.sh | tee "$raw"
 rc=${PIPESTATUS[0]}
 set -e

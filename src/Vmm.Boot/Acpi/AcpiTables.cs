@@ -143,7 +143,7 @@ public static class AcpiTables
         void U32(int offset, uint v) => BinaryPrimitives.WriteUInt32LittleEndian(t.AsSpan(offset - 36), v);
         void U16(int offset, ushort v) => BinaryPrimitives.WriteUInt16LittleEndian(t.AsSpan(offset - 36), v);
         void U64(int offset, ulong v) => BinaryPrimitives.WriteUInt64LittleEndian(t.AsSpan(offset - 36), v);
-        U32(36, (uint)facs);
+        // FIRMWARE_CTRL (offset 36) stays 0: the spec allows only one of it and X_FIRMWARE_CTRL to be set.
         U32(40, (uint)dsdt);
         t[45 - 36] = 0;                                  // preferred PM profile: unspecified
         U16(46, AcpiPorts.SciIrq);                       // SCI_INT
@@ -169,8 +169,6 @@ public static class AcpiTables
         Gas(b[(148 - 36)..], 32, AcpiPorts.Pm1aEvent, 2);   // X_PM1a_EVT_BLK
         Gas(b[(172 - 36)..], 16, AcpiPorts.Pm1aControl, 2); // X_PM1a_CNT_BLK
         Gas(b[(208 - 36)..], 32, AcpiPorts.PmTimer, 3);     // X_PM_TMR_BLK
-        // FIRMWARE_CTRL and X_FIRMWARE_CTRL may not both be set: keep the 64-bit one only.
-        U32(36, 0);
         return Table("FACP", 6, t);
     }
 
