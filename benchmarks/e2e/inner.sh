@@ -70,8 +70,8 @@ measure() {
     hello)
         grep -q "$HELLO" "$OUT" || ok=0
         ;;
-    linux)
-        case $stat in *linux_ns=-1*|*init_ns=-1*) ok=0 ;; esac
+    linux) # linux_ns=-1 (no "Linux version" line) is what `quiet` gives; the summary leaves -1 out
+        case $stat in *init_ns=-1*) ok=0 ;; esac
         ;;
     esac
     case $check in floor|vmmstats) [ -n "$extra" ] || ok=0 ;; esac

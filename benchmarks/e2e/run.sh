@@ -53,7 +53,7 @@ summarize() {
         if (kv["round"] == 0) { warm[c]++; next }
         if (kv["ok"] != 1) { bad[c]++; next }
         good[c]++
-        for (k in kv) if (k != "case" && k != "round" && k != "ok" && k != "rc") add(c SUBSEP k, kv[k])
+        for (k in kv) if (k != "case" && k != "round" && k != "ok" && k != "rc" && kv[k] != -1) add(c SUBSEP k, kv[k])
         for (k in kv) R[c, kv["round"], k] = kv[k]
         if (kv["round"] > maxround) maxround = kv["round"]
     }
@@ -132,7 +132,7 @@ summarize() {
             line = "| " c
             for (j = 1; j <= nk; j++) {
                 m = median(c SUBSEP lk[j]); L[c, lk[j]] = m
-                line = line " | " f(m / 1e6, 0) " [" f(lo[c SUBSEP lk[j]] / 1e6, 0) "-" f(hi[c SUBSEP lk[j]] / 1e6, 0) "]"
+                line = line " | " (m == "" ? "n/a" : f(m / 1e6, 0) " [" f(lo[c SUBSEP lk[j]] / 1e6, 0) "-" f(hi[c SUBSEP lk[j]] / 1e6, 0) "]")
             }
             r = median(c SUBSEP "maxrss_kb"); L[c, "maxrss_kb"] = r
             printf "%s | %s | %s | %s [%s-%s] | %d |\n", line, f(median(c SUBSEP "user_ns") / 1e6, 0), f(median(c SUBSEP "sys_ns") / 1e6, 0), f(r / 1024, 1), f(lo[c SUBSEP "maxrss_kb"] / 1024, 1), f(hi[c SUBSEP "maxrss_kb"] / 1024, 1), bad[c] + 0
@@ -147,7 +147,8 @@ summarize() {
             if (q !~ /^linux-qemu/) continue
             for (r = 1; r <= maxround; r++) {
                 if ((("linux-vmm", r, "wall_ns") in R) && ((q, r, "wall_ns") in R)) {
-                    add(q SUBSEP "pl", R["linux-vmm", r, "linux_ns"] / R[q, r, "linux_ns"])
+                    if (R["linux-vmm", r, "linux_ns"] > 0 && R[q, r, "linux_ns"] > 0)
+                        add(q SUBSEP "pl", R["linux-vmm", r, "linux_ns"] / R[q, r, "linux_ns"])
                     add(q SUBSEP "pw", R["linux-vmm", r, "wall_ns"] / R[q, r, "wall_ns"])
                 }
             }
