@@ -189,4 +189,17 @@ public class KvmBootTests(KvmFixture kvm)
         Assert.Contains("reboot: Power down", r.Stdout);
         Assert.Contains("guest powered off (ACPI S5 (PM1a_CNT SLP_EN))", r.Stderr);
     }
+
+    [Fact]
+    public void SMP_guest_starts_its_AP_with_INIT_SIPI_exchanges_IPIs_and_reads_timers_RTC_and_ACPI()
+    {
+        var r = R("smp-test");
+        Assert.True(r.ExitCode == 1, Show(r));
+        foreach (var check in new[] { "aps checked in", "ap apic ids are 1..N-1", "ipi bsp -> each ap (vector 0x40)",
+                     "ipi each ap -> bsp (vector 0x40)", "pit irq0 via 8259 (vector 0x20)", "lapic timer periodic (vector 0x41)",
+                     "rtc year >= 2024", "acpi facp pm_tmr_blk set", "acpi pm timer runs at 3.579545 MHz +-10%", "all" })
+            Assert.Contains("PASS: " + check + "\n", r.Stdout);
+        Assert.DoesNotContain("FAIL", r.Stdout);
+        Assert.Contains("acpi: rsdp at 0xe0000 rev 2", r.Stdout);
+    }
 }

@@ -18,6 +18,7 @@ public sealed class KvmFixture
         var files = new Dictionary<string, byte[]>
         {
             ["multiboot-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "multiboot-test.elf")),
+            ["smp-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "smp-test.elf")),
             ["module.txt"] = Encoding.ASCII.GetBytes("hello from module 0\n"),
             ["pio.bin"] = MicroGuests.PortIo(),
             ["mmio.elf"] = MicroGuests.Mmio64(),
@@ -38,6 +39,7 @@ public sealed class KvmFixture
             new("too-many-cpus", ["--cpus", "100000"]),
             new("multiboot-test", ["run", "--kernel", "multiboot-test.elf", "--initrd", "module.txt", "--cmdline", "expect-module=hello expect-mem-mb=128"]),
             new("multiboot-test-mismatch", ["run", "--kernel", "multiboot-test.elf", "--initrd", "module.txt", "--cmdline", "expect-module=goodbye"]),
+            new("smp-test", ["run", "--kernel", "smp-test.elf", "--cpus", "2", "--cmdline", "cpus=2"]),
             new("pio", ["run", "--kernel", "pio.bin"]),
             new("mmio", ["run", "--kernel", "mmio.elf", "--log-level", "debug"]),
             new("triple-fault", ["run", "--kernel", "triple.bin"]),
