@@ -31,4 +31,20 @@ public class QemuCrossCheckTests
             File.Delete(module);
         }
     }
+
+    [Fact]
+    public void SMP_test_guest_passes_under_QEMU_with_two_CPUs()
+    {
+        Repo.MustRun("make", "-s", "-C", Repo.PathTo("guest-images"));
+        var r = Repo.Run("qemu-system-x86_64",
+        [
+            "-accel", VmmRunner.HostHasKvm ? "kvm" : "tcg", "-smp", "2", "-m", "128", "-display", "none", "-serial", "stdio",
+            "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-kernel", Repo.PathTo("guest-images", "build", "smp-test.elf"), "-append", "cpus=2",
+        ], timeout: TimeSpan.FromMinutes(3));
+        Assert.True(r.ExitCode == 1, $"exit {r.ExitCode}\n{r.Stdout}\n{r.Stderr}");
+        Assert.Contains("PASS: ipi each ap -> bsp (vector 0x40)", r.Stdout);
+        Assert.Contains("PASS: all", r.Stdout);
+        Assert.DoesNotContain("FAIL", r.Stdout);
+    }
 }
