@@ -56,6 +56,30 @@ internal sealed class Vcpu : IDisposable
         _fd.SetCpuid(entries);
     }
 
+    /// <summary>MSRs as firmware leaves them (the same for every vCPU): SYSENTER/SYSCALL targets and the TSC at
+    /// zero, fast strings on in IA32_MISC_ENABLE, and MTRRs enabled with write-back as the default type,
+    /// so guests do not see "all blank" MTRRs and disable PAT.</summary>
+    public void SetInitialMsrs()
+    {
+        ReadOnlySpan<kvm_msr_entry> msrs =
+        [
+            new() { index = 0x174 }, // IA32_SYSENTER_CS
+            new() { index = 0x175 }, // IA32_SYSENTER_ESP
+            new() { index = 0x176 }, // IA32_SYSENTER_EIP
+            new() { index = 0xC000_0081 }, // STAR
+            new() { index = 0xC000_0082 }, // LSTAR
+            new() { index = 0xC000_0083 }, // CSTAR
+            new() { index = 0xC000_0084 }, // SYSCALL_MASK
+            new() { index = 0xC000_0102 }, // KERNEL_GS_BASE
+            new() { index = 0x10 },  // IA32_TSC
+            new() { index = 0x1A0, data = 1 }, // IA32_MISC_ENABLE: fast strings
+            new() { index = 0x2FF, data = (1 << 11) | 6 }, // IA32_MTRR_DEF_TYPE: enabled, write-back
+        ];
+        int set = _fd.SetMsrs(msrs);
+        if (set != msrs.Length)
+            throw new KvmException("KVM_SET_MSRS", Errno.EINVAL, $"vCPU {Id}: KVM refused MSR 0x{msrs[set].index:x} (set {set} of {msrs.Length})");
+    }
+
     /// <summary>Puts the boot CPU into the state the loader defined.</summary>
     public void SetBootState(BootCpuState state)
     {

@@ -92,6 +92,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
                 {
                     vcpus.Add(new Vcpu(_vm.CreateVcpu(i), this, dispatcher, _memory));
                     vcpus[^1].ConfigureCpuid(cpuid, config.Cpus);
+                    vcpus[^1].SetInitialMsrs();
                 }
             }
             finally

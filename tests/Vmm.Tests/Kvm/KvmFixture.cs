@@ -53,11 +53,12 @@ public sealed class KvmFixture
             new("linux", ["run", "--kernel", "vmlinuz", "--memory", "256M", "--cpus", "2", "--cmdline", LinuxCommandLine, "--log-level", "info"]),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
-                "--cmdline", "console=ttyS0 panic=-1 rdinit=/init", "--log-level", "info"]),
+                "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),
         ]);
     }
 
     public const string LinuxCommandLine = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 vmm.test=linux-boot";
+    public const string InitramfsCommandLine = "console=ttyS0 panic=-1 rdinit=/init vmm.test=initramfs";
     public const string InitramfsMarker = "vmm-initramfs: /init ran, powering off";
 
     /// <summary>/init (a busybox shell script that prints a marker and powers off) and a static busybox
