@@ -11,10 +11,13 @@ public readonly record struct ElfSegment(int Index, ulong FileOffset, ulong Virt
 public sealed class ElfImage
 {
     public const int EM_386 = 3, EM_X86_64 = 62;
-    private const uint PT_LOAD = 1;
+    private const uint PT_LOAD = 1, PT_NOTE = 4;
+    /// <summary>Xen's ELF note type for the PVH 32-bit entry point (include/xen/interface/elfnote.h).</summary>
+    public const uint XEN_ELFNOTE_PHYS32_ENTRY = 18;
 
-    private ElfImage(bool is64, ushort machine, ulong entry, IReadOnlyList<ElfSegment> segments)
+    private ElfImage(bool is64, ushort machine, ulong entry, IReadOnlyList<ElfSegment> segments, ulong? pvhEntry)
     {
+        PvhEntry = pvhEntry;
         Is64 = is64;
         Machine = machine;
         Entry = entry;
@@ -25,6 +28,9 @@ public sealed class ElfImage
     public ushort Machine { get; }
     public ulong Entry { get; }
     public IReadOnlyList<ElfSegment> Segments { get; }
+
+    /// <summary>The PVH entry point (the "Xen" note XEN_ELFNOTE_PHYS32_ENTRY), if the image has one.</summary>
+    public ulong? PvhEntry { get; }
 
     public static bool HasElfMagic(ReadOnlySpan<byte> image) =>
         image.Length >= 4 && image[0] == 0x7F && image[1] == (byte)'E' && image[2] == (byte)'L' && image[3] == (byte)'F';
@@ -66,10 +72,20 @@ public sealed class ElfImage
             throw new KernelImageException($"ELF header: program headers at e_phoff 0x{phoff:x} ({phnum} x {phentsize} bytes) run past the end of the {image.Length}-byte file");
 
         var segments = new List<ElfSegment>();
+        ulong? pvhEntry = null;
         for (int i = 0; i < phnum; i++)
         {
             int at = (int)phoff + i * phentsize;
             uint ptype = U32(image, at);
+            if (ptype == PT_NOTE)
+            {
+                ulong noteOffset = is64 ? U64(image, at + 8) : U32(image, at + 4);
+                ulong noteSize = is64 ? U64(image, at + 32) : U32(image, at + 16);
+                if (noteOffset > (ulong)image.Length || noteSize > (ulong)image.Length - noteOffset)
+                    throw new KernelImageException($"ELF program header {i} at offset 0x{at:x}: PT_NOTE at 0x{noteOffset:x} + 0x{noteSize:x} runs past the end of the {image.Length}-byte file");
+                pvhEntry ??= FindPvhEntry(image.Slice((int)noteOffset, (int)noteSize));
+                continue;
+            }
             if (ptype != PT_LOAD)
                 continue;
             ulong offset, vaddr, paddr, filesz, memsz;
@@ -93,7 +109,7 @@ public sealed class ElfImage
         }
         if (segments.Count == 0)
             throw new KernelImageException("ELF program headers: no PT_LOAD segment to load");
-        return new ElfImage(is64, machine, entry, segments);
+        return new ElfImage(is64, machine, entry, segments, pvhEntry);
     }
 
     /// <summary>The entry point as a physical address: e_entry itself, or translated through the segment whose
@@ -109,6 +125,28 @@ public sealed class ElfImage
             }
             return Entry;
         }
+    }
+
+    /// <summary>Walks ELF notes (namesz, descsz, type, name and desc each padded to 4 bytes) for Xen's PVH entry.</summary>
+    private static ulong? FindPvhEntry(ReadOnlySpan<byte> notes)
+    {
+        int at = 0;
+        while (at + 12 <= notes.Length)
+        {
+            uint nameSize = U32(notes, at), descSize = U32(notes, at + 4), type = U32(notes, at + 8);
+            long nameAt = at + 12, descAt = nameAt + ((nameSize + 3L) & ~3L), next = descAt + ((descSize + 3L) & ~3L);
+            if (next > notes.Length || descAt + descSize > notes.Length)
+                return null; // a truncated note ends the walk: no PVH entry here
+            if (type == XEN_ELFNOTE_PHYS32_ENTRY && nameSize == 4 && notes.Slice((int)nameAt, 4).SequenceEqual("Xen\0"u8))
+            {
+                if (descSize == 4)
+                    return U32(notes, (int)descAt);
+                if (descSize == 8)
+                    return U64(notes, (int)descAt);
+            }
+            at = (int)next;
+        }
+        return null;
     }
 
     private static ushort U16(ReadOnlySpan<byte> b, int at) => BinaryPrimitives.ReadUInt16LittleEndian(b[at..]);

@@ -33,6 +33,8 @@ public static class KernelLoader
         bool isElf64 = isElf && image.Length > 4 && image[4] == 2;
         MultibootHeader? multiboot = MultibootHeader.Find(image, out string? nearMiss);
 
+        if (isElf && (multiboot is null || !multiboot.HasAddressFields) && ElfImage.Parse(image).PvhEntry is not null)
+            return LoadPvh(memory, kernel, arguments, module);
         if (isElf64 && (multiboot is null || !multiboot.HasAddressFields))
             return LoadElf64(memory, kernel, arguments, module);
         if (multiboot is not null)
@@ -120,6 +122,81 @@ public static class KernelLoader
             Efer = 0x500,      // LME | LMA
         };
         return new LoadedKernel("ELF64 (long mode)", cpu, info.CommandLine, ranges, info.Module);
+    }
+
+    public const uint HvmStartMagic = 0x336E_C578;
+
+    /// <summary>An uncompressed kernel with a PVH entry note (Linux vmlinux with CONFIG_PVH): loaded by its
+    /// PT_LOAD segments and entered in 32-bit protected mode at the note's address with EBX pointing at an
+    /// hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h, version 1): memory map, command line,
+    /// the initrd as module 0, and the RSDP.</summary>
+    private static LoadedKernel LoadPvh(GuestMemory memory, BootFile kernel, string arguments, BootFile? module)
+    {
+        var elf = ElfImage.Parse(kernel.Contents);
+        var ranges = LoadSegments(memory, kernel.Contents, elf);
+        ulong entry = elf.PvhEntry!.Value;
+        CheckEntry(memory, entry, ranges, kernel.Name);
+
+        const ulong startInfo = BootLayout.MultibootInfoAddress, memmapAt = BootLayout.MultibootMmapAddress,
+            modlistAt = BootLayout.MultibootModulesAddress;
+        byte[] cmd = Encoding.UTF8.GetBytes(arguments);
+        if (cmd.Length >= BootLayout.CommandLineMax)
+            throw new KernelImageException($"the command line is {cmd.Length} bytes; at most {BootLayout.CommandLineMax - 1} fit");
+        memory.Clear(new GuestAddress(BootLayout.CommandLineAddress), BootLayout.CommandLineMax);
+        memory.Write(new GuestAddress(BootLayout.CommandLineAddress), cmd);
+
+        var map = MemoryMap.For(memory);
+        Span<byte> e = stackalloc byte[24];
+        for (int i = 0; i < map.Count; i++)
+        {
+            e.Clear();
+            BinaryPrimitives.WriteUInt64LittleEndian(e, map[i].Base);
+            BinaryPrimitives.WriteUInt64LittleEndian(e[8..], map[i].Length);
+            BinaryPrimitives.WriteUInt32LittleEndian(e[16..], (uint)map[i].Type);
+            memory.Write(new GuestAddress(memmapAt + 24 * (ulong)i), e);
+        }
+
+        Span<byte> info = stackalloc byte[56];
+        info.Clear();
+        W32(info, 0, HvmStartMagic);
+        W32(info, 4, 1);                                                                 // version
+        BinaryPrimitives.WriteUInt64LittleEndian(info[24..], BootLayout.CommandLineAddress); // cmdline_paddr
+        BinaryPrimitives.WriteUInt64LittleEndian(info[32..], Acpi.AcpiTables.RsdpAddress);   // rsdp_paddr
+        BinaryPrimitives.WriteUInt64LittleEndian(info[40..], memmapAt);                  // memmap_paddr
+        W32(info, 48, (uint)map.Count);                                                  // memmap_entries
+        (ulong, ulong)? moduleRange = null;
+        if (module is not null)
+        {
+            ulong kernelEnd = ranges.Max(r => r.Item2);
+            ulong start = Math.Max((kernelEnd + 0xFFF) & ~0xFFFUL, MemoryLayout.HighMemoryStart);
+            ulong size = (ulong)module.Contents.Length;
+            if (!memory.IsValidRange(new GuestAddress(start), size) || start + size > MemoryMap.ContiguousHighMemoryEnd(memory))
+                throw new KernelImageException($"module {module.Name} ({size} bytes) does not fit in guest RAM after the kernel (which ends at 0x{kernelEnd:x}); give the VM more --memory");
+            memory.Write(new GuestAddress(start), module.Contents);
+            Span<byte> mod = stackalloc byte[32];
+            mod.Clear();
+            BinaryPrimitives.WriteUInt64LittleEndian(mod, start);
+            BinaryPrimitives.WriteUInt64LittleEndian(mod[8..], size);
+            memory.Write(new GuestAddress(modlistAt), mod);
+            W32(info, 12, 1);                                                            // nr_modules
+            BinaryPrimitives.WriteUInt64LittleEndian(info[16..], modlistAt);             // modlist_paddr
+            moduleRange = (start, start + size);
+        }
+        memory.Write(new GuestAddress(startInfo), info);
+        BootLayout.WriteGdt(memory);
+        var cpu = new BootCpuState
+        {
+            Mode = CpuMode.Protected32,
+            Rip = entry,
+            Rbx = startInfo,
+            Rsp = BootLayout.InitialStack,
+            Code = X86Segment.FlatCode32(BootLayout.CodeSelector32),
+            Data = X86Segment.FlatData(BootLayout.DataSelector),
+            GdtBase = BootLayout.GdtAddress,
+            GdtLimit = 31,
+            Cr0 = 0x11, // PE | ET; paging off, CR4 clear (PVH boot ABI)
+        };
+        return new LoadedKernel("PVH ELF (hvm_start_info)", cpu, arguments, ranges, moduleRange);
     }
 
     private static (List<(ulong, ulong)>, ulong) LoadAddressFields(GuestMemory memory, byte[] image, MultibootHeader h)

@@ -12,8 +12,16 @@ public static class ImageBuilder
 
     /// <summary>An ELF executable; <paramref name="multibootHeader"/> adds a multiboot header (flags 0x3) as the
     /// first bytes of the first segment's file data area.</summary>
-    public static byte[] Elf(bool is64, ulong entry, IReadOnlyList<Segment> segments)
+    public static byte[] Elf(bool is64, ulong entry, IReadOnlyList<Segment> segments, byte[]? note = null)
     {
+        if (note is not null)
+        {
+            // The note travels as one more "segment" whose program header is rewritten to PT_NOTE below.
+            var withNote = Elf(is64, entry, [.. segments, new Segment(0, note)]);
+            int ph = (is64 ? 64 : 52) + segments.Count * (is64 ? 56 : 32);
+            W32(withNote, ph, 4); // PT_NOTE
+            return withNote;
+        }
         int ehsize = is64 ? 64 : 52, phentsize = is64 ? 56 : 32;
         int dataStart = Align(ehsize + phentsize * segments.Count, 16);
         var offsets = new List<int>();
@@ -119,6 +127,19 @@ public static class ImageBuilder
         var ms = new MemoryStream();
         a.Assemble(new StreamCodeWriter(ms), 0x20_0000);
         return Elf(true, 0x20_0000, [new Segment(0x20_0000, ms.ToArray())]);
+    }
+
+    /// <summary>An ELF note: namesz, descsz, type, name and desc padded to 4 bytes.</summary>
+    public static byte[] Note(string name, uint type, byte[] desc)
+    {
+        byte[] n = System.Text.Encoding.ASCII.GetBytes(name + "\0");
+        var note = new byte[12 + Align(n.Length, 4) + Align(desc.Length, 4)];
+        W32(note, 0, (uint)n.Length);
+        W32(note, 4, (uint)desc.Length);
+        W32(note, 8, type);
+        n.CopyTo(note, 12);
+        desc.CopyTo(note, 12 + Align(n.Length, 4));
+        return note;
     }
 
     private static int Align(int v, int a) => (v + a - 1) / a * a;
