@@ -41,10 +41,10 @@ public sealed class Options
 
         Options for 'run' (and, where they apply, 'demo'):
           --kernel PATH        kernel to boot: a Linux bzImage (boot protocol 2.06+, 64-bit entry,
-                               e820 map in boot_params); a Multiboot v1 image (ELF32, or a.out-kludge
+                               e820 map in boot_params); a PVH ELF (Xen PVH note, hvm_start_info); a Multiboot v1 image (ELF32, or a.out-kludge
                                address fields) entered in 32-bit protected mode; or a 64-bit ELF
                                entered in long mode on identity-mapped page tables (multiboot info)
-          --initrd PATH        Linux: the initrd; multiboot: module 0
+          --initrd PATH        Linux: the initrd; PVH and multiboot: module 0
           --cmdline STR        kernel arguments; a multiboot guest sees "<kernel path> STR", as GRUB and
                                QEMU pass it
           --memory SIZE        guest RAM, e.g. 128M, 2G, 1048576 (default 128M; suffixes K, M, G, T)

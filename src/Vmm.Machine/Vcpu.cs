@@ -32,29 +32,8 @@ internal sealed class Vcpu : IDisposable
 
     public VcpuStats Stats { get; } = new();
 
-    public void ConfigureCpuid(kvm_cpuid_entry2[] supported, int cpuCount)
-    {
-        var entries = (kvm_cpuid_entry2[])supported.Clone();
-        for (int i = 0; i < entries.Length; i++)
-        {
-            ref var e = ref entries[i];
-            switch (e.function)
-            {
-                case 1:
-                    // EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
-                    e.ebx = (e.ebx & 0x0000FFFF) | ((uint)Id << 24) | ((uint)Math.Min(cpuCount, 255) << 16);
-                    e.ecx |= 1u << 31; // hypervisor present
-                    if (cpuCount > 1)
-                        e.edx |= 1u << 28; // HTT: the EBX[23:16] count is valid
-                    break;
-                case 0xB:
-                case 0x1F:
-                    e.edx = (uint)Id; // x2APIC id
-                    break;
-            }
-        }
-        _fd.SetCpuid(entries);
-    }
+    public void ConfigureCpuid(kvm_cpuid_entry2[] supported, int cpuCount) =>
+        _fd.SetCpuid(CpuidTemplate.ForVcpu(supported, Id, cpuCount));
 
     /// <summary>MSRs as firmware leaves them (the same for every vCPU): SYSENTER/SYSCALL targets and the TSC at
     /// zero, fast strings on in IA32_MISC_ENABLE, and MTRRs enabled with write-back as the default type,
