@@ -128,4 +128,23 @@ public class LinuxLoaderTests : IDisposable
         var e = Assert.Throws<KernelImageException>(() => KernelLoader.Load(_mem, new BootFile("bzImage", BzImage()), "", new BootFile("big", new byte[60 * 1024 * 1024])));
         Assert.Contains("initrd big", e.Message);
     }
+
+    [Fact]
+    public void The_real_Debian_kernel_header_parses_and_loads()
+    {
+        // The stock kernel tools/nested-kvm fetches (apt-get download linux-image-*-cloud-amd64).
+        var image = File.ReadAllBytes(Vmm.Tests.Kvm.KvmFixture.StockKernel());
+        var h = LinuxLoader.ParseHeader(image, "vmlinuz");
+        Assert.True(h.Version >= 0x020F, $"protocol 0x{h.Version:x}");
+        Assert.True(h.Relocatable);
+        Assert.Equal(0x100_0000UL, h.PrefAddress);
+        Assert.Equal(0x20_0000u, h.KernelAlignment);
+        Assert.True(h.InitSize > image.Length - h.SetupBytes);
+        using var big = GuestMemory.Create(256 * MemoryLayout.MiB);
+        var k = KernelLoader.Load(big, new BootFile("vmlinuz", image), "console=ttyS0", null);
+        Assert.Equal(0x100_0200UL, k.Cpu.Rip);
+        // Truncating the real image anywhere in its setup area is a precise error, never a crash.
+        foreach (int length in new[] { 0, 0x1F0, 0x203, 0x263, 0x400 })
+            Assert.Throws<KernelImageException>(() => KernelLoader.Load(big, new BootFile("cut", image[..length]), "", null));
+    }
 }

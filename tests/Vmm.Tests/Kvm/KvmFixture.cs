@@ -83,7 +83,7 @@ public sealed class KvmFixture
     }
 
     /// <summary>The Debian cloud kernel tools/nested-kvm fetches (apt-get download) and caches.</summary>
-    private static string StockKernel()
+    public static string StockKernel()
     {
         Repo.MustRun(Repo.PathTo("tools", "nested-kvm", "run-in-vm.sh"), "--prepare");
         string cache = Environment.GetEnvironmentVariable("NESTED_KVM_CACHE")
