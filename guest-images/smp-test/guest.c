@@ -13,10 +13,8 @@
  * each port access is expensive, so waits fail with a clear message instead
  * of spinning forever.
  */
-#include <stdarg.h>
-#include <stdint.h>
+#include "console.h"
 
-#define COM1 0x3F8
 #define PIC1 0x20
 #define PIC2 0xA0
 #define PIT_CH0 0x40
@@ -25,7 +23,6 @@
 #define PORT_B 0x61 /* bit 0: PIT ch2 gate, bit 1: speaker data, bit 5: PIT ch2 OUT */
 #define CMOS_INDEX 0x70
 #define CMOS_DATA 0x71
-#define DEBUG_EXIT_PORT 0xF4
 #define MB_BOOT_MAGIC 0x2BADB002u
 
 #define MAX_CPUS 16          /* BSP + 15 APs: keep in sync with MAX_APS in start.S */
@@ -37,9 +34,6 @@
 #define PIT_COUNTS_PER_MS 1193u /* 1.193182 MHz */
 #define PIT_10MS 11932u
 
-/* 16550 register offsets. */
-enum { THR = 0, DLL = 0, IER = 1, DLM = 1, FCR = 2, LCR = 3, MCR = 4, LSR = 5 };
-#define LSR_THRE 0x20
 
 /* xAPIC registers (MMIO at 0xFEE00000). */
 #define LAPIC_BASE 0xFEE00000u
@@ -55,20 +49,6 @@ enum { LAPIC_ID = 0x20, LAPIC_VER = 0x30, LAPIC_TPR = 0x80, LAPIC_EOI = 0xB0, LA
 #define ICR_INIT_DEASSERT 0x8500u
 #define ICR_STARTUP 0x4600u
 
-static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline uint8_t inb(uint16_t port)
-{
-    uint8_t v;
-    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
-static inline uint32_t inl(uint16_t port)
-{
-    uint32_t v;
-    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
-    return v;
-}
 static inline void cpu_relax(void) { __asm__ volatile("pause" : : : "memory"); }
 static inline void irq_on(void) { __asm__ volatile("sti" : : : "memory"); }
 static inline void irq_off(void) { __asm__ volatile("cli" : : : "memory"); }
@@ -86,112 +66,6 @@ static inline uint32_t atomic_xadd(volatile uint32_t *p, uint32_t v)
 static inline void atomic_or(volatile uint32_t *p, uint32_t v)
 {
     __asm__ volatile("lock orl %1, %0" : "+m"(*p) : "r"(v) : "memory");
-}
-
-/* ---- console ---------------------------------------------------------- */
-
-static void uart_init(void)
-{
-    outb(COM1 + IER, 0x00);
-    outb(COM1 + LCR, 0x80); /* DLAB */
-    outb(COM1 + DLL, 0x01); /* 115200 = 1.8432 MHz / 16 / 1 */
-    outb(COM1 + DLM, 0x00);
-    outb(COM1 + LCR, 0x03); /* 8N1 */
-    outb(COM1 + FCR, 0x07); /* FIFO on, clear RX/TX */
-    outb(COM1 + MCR, 0x0B); /* DTR | RTS | OUT2 */
-}
-
-static void con_putc(char c)
-{
-    for (int i = 0; i < 100000 && !(inb(COM1 + LSR) & LSR_THRE); i++)
-        ;
-    outb(COM1 + THR, (uint8_t)c);
-}
-
-static void put_hex(uint32_t v, int min_digits)
-{
-    for (int shift = 28; shift >= 0; shift -= 4)
-        if ((v >> shift) || shift < min_digits * 4)
-            con_putc("0123456789abcdef"[(v >> shift) & 0xF]);
-}
-
-static void put_dec(uint32_t v, int min_digits)
-{
-    char buf[10];
-    int n = 0;
-    do {
-        buf[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n < min_digits)
-        con_putc('0'), min_digits--;
-    while (n)
-        con_putc(buf[--n]);
-}
-
-/* %s %u %x (32-bit), %X (64-bit hex), %c; %0Nu zero-pads to N digits. */
-static void vprint(const char *fmt, va_list ap)
-{
-    for (; *fmt; fmt++) {
-        if (*fmt != '%') {
-            con_putc(*fmt);
-            continue;
-        }
-        int width = 0;
-        if (fmt[1] == '0' && fmt[2] >= '1' && fmt[2] <= '9') {
-            width = fmt[2] - '0';
-            fmt += 2;
-        }
-        switch (*++fmt) {
-        case 's': for (const char *s = va_arg(ap, const char *); *s; s++) con_putc(*s); break;
-        case 'u': put_dec(va_arg(ap, uint32_t), width); break;
-        case 'x': put_hex(va_arg(ap, uint32_t), 1); break;
-        case 'X': {
-            uint64_t v = va_arg(ap, uint64_t);
-            if (v >> 32) {
-                put_hex((uint32_t)(v >> 32), 1);
-                put_hex((uint32_t)v, 8);
-            } else {
-                put_hex((uint32_t)v, 1);
-            }
-            break;
-        }
-        case 'c': con_putc((char)va_arg(ap, int)); break;
-        default: con_putc('%'); if (*fmt) con_putc(*fmt); else fmt--; break;
-        }
-    }
-}
-
-static void print(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vprint(fmt, ap);
-    va_end(ap);
-}
-
-static uint32_t failures;
-
-static void check(int ok, const char *what, const char *detail_fmt, ...)
-{
-    print(ok ? "PASS: %s" : "FAIL: %s", what);
-    if (!ok) {
-        va_list ap;
-        va_start(ap, detail_fmt);
-        print(" (");
-        vprint(detail_fmt, ap);
-        print(")");
-        va_end(ap);
-        failures++;
-    }
-    print("\n");
-}
-
-static void __attribute__((noreturn)) exit_vm(uint32_t code)
-{
-    outl(DEBUG_EXIT_PORT, code); /* isa-debug-exit: VMM exits with (code << 1) | 1 */
-    for (;;)
-        __asm__ volatile("cli; hlt");
 }
 
 /* ---- PIT channel 2: one-shot deadlines --------------------------------- */
