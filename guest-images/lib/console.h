@@ -140,4 +140,19 @@ static inline void __attribute__((noreturn)) exit_vm(uint32_t code)
         __asm__ volatile("cli; hlt");
 }
 
+/* Value of a "key=value" argument (a token starting with key), or 0. */
+static inline const char *find_arg(const char *cmd, const char *key)
+{
+    for (const char *p = cmd; *p; p++) {
+        if (p != cmd && p[-1] != ' ')
+            continue;
+        const char *a = p, *k = key;
+        while (*k && *a == *k)
+            a++, k++;
+        if (!*k)
+            return a;
+    }
+    return 0;
+}
+
 #endif

@@ -142,21 +142,6 @@ struct mb_info {
 struct mb_module { uint32_t start, end, string, reserved; };
 struct mb_mmap { uint32_t size; uint64_t base, len; uint32_t type; } __attribute__((packed));
 
-/* Value of a "key=value" argument (a token starting with key), or 0. */
-static const char *find_arg(const char *cmd, const char *key)
-{
-    for (const char *p = cmd; *p; p++) {
-        if (p != cmd && p[-1] != ' ')
-            continue;
-        const char *a = p, *k = key;
-        while (*k && *a == *k)
-            a++, k++;
-        if (!*k)
-            return a;
-    }
-    return 0;
-}
-
 static int is_print(char c) { return c >= 0x20 && c < 0x7F; }
 
 static void check_multiboot(uint32_t magic, const struct mb_info *mi)

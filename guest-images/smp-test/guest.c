@@ -254,21 +254,6 @@ struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline; };
 static char cmdline[256];
 static uint32_t expected_cpus = 2;
 
-/* Value of a "key=value" argument (a token starting with key), or 0. */
-static const char *find_arg(const char *cmd, const char *key)
-{
-    for (const char *p = cmd; *p; p++) {
-        if (p != cmd && p[-1] != ' ')
-            continue;
-        const char *a = p, *k = key;
-        while (*k && *a == *k)
-            a++, k++;
-        if (!*k)
-            return a;
-    }
-    return 0;
-}
-
 /* Copies the command line first: the info structure may sit in memory we reuse. */
 static void read_multiboot(uint32_t magic, const struct mb_info *mi)
 {
