@@ -30,15 +30,16 @@ public static class KernelLoader
         if (image.Length == 0)
             throw new KernelImageException($"{kernel.Name}: the kernel image is empty");
         bool isElf = ElfImage.HasElfMagic(image);
-        bool isElf64 = isElf && image.Length > 4 && image[4] == 2;
         MultibootHeader? multiboot = MultibootHeader.Find(image, out string? nearMiss);
 
-        if (isElf && (multiboot is null || !multiboot.HasAddressFields) && ElfImage.Parse(image).PvhEntry is not null)
-            return LoadPvh(memory, kernel, arguments, module);
-        if (isElf64 && (multiboot is null || !multiboot.HasAddressFields))
-            return LoadElf64(memory, kernel, arguments, module);
+        // The ELF headers decide unless multiboot address fields say where to load: parse them once.
+        ElfImage? elf = isElf && (multiboot is null || !multiboot.HasAddressFields) ? ElfImage.Parse(image) : null;
+        if (elf?.PvhEntry is not null)
+            return LoadPvh(memory, kernel, elf, arguments, module);
+        if (elf is { Is64: true })
+            return LoadElf64(memory, kernel, elf, arguments, module);
         if (multiboot is not null)
-            return LoadMultiboot(memory, kernel, multiboot, arguments, module);
+            return LoadMultiboot(memory, kernel, multiboot, elf, arguments, module);
         if (LinuxLoader.IsBzImage(image))
             return LinuxLoader.Load(memory, kernel, arguments, module);
         if (nearMiss is not null)
@@ -48,7 +49,7 @@ public static class KernelLoader
         throw new KernelImageException($"{kernel.Name}: not a kernel vmm can boot: no ELF magic at offset 0 and no multiboot header (magic 0x{MultibootHeader.Magic:x8}) in the first {MultibootHeader.SearchLimit} bytes");
     }
 
-    private static LoadedKernel LoadMultiboot(GuestMemory memory, BootFile kernel, MultibootHeader header, string arguments, BootFile? module)
+    private static LoadedKernel LoadMultiboot(GuestMemory memory, BootFile kernel, MultibootHeader header, ElfImage? elf, string arguments, BootFile? module)
     {
         var image = kernel.Contents;
         List<(ulong, ulong)> ranges;
@@ -62,7 +63,8 @@ public static class KernelLoader
         else
         {
             format = "multiboot ELF32";
-            var elf = ElfImage.Parse(image);
+            if (elf is null)
+                throw new KernelImageException($"{kernel.Name}: multiboot header at offset 0x{header.FileOffset:x} has no address fields (flag 16) and the image is not ELF: nothing says where to load it");
             if (elf.Is64)
                 throw new KernelImageException($"{kernel.Name}: multiboot header at offset 0x{header.FileOffset:x} has no address fields (flag 16) and the image is ELF64; multiboot v1 loads ELF32 only");
             ranges = LoadSegments(memory, image, elf);
@@ -91,9 +93,8 @@ public static class KernelLoader
         return new LoadedKernel(format, cpu, info.CommandLine, ranges, info.Module) { Warnings = warnings };
     }
 
-    private static LoadedKernel LoadElf64(GuestMemory memory, BootFile kernel, string arguments, BootFile? module)
+    private static LoadedKernel LoadElf64(GuestMemory memory, BootFile kernel, ElfImage elf, string arguments, BootFile? module)
     {
-        var elf = ElfImage.Parse(kernel.Contents);
         var ranges = LoadSegments(memory, kernel.Contents, elf);
         ulong entry = elf.PhysicalEntry;
         CheckEntry(memory, entry, ranges, kernel.Name);
@@ -130,9 +131,8 @@ public static class KernelLoader
     /// PT_LOAD segments and entered in 32-bit protected mode at the note's address with EBX pointing at an
     /// hvm_start_info (xen/include/public/arch-x86/hvm/start_info.h, version 1): memory map, command line,
     /// the initrd as module 0, and the RSDP.</summary>
-    private static LoadedKernel LoadPvh(GuestMemory memory, BootFile kernel, string arguments, BootFile? module)
+    private static LoadedKernel LoadPvh(GuestMemory memory, BootFile kernel, ElfImage elf, string arguments, BootFile? module)
     {
-        var elf = ElfImage.Parse(kernel.Contents);
         var ranges = LoadSegments(memory, kernel.Contents, elf);
         ulong entry = elf.PvhEntry!.Value;
         CheckEntry(memory, entry, ranges, kernel.Name);

@@ -156,6 +156,7 @@ public class KernelLoaderTests : IDisposable
         { "aout load_end past file", () => { var i = AoutKludge(0x10_0000, [0xF4]); ImageBuilder.W32(i, 20, 0x20_0000); return i; }, "load_end_addr 0x200000 (offset 0x14) asks for 0x100000 bytes" },
         { "aout load_addr above header", () => { var i = AoutKludge(0x10_0000, [0xF4]); ImageBuilder.W32(i, 16, 0x10_1000); return i; }, "load_addr 0x101000 (offset 0x10) is above header_addr" },
         { "aout bss below load end", () => { var i = AoutKludge(0x10_0000, [0xF4]); ImageBuilder.W32(i, 24, 0x10_0001); return i; }, "bss_end_addr 0x100001 (offset 0x18) is below load_end_addr" },
+        { "raw binary without address fields", () => MultibootHeaderBytes().Concat(new byte[64]).ToArray(), "has no address fields (flag 16) and the image is not ELF" },
         { "aout truncated address fields", () => { var i = AoutKludge(0x10_0000, [0xF4]); return i[..20]; }, "file ends before the address fields" },
     };
 
