@@ -27,6 +27,11 @@ public static class VmmRunner
         }
     }
 
+    /// <summary>Whether the KVM the tests use is hardware-assisted (vmx or svm): the nested VM's CPU has svm
+    /// (QEMU -cpu max); a local /dev/kvm may be software virtualization (PVM), where stock kernels stop early.</summary>
+    public static bool GuestCpuHasHardwareVirtualization =>
+        !HostHasKvm || System.Text.RegularExpressions.Regex.IsMatch(File.ReadAllText("/proc/cpuinfo"), @"^flags\s*:.*\b(vmx|svm)\b", System.Text.RegularExpressions.RegexOptions.Multiline);
+
     /// <summary>"local /dev/kvm" or "nested KVM in QEMU/TCG".</summary>
     public static string Where => HostHasKvm ? "local /dev/kvm" : "nested KVM in QEMU/TCG (tools/nested-kvm)";
 
