@@ -24,6 +24,41 @@ public static class MemoryLayout
     public const ulong IdentityMapAddress = 0xFEFF_C000;
     public const ulong TssAddress = 0xFEFF_D000;
 
+    /// <summary>The PCI host bridge's 32-bit memory window: BARs that must stay below 4 GiB.</summary>
+    public const ulong PciMmio32Start = 0xC000_0000;
+    public const ulong PciMmio32Size = 512 * MiB;
+
+    /// <summary>PCIe enhanced configuration (ECAM/MMCONFIG) for segment 0: 1 MiB per bus, 4 KiB per function.
+    /// vmm has one root bus, so only bus 0 is decoded (ACPI MCFG says buses 0-0); the rest of the 256 MiB
+    /// area up to 0xF0000000 stays free for more buses.</summary>
+    public const ulong PciEcamBase = 0xE000_0000;
+    public const ulong PciEcamBusCount = 1;
+    public const ulong PciEcamSize = PciEcamBusCount * MiB;
+
+    /// <summary>Alignment of the 64-bit PCI window above RAM (large BARs are naturally aligned inside it).</summary>
+    public const ulong Pci64Alignment = 1 * GiB;
+
+    /// <summary>The default size of the 64-bit PCI window.</summary>
+    public const ulong Pci64DefaultSize = 64 * GiB;
+
+    /// <summary>The 64-bit PCI memory window: above both RAM and the 4 GiB line, 1 GiB aligned.</summary>
+    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, ulong size = Pci64DefaultSize)
+    {
+        ulong top = MmioHoleEnd;
+        foreach (var (start, length) in RamRanges(ramSize))
+            top = Math.Max(top, start.Value + length);
+        ulong aligned = (top + Pci64Alignment - 1) & ~(Pci64Alignment - 1);
+        return (aligned, size);
+    }
+
+    /// <summary>First IOAPIC input used for PCI INTx; 16-23 are free of ISA interrupts.</summary>
+    public const uint PciIntxFirstGsi = 16;
+
+    /// <summary>The IOAPIC input (GSI) of interrupt pin <paramref name="pin"/> (0 = INTA .. 3 = INTD) of the device in
+    /// <paramref name="slot"/> of the root bus: the usual swizzle over four lines, GSIs 16-19, level-triggered and
+    /// active-high (shared lines are OR-ed by the VMM). The ACPI _PRT tells the guest the same.</summary>
+    public static uint PciIntxGsi(int slot, int pin) => PciIntxFirstGsi + (uint)((slot + pin) & 3);
+
     public const ulong IoApicAddress = 0xFEC0_0000;
     public const ulong LocalApicAddress = 0xFEE0_0000;
 
