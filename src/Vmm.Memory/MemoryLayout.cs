@@ -55,8 +55,9 @@ public static class MemoryLayout
     public const uint PciIntxFirstGsi = 16;
 
     /// <summary>The IOAPIC input (GSI) of interrupt pin <paramref name="pin"/> (0 = INTA .. 3 = INTD) of the device in
-    /// <paramref name="slot"/> of the root bus: the usual swizzle over four lines, GSIs 16-19, level-triggered and
-    /// active-high (shared lines are OR-ed by the VMM). The ACPI _PRT tells the guest the same.</summary>
+    /// <paramref name="slot"/> of the root bus: the usual swizzle over four lines, GSIs 16-19, level-triggered
+    /// and shared (the VMM ORs the devices on a line). The ACPI _PRT tells the guest the same; the guest programs the
+    /// pins active-low as ACPI says for GSI entries, which KVM's IOAPIC does not model (a raised line is asserted).</summary>
     public static uint PciIntxGsi(int slot, int pin) => PciIntxFirstGsi + (uint)((slot + pin) & 3);
 
     public const ulong IoApicAddress = 0xFEC0_0000;
