@@ -27,6 +27,10 @@ public static class KvmConstants
     public const uint KVM_CREATE_IRQCHIP = 0xAE60;
     public const uint KVM_IRQ_LINE = 0x4008AE61;               // _IOW(KVMIO, 0x61, struct kvm_irq_level)
     public const uint KVM_CREATE_PIT2 = 0x4040AE77;            // _IOW(KVMIO, 0x77, struct kvm_pit_config)
+    public const uint KVM_SET_GSI_ROUTING = 0x4008AE6A;        // _IOW(KVMIO, 0x6a, struct kvm_irq_routing)
+    public const uint KVM_IRQFD = 0x4020AE76;                  // _IOW(KVMIO, 0x76, struct kvm_irqfd)
+    public const uint KVM_IOEVENTFD = 0x4040AE79;              // _IOW(KVMIO, 0x79, struct kvm_ioeventfd)
+    public const uint KVM_SIGNAL_MSI = 0x4020AEA5;             // _IOW(KVMIO, 0xa5, struct kvm_msi)
 
     // ioctls on a vCPU fd
     public const uint KVM_RUN = 0xAE80;
@@ -55,6 +59,24 @@ public static class KvmConstants
     public const int KVM_CAP_SET_IDENTITY_MAP_ADDR = 37;
     public const int KVM_CAP_MAX_VCPUS = 66;
     public const int KVM_CAP_IMMEDIATE_EXIT = 136;
+    public const int KVM_CAP_IRQ_ROUTING = 25;
+    public const int KVM_CAP_IRQFD = 32;
+    public const int KVM_CAP_IOEVENTFD = 36;
+    public const int KVM_CAP_IRQFD_RESAMPLE = 82;
+    public const int KVM_CAP_SIGNAL_MSI = 77;
+
+    public const uint KVM_IRQ_ROUTING_IRQCHIP = 1;
+    public const uint KVM_IRQ_ROUTING_MSI = 2;
+    public const uint KVM_IRQCHIP_PIC_MASTER = 0;
+    public const uint KVM_IRQCHIP_PIC_SLAVE = 1;
+    public const uint KVM_IRQCHIP_IOAPIC = 2;
+
+    public const uint KVM_IRQFD_FLAG_DEASSIGN = 1;
+    public const uint KVM_IRQFD_FLAG_RESAMPLE = 2;
+
+    public const uint KVM_IOEVENTFD_FLAG_DATAMATCH = 1;
+    public const uint KVM_IOEVENTFD_FLAG_PIO = 2;
+    public const uint KVM_IOEVENTFD_FLAG_DEASSIGN = 4;
 
     // kvm_run.exit_reason
     public const uint KVM_EXIT_UNKNOWN = 0;
@@ -245,4 +267,56 @@ public unsafe struct kvm_pit_config
 {
     public uint flags;
     public fixed uint pad[15];
+}
+
+/// <summary>Header of <c>struct kvm_irq_routing</c>; <c>nr</c> entries of <see cref="kvm_irq_routing_entry"/> follow.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct kvm_irq_routing
+{
+    public uint nr;
+    public uint flags;
+}
+
+/// <summary><c>struct kvm_irq_routing_entry</c>. The union <c>u</c> is 32 bytes: for KVM_IRQ_ROUTING_IRQCHIP
+/// u[0] = irqchip, u[1] = pin; for KVM_IRQ_ROUTING_MSI u[0] = address_lo, u[1] = address_hi, u[2] = data.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public unsafe struct kvm_irq_routing_entry
+{
+    public uint gsi;
+    public uint type;
+    public uint flags;
+    public uint pad;
+    public fixed uint u[8];
+}
+
+[StructLayout(LayoutKind.Sequential)]
+public unsafe struct kvm_irqfd
+{
+    public uint fd;
+    public uint gsi;
+    public uint flags;
+    public uint resamplefd;
+    public fixed byte pad[16];
+}
+
+[StructLayout(LayoutKind.Sequential)]
+public unsafe struct kvm_ioeventfd
+{
+    public ulong datamatch;
+    public ulong addr;
+    public uint len;
+    public int fd;
+    public uint flags;
+    public fixed byte pad[36];
+}
+
+[StructLayout(LayoutKind.Sequential)]
+public unsafe struct kvm_msi
+{
+    public uint address_lo;
+    public uint address_hi;
+    public uint data;
+    public uint flags;
+    public uint devid;
+    public fixed byte pad[12];
 }

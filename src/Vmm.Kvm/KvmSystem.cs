@@ -103,10 +103,10 @@ public sealed unsafe class KvmSystem : IDisposable
         return new VmFd(fd, VcpuMmapSize);
     }
 
-    internal static int Check(int result, string ioctl)
+    internal static int Check(int result, string ioctl, string? detail = null)
     {
         if (result < 0)
-            throw new KvmException(ioctl, Errno.Last);
+            throw new KvmException(ioctl, Errno.Last, detail);
         return result;
     }
 

@@ -71,6 +71,64 @@ public sealed unsafe class VmFd : IDisposable
         return Sys.Ioctl(_fd, KVM_IRQ_LINE, &l) >= 0;
     }
 
+    /// <summary>KVM_SET_GSI_ROUTING: replaces the whole GSI routing table (irqchip pins and MSI routes).</summary>
+    public void SetGsiRouting(ReadOnlySpan<kvm_irq_routing_entry> entries)
+    {
+        int size = sizeof(kvm_irq_routing) + entries.Length * sizeof(kvm_irq_routing_entry);
+        byte[] buffer = new byte[size];
+        fixed (byte* p = buffer)
+        {
+            ((kvm_irq_routing*)p)->nr = (uint)entries.Length;
+            entries.CopyTo(new Span<kvm_irq_routing_entry>(p + sizeof(kvm_irq_routing), entries.Length));
+            KvmSystem.Check(Sys.Ioctl(_fd, KVM_SET_GSI_ROUTING, p), "KVM_SET_GSI_ROUTING", $"{entries.Length} routes");
+        }
+    }
+
+    /// <summary>KVM_IRQFD: a signal on <paramref name="eventFd"/> injects <paramref name="gsi"/> in the kernel. With
+    /// <paramref name="resampleFd"/> the GSI is level-triggered: KVM deasserts it at EOI and signals the resample fd.</summary>
+    public void AssignIrqfd(int eventFd, uint gsi, int resampleFd = -1)
+    {
+        var a = new kvm_irqfd { fd = (uint)eventFd, gsi = gsi };
+        if (resampleFd >= 0)
+        {
+            a.flags = KVM_IRQFD_FLAG_RESAMPLE;
+            a.resamplefd = (uint)resampleFd;
+        }
+        KvmSystem.Check(Sys.Ioctl(_fd, KVM_IRQFD, &a), "KVM_IRQFD", $"eventfd {eventFd} → GSI {gsi}");
+    }
+
+    public void DeassignIrqfd(int eventFd, uint gsi)
+    {
+        var a = new kvm_irqfd { fd = (uint)eventFd, gsi = gsi, flags = KVM_IRQFD_FLAG_DEASSIGN };
+        KvmSystem.Check(Sys.Ioctl(_fd, KVM_IRQFD, &a), "KVM_IRQFD (deassign)", $"eventfd {eventFd} GSI {gsi}");
+    }
+
+    /// <summary>KVM_IOEVENTFD: a guest write of <paramref name="length"/> bytes to <paramref name="address"/> (MMIO, or
+    /// an I/O port with <paramref name="pio"/>) signals <paramref name="eventFd"/> in the kernel instead of exiting to
+    /// userspace. With <paramref name="dataMatch"/> only writes of that value do.</summary>
+    public void AssignIoeventfd(int eventFd, ulong address, uint length, bool pio = false, ulong? dataMatch = null, bool deassign = false)
+    {
+        var a = new kvm_ioeventfd { addr = address, len = length, fd = eventFd };
+        if (pio)
+            a.flags |= KVM_IOEVENTFD_FLAG_PIO;
+        if (dataMatch is ulong match)
+        {
+            a.flags |= KVM_IOEVENTFD_FLAG_DATAMATCH;
+            a.datamatch = match;
+        }
+        if (deassign)
+            a.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
+        KvmSystem.Check(Sys.Ioctl(_fd, KVM_IOEVENTFD, &a), deassign ? "KVM_IOEVENTFD (deassign)" : "KVM_IOEVENTFD",
+            $"{(pio ? "port" : "MMIO")} 0x{address:x} len {length}");
+    }
+
+    /// <summary>KVM_SIGNAL_MSI: injects one MSI directly (no route needed).</summary>
+    public bool SignalMsi(ulong address, uint data)
+    {
+        var m = new kvm_msi { address_lo = (uint)address, address_hi = (uint)(address >> 32), data = data };
+        return Sys.Ioctl(_fd, KVM_SIGNAL_MSI, &m) >= 0;
+    }
+
     /// <summary>KVM_CREATE_VCPU with the given APIC id, and the mmapped <c>kvm_run</c> page of it.</summary>
     public VcpuFd CreateVcpu(int id)
     {

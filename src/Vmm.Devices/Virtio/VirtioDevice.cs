@@ -1,0 +1,175 @@
+using Vmm.Interop;
+using Vmm.Memory;
+
+namespace Vmm.Devices.Virtio;
+
+/// <summary>Virtio device types (virtio 1.2 §5); the PCI device ID is 0x1040 + type.</summary>
+public enum VirtioDeviceType : ushort
+{
+    Net = 1,
+    Block = 2,
+    Console = 3,
+    Entropy = 4,
+}
+
+/// <summary>Feature bits and status values shared by every virtio device.</summary>
+public static class VirtioFeatures
+{
+    public const int RingIndirectDesc = 28;
+    public const int RingEventIdx = 29;
+    public const int Version1 = 32;
+
+    public const ulong TransportFeatures = (1UL << RingIndirectDesc) | (1UL << RingEventIdx) | (1UL << Version1);
+
+    public const byte StatusAcknowledge = 1, StatusDriver = 2, StatusDriverOk = 4, StatusFeaturesOk = 8,
+        StatusNeedsReset = 64, StatusFailed = 128;
+
+    public static bool Has(ulong features, int bit) => (features & (1UL << bit)) != 0;
+}
+
+/// <summary>A virtio device model (the part behind the transport): its features, configuration space and the
+/// request processing on its queues. It processes requests on its own thread(s), never on a vCPU thread.</summary>
+public abstract class VirtioDevice : IDisposable
+{
+    public abstract VirtioDeviceType Type { get; }
+
+    /// <summary>For logs: "virtio-blk (disk.img)".</summary>
+    public abstract string Name { get; }
+
+    /// <summary>PCI class, subclass of the function.</summary>
+    public abstract (byte Class, byte SubClass) PciClass { get; }
+
+    /// <summary>Device-specific feature bits offered (the transport adds VERSION_1, INDIRECT_DESC, EVENT_IDX).</summary>
+    public abstract ulong DeviceFeatures { get; }
+
+    public abstract int QueueCount { get; }
+
+    public virtual ushort MaxQueueSize => 256;
+
+    /// <summary>Bytes of device-specific configuration space.</summary>
+    public abstract int ConfigSize { get; }
+
+    /// <summary>Reads device configuration (offset + length within <see cref="ConfigSize"/>; the transport checks).</summary>
+    public abstract void ReadConfig(int offset, Span<byte> data);
+
+    public virtual void WriteConfig(int offset, ReadOnlySpan<byte> data) { }
+
+    /// <summary>The driver set DRIVER_OK: start serving <paramref name="context"/>'s queues.</summary>
+    public abstract void Activate(VirtioContext context);
+
+    /// <summary>The driver reset the device: stop serving, drop in-flight state. Returns when no thread of the
+    /// device touches guest memory any more.</summary>
+    public abstract void Deactivate();
+
+    public virtual void Dispose() => GC.SuppressFinalize(this);
+}
+
+/// <summary>What an active device gets from its transport: guest memory, the negotiated features, the queues,
+/// their kick eventfds, and the ways to interrupt the driver.</summary>
+public sealed class VirtioContext(GuestMemory memory, ulong features, SplitQueue[] queues, EventFd[] kicks, IVirtioInterrupts interrupts)
+{
+    public GuestMemory Memory { get; } = memory;
+    public ulong Features { get; } = features;
+    public IReadOnlyList<SplitQueue> Queues { get; } = queues;
+
+    /// <summary>Signalled (through KVM ioeventfds, or by the transport) when the driver notifies queue i.</summary>
+    public IReadOnlyList<EventFd> Kicks { get; } = kicks;
+
+    public bool Negotiated(int bit) => VirtioFeatures.Has(Features, bit);
+
+    /// <summary>Interrupts the driver for queue <paramref name="queue"/> if it asked for one.</summary>
+    public void NotifyUsed(int queue)
+    {
+        if (Queues[queue].ShouldInterrupt())
+            interrupts.QueueInterrupt(Queues[queue]);
+    }
+
+    /// <summary>The device configuration changed (e.g. link status).</summary>
+    public void NotifyConfigChange() => interrupts.ConfigInterrupt();
+
+    /// <summary>Something the driver did makes the device unusable until reset (DEVICE_NEEDS_RESET).</summary>
+    public void NeedsReset(string why) => interrupts.NeedsReset(why);
+}
+
+/// <summary>How a device reaches its driver; implemented by the transport.</summary>
+public interface IVirtioInterrupts
+{
+    void QueueInterrupt(SplitQueue queue);
+    void ConfigInterrupt();
+    void NeedsReset(string why);
+}
+
+/// <summary>A device thread: waits on the queues' kick eventfds (and any extra fds, e.g. a tap), and calls the
+/// device for each. Stopped and joined by <see cref="Dispose"/>.</summary>
+public sealed class VirtioWorker : IDisposable
+{
+    private readonly EventFd _stop = new();
+    private readonly IReadOnlyList<EventFd> _kicks;
+    private readonly int[] _extraFds;
+    private readonly Action<int> _onQueue;
+    private readonly Action<int>? _onFd;
+    private readonly Thread _thread;
+    private readonly Func<int>? _timeoutMs;
+
+    /// <summary>Calls <paramref name="onQueue"/>(i) when kick i fires (and once for every queue at start),
+    /// <paramref name="onFd"/>(j) when extra fd j is readable.</summary>
+    public VirtioWorker(string name, IReadOnlyList<EventFd> kicks, Action<int> onQueue, int[]? extraFds = null,
+        Action<int>? onFd = null, Func<int>? timeoutMs = null)
+    {
+        _kicks = kicks;
+        _extraFds = extraFds ?? [];
+        _onQueue = onQueue;
+        _onFd = onFd;
+        _timeoutMs = timeoutMs;
+        _thread = new Thread(Loop) { Name = name, IsBackground = true };
+        _thread.Start();
+    }
+
+    /// <summary>Set when a device callback threw: the device stopped serving (a VMM bug; the VM goes on).</summary>
+    public Exception? Fault { get; private set; }
+
+    private void Loop()
+    {
+        int n = _kicks.Count + _extraFds.Length + 1;
+        var fds = new int[n];
+        var ready = new bool[n];
+        for (int i = 0; i < _kicks.Count; i++)
+            fds[i] = _kicks[i].Fd;
+        _extraFds.CopyTo(fds, _kicks.Count);
+        fds[^1] = _stop.Fd;
+        try
+        {
+            for (int i = 0; i < _kicks.Count; i++)
+                _onQueue(i); // requests queued before activation
+            while (true)
+            {
+                EventFd.Poll(fds, ready, _timeoutMs?.Invoke() ?? -1);
+                if (ready[^1])
+                    return;
+                for (int i = 0; i < _kicks.Count; i++)
+                {
+                    if (ready[i] && _kicks[i].TryRead(out _))
+                        _onQueue(i);
+                }
+                for (int j = 0; j < _extraFds.Length; j++)
+                {
+                    if (ready[_kicks.Count + j])
+                        _onFd?.Invoke(j);
+                }
+            }
+        }
+        catch (Exception e)
+        {
+            Fault = e;
+            Console.Error.WriteLine($"vmm: {_thread.Name} stopped: {e}");
+        }
+    }
+
+    public void Dispose()
+    {
+        _stop.Signal();
+        if (Thread.CurrentThread != _thread)
+            _thread.Join();
+        _stop.Dispose();
+    }
+}
