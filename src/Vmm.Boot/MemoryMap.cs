@@ -13,8 +13,9 @@ public readonly record struct MemoryMapEntry(ulong Base, ulong Length, MemoryTyp
     public ulong End => Base + Length;
 }
 
-/// <summary>The one memory map every loader reports (multiboot mmap now, e820 for Linux later): RAM below
-/// 640 KiB, the EBDA and BIOS areas reserved, RAM from 1 MiB to the 32-bit MMIO hole, RAM above 4 GiB.</summary>
+/// <summary>The one memory map every loader reports (multiboot mmap, PVH memmap, Linux e820), sorted by address: RAM
+/// below 640 KiB, the EBDA and BIOS areas reserved, RAM from 1 MiB to the 32-bit MMIO hole, the PCI ECAM area
+/// reserved, RAM above 4 GiB. The PCI windows stay out of the map, so the guest is free to place BARs there.</summary>
 public static class MemoryMap
 {
     public const ulong EbdaStart = 0x9_FC00;
@@ -39,6 +40,10 @@ public static class MemoryMap
             if (end > start)
                 map.Add(new MemoryMapEntry(start, end - start, MemoryType.Ram));
         }
+        // Reserved as e820 type 2, as PC firmware reports MMCONFIG: Linux checks the MCFG range against the e820
+        // map and the ACPI motherboard resources before using it (arch/x86/pci/mmconfig-shared.c).
+        map.Add(new MemoryMapEntry(MemoryLayout.PciEcamBase, MemoryLayout.PciEcamSize, MemoryType.Reserved));
+        map.Sort((a, b) => a.Base.CompareTo(b.Base));
         return map;
     }
 

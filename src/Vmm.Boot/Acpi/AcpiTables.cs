@@ -6,9 +6,10 @@ using Vmm.Memory;
 namespace Vmm.Boot.Acpi;
 
 /// <summary>Builds the ACPI tables a PC guest needs (ACPI 6.x): RSDP (in the legacy BIOS search area), RSDT
-/// and XSDT, FADT (PM timer, PM1a blocks, SCI on IRQ 9, reset register, century), FACS, a DSDT in AML (\_S5
-/// and COM1 with its resources) and the MADT (a local APIC per vCPU, the IOAPIC, overrides IRQ0→GSI2 and
-/// IRQ9 level/high). Every table carries a valid checksum.</summary>
+/// and XSDT, FADT (PM timer, PM1a blocks, SCI on IRQ 9, reset register, century), FACS, a DSDT in AML (\_S5,
+/// COM1, the PCI host bridge PCI0 with its windows and interrupt routing, the ECAM reservation), the MADT (a local
+/// APIC per vCPU, the IOAPIC, overrides IRQ0→GSI2 and IRQ9 level/high) and the MCFG (ECAM). Every table carries a
+/// valid checksum.</summary>
 public static class AcpiTables
 {
     /// <summary>The RSDP goes where OSes scan for it (0xE0000-0xFFFFF, 16-byte aligned); the tables follow it
@@ -24,6 +25,8 @@ public static class AcpiTables
 
     public sealed record Result(ulong Rsdp, IReadOnlyDictionary<string, byte[]> Tables);
 
+    /// <summary>Writes the tables for <paramref name="cpuCount"/> vCPUs; the PCI host bridge's 64-bit window lies above
+    /// the RAM of <paramref name="memory"/> (<see cref="MemoryLayout.Pci64Window"/>).</summary>
     public static Result Write(GuestMemory memory, int cpuCount)
     {
         ArgumentOutOfRangeException.ThrowIfGreaterThan(cpuCount, MaxCpus);
@@ -39,7 +42,7 @@ public static class AcpiTables
             return address;
         }
 
-        byte[] dsdt = Dsdt();
+        byte[] dsdt = Dsdt(MemoryLayout.Pci64Window(memory.Size));
         ulong dsdtAt = Place(dsdt);
         byte[] facs = Facs();
         ulong facsAt = Place(facs, 64); // FACS must be 64-byte aligned
@@ -47,16 +50,18 @@ public static class AcpiTables
         ulong fadtAt = Place(fadt);
         byte[] madt = Madt(cpuCount);
         ulong madtAt = Place(madt);
-        byte[] rsdt = Rsdt([(uint)fadtAt, (uint)madtAt]);
+        byte[] mcfg = Mcfg();
+        ulong mcfgAt = Place(mcfg);
+        byte[] rsdt = Rsdt([(uint)fadtAt, (uint)madtAt, (uint)mcfgAt]);
         ulong rsdtAt = Place(rsdt);
-        byte[] xsdt = Xsdt([fadtAt, madtAt]);
+        byte[] xsdt = Xsdt([fadtAt, madtAt, mcfgAt]);
         ulong xsdtAt = Place(xsdt);
         byte[] rsdp = Rsdp((uint)rsdtAt, xsdtAt);
         rsdp.CopyTo(region, 0);
         memory.Write(new GuestAddress(RsdpAddress), region.AsSpan(0, at));
 
         tables["RSDP"] = rsdp; tables["RSDT"] = rsdt; tables["XSDT"] = xsdt; tables["FACP"] = fadt;
-        tables["FACS"] = facs; tables["DSDT"] = dsdt; tables["APIC"] = madt;
+        tables["FACS"] = facs; tables["DSDT"] = dsdt; tables["APIC"] = madt; tables["MCFG"] = mcfg;
         return new Result(RsdpAddress, tables);
     }
 
@@ -190,67 +195,78 @@ public static class AcpiTables
         return Table("APIC", 5, body.ToArray());
     }
 
-    private static byte[] Dsdt() => Table("DSDT", 2, DsdtAml());
-
-    /// <summary>The DSDT's AML: Name(\_S5, Package(){5, 0, 0, 0}) and Scope(\_SB){ Device(COM1){ _HID PNP0501,
-    /// _UID 1, _STA 0xF, _CRS { IO(Decode16, 0x3F8, 0x3F8, 1, 8), IRQNoFlags(){4} } } }.</summary>
-    public static byte[] DsdtAml()
+    /// <summary>The MCFG (PCI Firmware Specification 3.2, 4.1.2): after 8 reserved bytes, one ECAM allocation —
+    /// base address, PCI segment 0, start and end bus.</summary>
+    private static byte[] Mcfg()
     {
-        var aml = new List<byte>();
-        // Name(\_S5_, Package(4){5, 0, 0, 0})
-        aml.AddRange([0x08, (byte)'\\', (byte)'_', (byte)'S', (byte)'5', (byte)'_']);
-        aml.AddRange(Package(4, [0x0A, (byte)AcpiPorts.S5SleepType, 0x00, 0x00, 0x00]));
-
-        var device = new List<byte>();
-        device.AddRange(Name("COM1"));
-        device.AddRange([0x08, .. Name("_HID"), 0x0C, .. BitConverter.GetBytes(EisaId("PNP0501"))]);
-        device.AddRange([0x08, .. Name("_UID"), 0x01]);                       // One
-        device.AddRange([0x08, .. Name("_STA"), 0x0A, 0x0F]);                 // present, enabled, shown, functioning
-        byte[] resources =
-        [
-            0x47, 0x01, 0xF8, 0x03, 0xF8, 0x03, 0x01, 0x08, // IO(Decode16, 0x3F8, 0x3F8, 1, 8)
-            0x22, 0x10, 0x00,                               // IRQNoFlags(){4}
-            0x79, 0x00,                                     // end tag
-        ];
-        device.AddRange([0x08, .. Name("_CRS"), .. Buffer(resources)]);
-        var devOp = new List<byte> { 0x5B, 0x82 };          // DeviceOp
-        devOp.AddRange(PkgLength(device.Count));
-        devOp.AddRange(device);
-
-        var scope = new List<byte> { (byte)'\\', (byte)'_', (byte)'S', (byte)'B', (byte)'_' };
-        scope.AddRange(devOp);
-        aml.Add(0x10);                                      // ScopeOp
-        aml.AddRange(PkgLength(scope.Count));
-        aml.AddRange(scope);
-        return [.. aml];
+        var body = new byte[8 + 16];
+        Span<byte> allocation = body.AsSpan(8);
+        BinaryPrimitives.WriteUInt64LittleEndian(allocation, MemoryLayout.PciEcamBase);
+        BinaryPrimitives.WriteUInt16LittleEndian(allocation[8..], 0);        // PCI segment group
+        allocation[10] = 0;                                                     // start bus
+        allocation[11] = (byte)(MemoryLayout.PciEcamBusCount - 1);             // end bus
+        return Table("MCFG", 1, body);
     }
 
-    private static byte[] Name(string name) => Encoding.ASCII.GetBytes(name);
+    private static byte[] Dsdt((ulong Start, ulong Size) pci64Window) => Table("DSDT", 2, DsdtAml(pci64Window));
 
-    private static byte[] Package(byte count, byte[] elements) =>
-        [0x12, .. PkgLength(1 + elements.Length), count, .. elements];
+    /// <summary>The DSDT's AML: \_S5 (the PM1a_CNT sleep type for soft-off) and, in \_SB, COM1, the PCI host bridge
+    /// PCI0 and MRES, the motherboard resources that reserve the ECAM area.</summary>
+    public static byte[] DsdtAml((ulong Start, ulong Size) pci64Window) =>
+    [
+        .. Aml.Name("\\_S5", Aml.Package(Aml.Integer(AcpiPorts.S5SleepType), Aml.Integer(0), Aml.Integer(0), Aml.Integer(0))),
+        .. Aml.Scope("\\_SB", Com1(), Pci0(pci64Window), MotherboardResources()),
+    ];
 
-    private static byte[] Buffer(byte[] data) =>
-        [0x11, .. PkgLength(2 + data.Length), 0x0A, (byte)data.Length, .. data];
+    private static byte[] Com1() => Aml.Device("COM1",
+        Aml.Name("_HID", Aml.EisaIdConst("PNP0501")),
+        Aml.Name("_UID", Aml.Integer(1)),
+        Aml.Name("_STA", Aml.Integer(0x0F)), // present, enabled, shown, functioning
+        Aml.Name("_CRS", Aml.ResourceTemplate(AmlResource.Io(0x3F8, 0x3F8, 1, 8), AmlResource.IrqNoFlags(4))));
 
-    /// <summary>AML PkgLength for <paramref name="contentLength"/> bytes after it (the encoding counts itself).</summary>
-    public static byte[] PkgLength(int contentLength)
+    /// <summary>The PCI Express host bridge of segment 0 (ACPI 6.4, 6.1 and 6.5; PCI Firmware Specification 4.1):
+    /// _CRS gives the root bus range, claims the 0xCF8 configuration ports and lists the windows Linux may assign BARs
+    /// in: all I/O ports but those, the 32-bit window and the 64-bit one above RAM. _PRT routes every slot's INTA-INTD
+    /// straight to IOAPIC inputs (GSI form: source Zero, source index = GSI). _ADR 0 next to _HID follows QEMU's PCI0 (the
+    /// spec discourages both; OSes identify the bridge by _HID). Without _OSC the OS takes over no native PCIe
+    /// services (hotplug, AER, PME), which vmm does not have.</summary>
+    private static byte[] Pci0((ulong Start, ulong Size) pci64Window)
     {
-        if (contentLength + 1 <= 0x3F)
-            return [(byte)(contentLength + 1)];
-        int total = contentLength + 2;
-        if (total <= 0xFFF)
-            return [(byte)(0x40 | (total & 0x0F)), (byte)(total >> 4)];
-        total = contentLength + 3;
-        return [(byte)(0x80 | (total & 0x0F)), (byte)(total >> 4), (byte)(total >> 12)];
+        const ulong lastBus = MemoryLayout.PciEcamBusCount - 1;
+        byte[] resources = Aml.ResourceTemplate(
+            AmlResource.WordBusNumber(0, (ushort)lastBus),
+            AmlResource.Io(0x0CF8, 0x0CF8, 1, 8),
+            AmlResource.WordIo(0x0000, 0x0CF7),
+            AmlResource.WordIo(0x0D00, 0xFFFF),
+            AmlResource.DWordMemory((uint)MemoryLayout.PciMmio32Start, (uint)(MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size - 1)),
+            AmlResource.QWordMemory(pci64Window.Start, pci64Window.Start + pci64Window.Size - 1));
+        var routes = new List<byte[]>();
+        for (int slot = 0; slot < 32; slot++)
+        {
+            for (int pin = 0; pin < 4; pin++)
+            {
+                routes.Add(Aml.Package(
+                    Aml.Integer(((ulong)slot << 16) | 0xFFFF), // _ADR form: device in the high word, any function
+                    Aml.Integer((ulong)pin),                    // 0 = INTA .. 3 = INTD
+                    Aml.Integer(0),                             // source: none, so the index is a GSI
+                    Aml.Integer(MemoryLayout.PciIntxGsi(slot, pin))));
+            }
+        }
+        return Aml.Device("PCI0",
+            Aml.Name("_HID", Aml.EisaIdConst("PNP0A08")),                // PCI Express root bridge
+            Aml.Name("_CID", Aml.EisaIdConst("PNP0A03")),                // PCI root bridge
+            Aml.Name("_ADR", Aml.Integer(0)),
+            Aml.Name("_UID", Aml.Integer(0)),
+            Aml.Name("_SEG", Aml.Integer(0)),
+            Aml.Name("_BBN", Aml.Integer(0)),
+            Aml.Name("_CRS", resources),
+            Aml.Name("_PRT", Aml.Package([.. routes])));
     }
 
-    /// <summary>The compressed EISA id ACPI uses for _HID ("PNP0501" → 0x0105D041).</summary>
-    public static uint EisaId(string id)
-    {
-        uint c(int i) => (uint)(id[i] - '@') & 0x1F;
-        uint h(int i) => Convert.ToUInt32(id[i].ToString(), 16);
-        uint v = (c(0) << 26) | (c(1) << 21) | (c(2) << 16) | (h(3) << 12) | (h(4) << 8) | (h(5) << 4) | h(6);
-        return BinaryPrimitives.ReverseEndianness(v);
-    }
+    /// <summary>Motherboard resources (PNP0C02) reserving the ECAM area: before it uses the MCFG, Linux looks for its
+    /// range among these ("MMCONFIG at ... reserved as ACPI motherboard resource", arch/x86/pci/mmconfig-shared.c).</summary>
+    private static byte[] MotherboardResources() => Aml.Device("MRES",
+        Aml.Name("_HID", Aml.EisaIdConst("PNP0C02")),
+        Aml.Name("_UID", Aml.Integer(0)),
+        Aml.Name("_CRS", Aml.ResourceTemplate(AmlResource.Memory32Fixed((uint)MemoryLayout.PciEcamBase, (uint)MemoryLayout.PciEcamSize))));
 }

@@ -76,42 +76,156 @@ public class AcpiTablesTests : IDisposable
     [InlineData(63, new byte[] { 0x41, 0x04 })]     // 65 = 0x41: low nibble 1, next byte 4
     [InlineData(4000, new byte[] { 0x42, 0xFA })]       // 4002 = 0xFA2: the largest two-byte form
     [InlineData(5000, new byte[] { 0x8B, 0x38, 0x01 })] // 5003 = 0x138B
-    public void AML_package_lengths_count_themselves(int content, byte[] encoded) => Assert.Equal(encoded, AcpiTables.PkgLength(content));
+    [InlineData(1_100_000, new byte[] { 0xC4, 0x8E, 0x0C, 0x01 })] // 1100004 = 0x10C8E4
+    public void AML_package_lengths_count_themselves(int content, byte[] encoded) => Assert.Equal(encoded, Aml.PkgLength(content));
 
     [Fact]
-    public void EISA_ids_compress_as_ACPI_defines() => Assert.Equal(0x0105D041u, AcpiTables.EisaId("PNP0501"));
+    public void EISA_ids_compress_as_ACPI_defines() => Assert.Equal(0x0105D041u, Aml.EisaId("PNP0501"));
 
     [Fact]
-    public void Every_table_disassembles_with_iasl_without_errors()
+    public void AML_name_strings_take_root_and_dual_name_prefixes_and_pad_segments()
     {
-        var tables = AcpiTables.Write(_mem, 2).Tables;
+        Assert.Equal("_HID"u8.ToArray(), Aml.NameString("_HID"));
+        Assert.Equal("\\_SB_"u8.ToArray(), Aml.NameString("\\_SB"));
+        Assert.Equal([(byte)'\\', 0x2E, .. "_SB_PCI0"u8], Aml.NameString("\\_SB.PCI0"));
+    }
+
+    [Fact]
+    public void The_MCFG_describes_ECAM_of_segment_0_bus_0_and_the_RSDT_and_XSDT_list_it()
+    {
+        var r = AcpiTables.Write(_mem, 1);
+        var mcfg = r.Tables["MCFG"];
+        Assert.Equal("MCFG", Encoding.ASCII.GetString(mcfg, 0, 4));
+        Assert.Equal(1, mcfg[8]);                                                   // revision
+        Assert.Equal(60, mcfg.Length);                                              // header, 8 reserved, one allocation
+        Assert.Equal((uint)mcfg.Length, BinaryPrimitives.ReadUInt32LittleEndian(mcfg.AsSpan(4)));
+        Assert.Equal(0, AcpiTables.Checksum(mcfg));
+        Assert.Equal(new byte[8], mcfg.AsSpan(36, 8).ToArray());
+        Assert.Equal(0xE000_0000UL, BinaryPrimitives.ReadUInt64LittleEndian(mcfg.AsSpan(44)));   // base address
+        Assert.Equal((ushort)0, BinaryPrimitives.ReadUInt16LittleEndian(mcfg.AsSpan(52)));      // segment group
+        Assert.Equal(0, mcfg[54]);                                                  // start bus
+        Assert.Equal(0, mcfg[55]);                                                  // end bus (one bus)
+        Assert.Equal(0u, BinaryPrimitives.ReadUInt32LittleEndian(mcfg.AsSpan(56)));
+
+        string Sig(ulong at) { var s = new byte[4]; _mem.Read(new GuestAddress(at), s); return Encoding.ASCII.GetString(s); }
+        var rsdt = r.Tables["RSDT"];
+        var xsdt = r.Tables["XSDT"];
+        Assert.Equal(["FACP", "APIC", "MCFG"], Enumerable.Range(0, (rsdt.Length - 36) / 4).Select(i => Sig(BinaryPrimitives.ReadUInt32LittleEndian(rsdt.AsSpan(36 + 4 * i)))));
+        Assert.Equal(["FACP", "APIC", "MCFG"], Enumerable.Range(0, (xsdt.Length - 36) / 8).Select(i => Sig(BinaryPrimitives.ReadUInt64LittleEndian(xsdt.AsSpan(36 + 8 * i)))));
+    }
+
+    [Theory]
+    [InlineData(2UL, "0x0000000100000000", "0x00000010FFFFFFFF")]     // RAM ends below the hole: the window starts at 4 GiB
+    [InlineData(6UL, "0x00000001C0000000", "0x00000011BFFFFFFF")]     // 3 GiB above 4 GiB: RAM ends at 7 GiB
+    public void The_DSDT_describes_the_PCI_host_bridge_with_its_windows_and_the_ECAM_reservation(ulong ramGiB, string min64, string max64)
+    {
+        using var memory = GuestMemory.Create(ramGiB * MemoryLayout.GiB);
+        string dsl = Disassemble("DSDT", AcpiTables.Write(memory, 1).Tables["DSDT"]);
+        string pci0 = Squeeze(Body(dsl, "Device (PCI0)"));
+        Assert.Contains("Name (_HID, EisaId (\"PNP0A08\")", pci0);
+        Assert.Contains("Name (_CID, EisaId (\"PNP0A03\")", pci0);
+        Assert.Contains("Name (_ADR, Zero)", pci0);
+        Assert.Contains("Name (_UID, Zero)", pci0);
+        Assert.Contains("Name (_SEG, Zero)", pci0);
+        Assert.Contains("Name (_BBN, Zero)", pci0);
+        string crs = Body(pci0, "Name (_CRS, ResourceTemplate ()");
+        Assert.Contains("WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, 0x0000, 0x0000, 0x0001,", crs);
+        Assert.Contains("IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08, )", crs);
+        Assert.Contains("WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0x0000, 0x0000, 0x0CF7, 0x0000, 0x0CF8,", crs);
+        Assert.Contains("WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0x0000, 0x0D00, 0xFFFF, 0x0000, 0xF300,", crs);
+        Assert.Contains("DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, Cacheable, ReadWrite, 0x00000000, 0xC0000000, 0xDFFFFFFF, 0x00000000, 0x20000000,", crs);
+        Assert.Contains($"QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, Cacheable, ReadWrite, 0x0000000000000000, {min64}, {max64}, 0x0000000000000000, 0x0000001000000000,", crs);
+
+        string mres = Squeeze(Body(dsl, "Device (MRES)"));
+        Assert.Contains("Name (_HID, EisaId (\"PNP0C02\")", mres);
+        Assert.Contains("Memory32Fixed (ReadWrite, 0xE0000000, 0x00100000, )", mres);
+    }
+
+    [Fact]
+    public void The_PCI_routing_table_sends_every_slot_and_pin_to_its_swizzled_GSI()
+    {
+        string prt = Squeeze(Body(Disassemble("DSDT", AcpiTables.Write(_mem, 1).Tables["DSDT"]), "Name (_PRT, Package (0x80)"));
+        var entries = System.Text.RegularExpressions.Regex.Matches(prt, @"Package \(0x04\) \{ (0x[0-9A-F]+), (\w+), Zero, (\w+) \}")
+            .Select(m => (Address: Number(m.Groups[1].Value), Pin: Number(m.Groups[2].Value), Gsi: Number(m.Groups[3].Value)))
+            .ToList();
+        var expected = from slot in Enumerable.Range(0, 32)
+                       from pin in Enumerable.Range(0, 4)
+                       select (((ulong)slot << 16) | 0xFFFF, (ulong)pin, (ulong)MemoryLayout.PciIntxGsi(slot, pin));
+        Assert.Equal(expected, entries);
+        Assert.Contains("Package (0x04) { 0x0001FFFF, Zero, Zero, 0x11 }", prt);  // slot 1 INTA → GSI 17
+        Assert.Contains("Package (0x04) { 0x0003FFFF, One, Zero, 0x10 }", prt);   // slot 3 INTB → GSI 16
+    }
+
+    private static ulong Number(string aml) => aml switch
+    {
+        "Zero" => 0,
+        "One" => 1,
+        _ => Convert.ToUInt64(aml, 16),
+    };
+
+    /// <summary>The text of the block opened by <paramref name="header"/>, up to its matching brace.</summary>
+    private static string Body(string dsl, string header)
+    {
+        int at = dsl.IndexOf(header, StringComparison.Ordinal);
+        Assert.True(at >= 0, $"no \"{header}\" in:\n{dsl}");
+        int open = dsl.IndexOf('{', at), depth = 0;
+        for (int i = open; i < dsl.Length; i++)
+        {
+            if (dsl[i] == '{')
+                depth++;
+            else if (dsl[i] == '}' && --depth == 0)
+                return dsl[at..(i + 1)];
+        }
+        throw new Xunit.Sdk.XunitException($"unbalanced braces after \"{header}\"");
+    }
+
+    /// <summary>iasl's text with // and /* */ comments dropped and whitespace runs folded to one space, so multi-line macros
+    /// such as WordIO (...) read as one line.</summary>
+    private static string Squeeze(string dsl)
+    {
+        string noComments = System.Text.RegularExpressions.Regex.Replace(dsl, @"//[^\n]*|/\*.*?\*/", "");
+        return System.Text.RegularExpressions.Regex.Replace(noComments, @"\s+", " ");
+    }
+
+    /// <summary>Runs <c>iasl -d</c> on <paramref name="table"/>, asserts it reports no errors, and returns the .dsl text.</summary>
+    private static string Disassemble(string name, byte[] table)
+    {
         string dir = Directory.CreateTempSubdirectory("vmm-acpi-").FullName;
         try
         {
-            foreach (var (name, table) in tables.Where(t => t.Key != "RSDP"))
-            {
-                string file = Path.Combine(dir, name.ToLowerInvariant() + ".dat");
-                File.WriteAllBytes(file, table);
-                var r = Repo.Run("iasl", ["-d", file], dir, TimeSpan.FromMinutes(1));
-                string output = r.Stdout + r.Stderr;
-                Assert.True(r.ExitCode == 0, $"iasl -d {name} failed: {output}");
-                Assert.DoesNotMatch(@"[1-9]\d* Errors?|Error\s+\d{4}", output);
-                string dsl = File.ReadAllText(Path.ChangeExtension(file, ".dsl"));
-                if (name == "DSDT")
-                {
-                    Assert.Contains("Name (\\_S5, Package (0x04)", dsl);
-                    Assert.Contains("Device (COM1)", dsl);
-                    Assert.Contains("EisaId (\"PNP0501\")", dsl);
-                    Assert.Contains("IO (Decode16,", dsl);
-                    Assert.Contains("IRQNoFlags ()", dsl);
-                }
-                if (name == "FACP")
-                    Assert.Contains("PM Timer Block Address : 00000608", dsl);
-            }
+            string file = Path.Combine(dir, name.ToLowerInvariant() + ".dat");
+            File.WriteAllBytes(file, table);
+            var r = Repo.Run("iasl", ["-d", file], dir, TimeSpan.FromMinutes(1));
+            string output = r.Stdout + r.Stderr;
+            Assert.True(r.ExitCode == 0, $"iasl -d {name} failed: {output}");
+            Assert.DoesNotMatch(@"[1-9]\d* Errors?|Error\s+\d{4}", output);
+            return File.ReadAllText(Path.ChangeExtension(file, ".dsl"));
         }
         finally
         {
             Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void Every_table_disassembles_with_iasl_without_errors()
+    {
+        foreach (var (name, table) in AcpiTables.Write(_mem, 2).Tables.Where(t => t.Key != "RSDP"))
+        {
+            string dsl = Disassemble(name, table);
+            if (name == "DSDT")
+            {
+                Assert.Contains("Name (\\_S5, Package (0x04)", dsl);
+                Assert.Contains("Device (COM1)", dsl);
+                Assert.Contains("EisaId (\"PNP0501\")", dsl);
+                Assert.Contains("IO (Decode16,", dsl);
+                Assert.Contains("IRQNoFlags ()", dsl);
+                Assert.Contains("Device (PCI0)", dsl);
+            }
+            if (name == "FACP")
+                Assert.Contains("PM Timer Block Address : 00000608", dsl);
+            if (name == "MCFG")
+                Assert.Matches(@"Base Address : 00000000E0000000\s+.*Segment Group Number : 0000\s+.*Start Bus Number : 00\s+.*End Bus Number : 00", dsl);
         }
     }
 }

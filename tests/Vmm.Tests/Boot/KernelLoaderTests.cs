@@ -82,7 +82,8 @@ public class KernelLoaderTests : IDisposable
         var entries = new List<(ulong, ulong, uint)>();
         for (ulong at = mmap; at < mmap + mmapLength; at += U32(at) + 4)
             entries.Add((_mem.ReadObj<ulong>(new GuestAddress(at + 4)), _mem.ReadObj<ulong>(new GuestAddress(at + 12)), U32(at + 20)));
-        Assert.Equal([(0UL, 0x9FC00UL, 1u), (0x9FC00UL, 0x400UL, 2u), (0xF0000UL, 0x10000UL, 2u), (0x100000UL, 63 * MemoryLayout.MiB, 1u)], entries);
+        Assert.Equal([(0UL, 0x9FC00UL, 1u), (0x9FC00UL, 0x400UL, 2u), (0xF0000UL, 0x10000UL, 2u), (0x100000UL, 63 * MemoryLayout.MiB, 1u),
+            (0xE000_0000UL, MemoryLayout.MiB, 2u)], entries);
     }
 
     [Fact]
@@ -193,12 +194,22 @@ public class KernelLoaderTests : IDisposable
     }
 
     [Fact]
-    public void Memory_map_reserves_the_BIOS_areas_and_resumes_above_4_GiB()
+    public void Memory_map_reserves_the_BIOS_areas_and_ECAM_and_resumes_above_4_GiB()
     {
         using var big = GuestMemory.Create(4 * MemoryLayout.GiB);
         var map = MemoryMap.For(big);
         Assert.Equal(new MemoryMapEntry(0x1_0000_0000, MemoryLayout.GiB, MemoryType.Ram), map[^1]);
-        Assert.Equal(new MemoryMapEntry(0x10_0000, MemoryLayout.MmioHoleStart - 0x10_0000, MemoryType.Ram), map[^2]);
+        Assert.Equal(new MemoryMapEntry(0xE000_0000, MemoryLayout.MiB, MemoryType.Reserved), map[^2]);
+        Assert.Equal(new MemoryMapEntry(0x10_0000, MemoryLayout.MmioHoleStart - 0x10_0000, MemoryType.Ram), map[^3]);
+    }
+
+    [Fact]
+    public void Memory_map_leaves_the_32_bit_PCI_window_out_so_the_guest_can_assign_BARs_there()
+    {
+        using var big = GuestMemory.Create(4 * MemoryLayout.GiB);
+        var map = MemoryMap.For(big);
+        Assert.DoesNotContain(map, e => e.Base < MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size && e.End > MemoryLayout.PciMmio32Start);
+        Assert.Equal(map.OrderBy(e => e.Base), map);
     }
 
     [Fact]

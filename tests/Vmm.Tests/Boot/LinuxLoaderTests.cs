@@ -72,6 +72,7 @@ public class LinuxLoaderTests : IDisposable
             Assert.Equal(map[i].Length, _mem.ReadObj<ulong>(new GuestAddress(at + 8)));
             Assert.Equal((uint)map[i].Type, _mem.ReadObj<uint>(new GuestAddress(at + 16)));
         }
+        Assert.Contains(new MemoryMapEntry(0xE000_0000, MemoryLayout.MiB, MemoryType.Reserved), map); // ECAM
     }
 
     [Fact]

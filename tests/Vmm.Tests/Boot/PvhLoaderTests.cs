@@ -48,6 +48,7 @@ public class PvhLoaderTests : IDisposable
             Assert.Equal(map[i].Length, U64(memmap + 24 * (ulong)i + 8));
             Assert.Equal((uint)map[i].Type, U32(memmap + 24 * (ulong)i + 16));
         }
+        Assert.Contains(new MemoryMapEntry(0xE000_0000, MemoryLayout.MiB, MemoryType.Reserved), map); // ECAM
         ulong mod = U64(info + 16);
         ulong modStart = U64(mod);
         Assert.Equal(4UL, U64(mod + 8));

@@ -1,0 +1,178 @@
+using System.Buffers.Binary;
+using System.Text;
+
+namespace Vmm.Boot.Acpi;
+
+/// <summary>Just enough hand-encoded AML (ACPI 6.4, chapter 20) for vmm's DSDT: names, scopes, devices,
+/// integers, packages and buffers. Each helper returns the encoded term; callers concatenate them.</summary>
+public static class Aml
+{
+    // ACPI 6.4, 20.2: opcodes and prefixes.
+    private const byte ZeroOp = 0x00, OneOp = 0x01, NameOp = 0x08, BytePrefix = 0x0A, WordPrefix = 0x0B,
+        DWordPrefix = 0x0C, QWordPrefix = 0x0E, ScopeOp = 0x10, BufferOp = 0x11, PackageOp = 0x12,
+        DualNamePrefix = 0x2E, MultiNamePrefix = 0x2F, RootChar = (byte)'\\', ExtOpPrefix = 0x5B, DeviceOp = 0x82;
+
+    /// <summary>Name(<paramref name="name"/>, <paramref name="value"/>).</summary>
+    public static byte[] Name(string name, byte[] value) => [NameOp, .. NameString(name), .. value];
+
+    /// <summary>Scope(<paramref name="name"/>) { <paramref name="terms"/> }.</summary>
+    public static byte[] Scope(string name, params byte[][] terms) => [ScopeOp, .. Sized([.. NameString(name), .. Concat(terms)])];
+
+    /// <summary>Device(<paramref name="name"/>) { <paramref name="terms"/> }.</summary>
+    public static byte[] Device(string name, params byte[][] terms) =>
+        [ExtOpPrefix, DeviceOp, .. Sized([.. NameString(name), .. Concat(terms)])];
+
+    /// <summary>Package(){ <paramref name="elements"/> } (at most 255 elements: no VarPackage).</summary>
+    public static byte[] Package(params byte[][] elements)
+    {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(elements.Length, 255);
+        return [PackageOp, .. Sized([(byte)elements.Length, .. Concat(elements)])];
+    }
+
+    /// <summary>Buffer(){ <paramref name="data"/> }.</summary>
+    public static byte[] Buffer(ReadOnlySpan<byte> data) => [BufferOp, .. Sized([.. Integer((ulong)data.Length), .. data])];
+
+    /// <summary>An integer in the shortest encoding, as iasl emits it: Zero, One, or a Byte/Word/DWord/QWord constant.</summary>
+    public static byte[] Integer(ulong value) => value switch
+    {
+        0 => [ZeroOp],
+        1 => [OneOp],
+        <= byte.MaxValue => [BytePrefix, (byte)value],
+        <= ushort.MaxValue => [WordPrefix, .. LittleEndian(value, 2)],
+        <= uint.MaxValue => [DWordPrefix, .. LittleEndian(value, 4)],
+        _ => [QWordPrefix, .. LittleEndian(value, 8)],
+    };
+
+    /// <summary>EisaId("<paramref name="id"/>"): always a DWord constant, which is how disassemblers recognise it.</summary>
+    public static byte[] EisaIdConst(string id) => [DWordPrefix, .. LittleEndian(EisaId(id), 4)];
+
+    /// <summary>The compressed EISA id ACPI uses for _HID ("PNP0501" → 0x0105D041): three 5-bit letters and four hex
+    /// digits, stored big-endian.</summary>
+    public static uint EisaId(string id)
+    {
+        uint c(int i) => (uint)(id[i] - '@') & 0x1F;
+        uint h(int i) => Convert.ToUInt32(id[i].ToString(), 16);
+        uint v = (c(0) << 26) | (c(1) << 21) | (c(2) << 16) | (h(3) << 12) | (h(4) << 8) | (h(5) << 4) | h(6);
+        return BinaryPrimitives.ReverseEndianness(v);
+    }
+
+    /// <summary>A NameString (ACPI 6.4, 20.2.2): an optional root prefix '\', then dot-separated segments, each padded
+    /// with '_' to four characters ("\_SB.PCI0", "_HID", "COM1").</summary>
+    public static byte[] NameString(string path)
+    {
+        var bytes = new List<byte>();
+        if (path.StartsWith('\\'))
+        {
+            bytes.Add(RootChar);
+            path = path[1..];
+        }
+        string[] segments = path.Split('.');
+        if (segments.Length == 2)
+            bytes.Add(DualNamePrefix);
+        else if (segments.Length > 2)
+            bytes.AddRange([MultiNamePrefix, (byte)segments.Length]);
+        foreach (string segment in segments)
+        {
+            if (segment.Length is 0 or > 4)
+                throw new ArgumentException($"AML name segment \"{segment}\" in \"{path}\" is not 1-4 characters", nameof(path));
+            bytes.AddRange(Encoding.ASCII.GetBytes(segment.PadRight(4, '_')));
+        }
+        return [.. bytes];
+    }
+
+    /// <summary>AML PkgLength for <paramref name="contentLength"/> bytes after it (the encoding counts itself).</summary>
+    public static byte[] PkgLength(int contentLength)
+    {
+        if (contentLength + 1 <= 0x3F)
+            return [(byte)(contentLength + 1)];
+        int total = contentLength + 2;
+        if (total <= 0xFFF)
+            return [(byte)(0x40 | (total & 0x0F)), (byte)(total >> 4)];
+        total = contentLength + 3;
+        if (total <= 0xF_FFFF)
+            return [(byte)(0x80 | (total & 0x0F)), (byte)(total >> 4), (byte)(total >> 12)];
+        total = contentLength + 4;
+        return [(byte)(0xC0 | (total & 0x0F)), (byte)(total >> 4), (byte)(total >> 12), (byte)(total >> 20)];
+    }
+
+    /// <summary>ResourceTemplate(){ <paramref name="descriptors"/> }: a buffer of resource descriptors closed by the
+    /// end tag, whose checksum makes the bytes sum to zero (ACPI 6.4, 6.4.2.9).</summary>
+    public static byte[] ResourceTemplate(params byte[][] descriptors)
+    {
+        byte[] data = [.. Concat(descriptors), 0x79, 0x00];
+        data[^1] = (byte)-AcpiTables.Checksum(data);
+        return Buffer(data);
+    }
+
+    private static byte[] Sized(byte[] content) => [.. PkgLength(content.Length), .. content];
+
+    private static IEnumerable<byte> Concat(byte[][] parts) => parts.SelectMany(p => p);
+
+    private static byte[] LittleEndian(ulong value, int size)
+    {
+        var b = new byte[size];
+        for (int i = 0; i < size; i++)
+            b[i] = (byte)(value >> (8 * i));
+        return b;
+    }
+}
+
+/// <summary>The resource descriptors vmm's _CRS objects use (ACPI 6.4, 6.4.2 small and 6.4.3 large resource
+/// data types). Bridge windows are "producer" address-space descriptors with fixed minimum and maximum.</summary>
+public static class AmlResource
+{
+    private enum AddressSpace : byte { Memory = 0, Io = 1, BusNumber = 2 }
+
+    /// <summary>IO(Decode16, min, max, alignment, length): a fixed I/O range the device itself decodes (6.4.2.5).</summary>
+    public static byte[] Io(ushort min, ushort max, byte alignment, byte length) =>
+        [0x47, 0x01, (byte)min, (byte)(min >> 8), (byte)max, (byte)(max >> 8), alignment, length];
+
+    /// <summary>IRQNoFlags(){<paramref name="irq"/>}: edge-triggered, active-high, exclusive ISA IRQ (6.4.2.1).</summary>
+    public static byte[] IrqNoFlags(int irq) => [0x22, (byte)(1 << irq), (byte)((1 << irq) >> 8)];
+
+    /// <summary>Memory32Fixed(ReadWrite, base, length) (6.4.3.4).</summary>
+    public static byte[] Memory32Fixed(uint address, uint length)
+    {
+        var d = new byte[12];
+        d[0] = 0x86;
+        BinaryPrimitives.WriteUInt16LittleEndian(d.AsSpan(1), 9);
+        d[3] = 0x01; // read-write
+        BinaryPrimitives.WriteUInt32LittleEndian(d.AsSpan(4), address);
+        BinaryPrimitives.WriteUInt32LittleEndian(d.AsSpan(8), length);
+        return d;
+    }
+
+    /// <summary>WordBusNumber(ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, min, max, 0, max - min + 1).</summary>
+    public static byte[] WordBusNumber(ushort min, ushort max) => Address(0x88, 2, AddressSpace.BusNumber, 0, min, max);
+
+    /// <summary>WordIO(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, 0, min, max, 0, max - min + 1).</summary>
+    public static byte[] WordIo(ushort min, ushort max) => Address(0x88, 2, AddressSpace.Io, IoEntireRange, min, max);
+
+    /// <summary>DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, Cacheable, ReadWrite, 0, min, max, 0, length).</summary>
+    public static byte[] DWordMemory(uint min, uint max) => Address(0x87, 4, AddressSpace.Memory, MemoryCacheableReadWrite, min, max);
+
+    /// <summary>QWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, Cacheable, ReadWrite, 0, min, max, 0, length).</summary>
+    public static byte[] QWordMemory(ulong min, ulong max) => Address(0x8A, 8, AddressSpace.Memory, MemoryCacheableReadWrite, min, max);
+
+    /// <summary>Type-specific flags (6.4.3.5.4): I/O _RNG = 3, both ISA and non-ISA ranges; memory _RW = 1 and
+    /// _MEM = 1, cacheable (not prefetchable: Linux never places a non-prefetchable BAR in a prefetchable window).</summary>
+    private const byte IoEntireRange = 0x03, MemoryCacheableReadWrite = 0x03;
+
+    /// <summary>A Word (0x88), DWord (0x87) or QWord (0x8A) Address Space Descriptor (6.4.3.5.1-3): general flags
+    /// _MAF | _MIF, positive decode, producer (a bridge window); fields _GRA (0: fixed size and location), _MIN,
+    /// _MAX, _TRA (0: no translation) and _LEN, each <paramref name="width"/> bytes.</summary>
+    private static byte[] Address(byte tag, int width, AddressSpace type, byte typeFlags, ulong min, ulong max)
+    {
+        var d = new byte[6 + 5 * width];
+        d[0] = tag;
+        BinaryPrimitives.WriteUInt16LittleEndian(d.AsSpan(1), (ushort)(d.Length - 3));
+        d[3] = (byte)type;
+        d[4] = 0x0C; // bit 3 _MAF, bit 2 _MIF; bit 1 _DEC = 0 positive decode; bit 0 = 0 producer and consumer
+        d[5] = typeFlags;
+        ReadOnlySpan<ulong> fields = [0, min, max, 0, max - min + 1];
+        for (int i = 0; i < fields.Length; i++)
+            for (int b = 0; b < width; b++)
+                d[6 + i * width + b] = (byte)(fields[i] >> (8 * b));
+        return d;
+    }
+}
