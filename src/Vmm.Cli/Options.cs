@@ -28,6 +28,10 @@ public sealed class Options
     public bool Stats { get; set; }
     public bool NoIrqchip { get; set; }
     public RebootAction OnReboot { get; set; } = RebootAction.Exit;
+    public List<DiskConfig> Disks { get; } = [];
+    public List<NetConfig> Nets { get; } = [];
+    public bool VirtioConsole { get; set; }
+    public bool Rng { get; set; }
 
     public const string HelpText = """
         vmm — a KVM virtual machine monitor
@@ -52,6 +56,16 @@ public sealed class Options
           --serial MODE        COM1 (0x3f8, IRQ 4): stdio (default: guest output on stdout, stdin to the
                                guest; a terminal is put in raw mode and Ctrl-A x quits, Ctrl-A Ctrl-A
                                sends Ctrl-A), file:PATH (output appended to PATH), none
+          --disk path=FILE[,readonly=on][,direct=on][,serial=ID]
+                               a virtio-blk disk on a raw image (repeatable); readonly=on rejects writes,
+                               direct=on bypasses the host page cache (O_DIRECT); serial is what GET_ID
+                               answers (at most 20 bytes)
+          --net tap=NAME[,mac=MAC]
+                               a virtio-net interface on tap NAME (created if absent; needs CAP_NET_ADMIN),
+                               MAC e.g. 52:54:00:12:34:56 (default: random 52:54:00:xx:xx:xx)
+          --console MODE       serial (default) or virtio: a virtio-console port shares the --serial
+                               output and takes the console input instead of COM1
+          --rng                a virtio-rng device fed from the host CSPRNG
           --log-level LEVEL    error, warn (default), info or debug; debug also lists unclaimed I/O
           --stats              print per-vCPU exit counts, costs and vCPU-thread allocations at exit
           --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)
@@ -145,6 +159,20 @@ public sealed class Options
                     o.LogLevel = level;
                     break;
                 }
+                case "--disk": o.Disks.Add(ParseDisk(Value())); break;
+                case "--net": o.Nets.Add(ParseNet(Value())); break;
+                case "--console":
+                {
+                    string v = Value();
+                    o.VirtioConsole = v switch
+                    {
+                        "serial" => false,
+                        "virtio" => true,
+                        _ => throw new UsageException($"--console must be serial or virtio, not '{v}'"),
+                    };
+                    break;
+                }
+                case "--rng": o.Rng = true; break;
                 case "--stats": o.Stats = true; break;
                 case "--no-irqchip": o.NoIrqchip = true; break;
                 case "--on-reboot":
@@ -171,6 +199,63 @@ public sealed class Options
         if (o.Demo && (o.Kernel is not null || o.Initrd is not null))
             throw new UsageException("'demo' boots the built-in guest: --kernel and --initrd belong to 'run'");
         return o;
+    }
+
+    /// <summary>"key=value,key=value" of a device option; unknown or repeated keys are errors.</summary>
+    private static Dictionary<string, string> ParseKeyValues(string text, string option, string[] keys)
+    {
+        var result = new Dictionary<string, string>();
+        foreach (string part in text.Split(','))
+        {
+            int eq = part.IndexOf('=');
+            if (eq <= 0)
+                throw new UsageException($"{option}: '{part}' is not key=value (keys: {string.Join(", ", keys)})");
+            string key = part[..eq], value = part[(eq + 1)..];
+            if (!keys.Contains(key))
+                throw new UsageException($"{option}: unknown key '{key}' (keys: {string.Join(", ", keys)})");
+            if (!result.TryAdd(key, value))
+                throw new UsageException($"{option}: '{key}' given twice");
+        }
+        return result;
+    }
+
+    private static bool OnOff(Dictionary<string, string> kv, string key, string option) =>
+        !kv.TryGetValue(key, out string? v) ? false : v switch
+        {
+            "on" or "true" or "yes" => true,
+            "off" or "false" or "no" => false,
+            _ => throw new UsageException($"{option}: {key} must be on or off, not '{v}'"),
+        };
+
+    public static DiskConfig ParseDisk(string text)
+    {
+        var kv = ParseKeyValues(text, "--disk", ["path", "readonly", "direct", "serial"]);
+        if (!kv.TryGetValue("path", out string? path) || path.Length == 0)
+            throw new UsageException("--disk needs path=FILE");
+        kv.TryGetValue("serial", out string? serial);
+        if (serial is not null && (serial.Length > 20 || serial.Any(c => c < 0x20 || c > 0x7E)))
+            throw new UsageException($"--disk: serial '{serial}' must be at most 20 printable ASCII characters");
+        return new DiskConfig(path, OnOff(kv, "readonly", "--disk"), OnOff(kv, "direct", "--disk"), serial);
+    }
+
+    public static NetConfig ParseNet(string text)
+    {
+        var kv = ParseKeyValues(text, "--net", ["tap", "mac"]);
+        if (!kv.TryGetValue("tap", out string? tap) || tap.Length == 0)
+            throw new UsageException("--net needs tap=NAME");
+        if (tap.Length > 15 || tap.Any(c => c is '/' or ' ' or ':' || char.IsControl(c)))
+            throw new UsageException($"--net: '{tap}' is not a valid interface name (at most 15 characters, no '/', ':' or spaces)");
+        byte[]? mac = null;
+        if (kv.TryGetValue("mac", out string? m))
+        {
+            string[] parts = m.Split(':');
+            mac = new byte[6];
+            if (parts.Length != 6 || !parts.Select((p, i) => p.Length == 2 && byte.TryParse(p, NumberStyles.HexNumber, CultureInfo.InvariantCulture, out mac[i])).All(ok => ok))
+                throw new UsageException($"--net: mac '{m}' is not six hex bytes such as 52:54:00:12:34:56");
+            if ((mac[0] & 1) != 0)
+                throw new UsageException($"--net: mac '{m}' is a multicast address");
+        }
+        return new NetConfig(tap, mac);
     }
 
     /// <summary>"128M", "2G", "512K", "1T", "4096" (bytes); "MiB"/"MB" spellings too (all binary units).</summary>

@@ -93,6 +93,10 @@ public static class Program
                 SerialOutput = serialOut,
                 SerialInput = serialIn,
                 InKernelIrqchip = !options.NoIrqchip,
+                Disks = options.Disks,
+                Nets = options.Nets,
+                VirtioConsole = options.VirtioConsole,
+                VirtioRng = options.Rng,
                 ConsoleEscape = terminal is not null,
             };
 

@@ -28,6 +28,21 @@ public sealed record MachineConfig
 
     public string KvmPath { get; init; } = "/dev/kvm";
 
+    /// <summary>virtio-blk disks, in PCI slot order.</summary>
+    public IReadOnlyList<DiskConfig> Disks { get; init; } = [];
+
+    /// <summary>virtio-net interfaces on tap devices.</summary>
+    public IReadOnlyList<NetConfig> Nets { get; init; } = [];
+
+    /// <summary>A virtio-console port on the console: its output joins the UART's, and the console input goes to
+    /// it instead of the UART.</summary>
+    public bool VirtioConsole { get; init; }
+
+    /// <summary>A virtio-rng device fed from the host CSPRNG.</summary>
+    public bool VirtioRng { get; init; }
+
+    public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng;
+
     public void Validate()
     {
         if (Cpus < 1)
@@ -41,8 +56,24 @@ public sealed record MachineConfig
             throw new ConfigException($"--memory {MemoryBytes >> 30} GiB is beyond the {MaxMemory >> 40} TiB vmm supports");
         if (Cpus > 1 && !InKernelIrqchip)
             throw new ConfigException("--cpus above 1 needs the in-kernel irqchip: without it KVM starts every vCPU at the reset vector instead of waiting for INIT/SIPI (drop --no-irqchip)");
+        if (HasPciDevices && !InKernelIrqchip)
+            throw new ConfigException("virtio devices need the in-kernel irqchip for their MSI-X and INTx interrupts (drop --no-irqchip)");
+        // Slot 0 is the host bridge.
+        int devices = Disks.Count + Nets.Count + (VirtioConsole ? 1 : 0) + (VirtioRng ? 1 : 0);
+        if (devices > 31)
+            throw new ConfigException($"{devices} PCI devices requested; the root bus has 31 free slots");
+        foreach (var group in Nets.GroupBy(n => n.Tap).Where(g => g.Count() > 1))
+            throw new ConfigException($"--net tap={group.Key} is given {group.Count()} times; each interface needs its own tap");
+        foreach (var group in Disks.GroupBy(d => Path.GetFullPath(d.Path)).Where(g => g.Count() > 1 && g.Any(d => !d.ReadOnly)))
+            throw new ConfigException($"--disk path={group.First().Path} is attached {group.Count()} times and writable: that corrupts the image");
     }
 }
 
 /// <summary>An invalid machine configuration; the message says which option and why.</summary>
 public sealed class ConfigException(string message) : Exception(message);
+
+/// <summary>One <c>--disk</c>: a raw image served by virtio-blk.</summary>
+public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null);
+
+/// <summary>One <c>--net</c>: a virtio-net interface on tap <paramref name="Tap"/>.</summary>
+public sealed record NetConfig(string Tap, byte[]? Mac = null);

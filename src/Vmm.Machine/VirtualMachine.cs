@@ -3,6 +3,8 @@ using Vmm.Boot;
 using Vmm.Boot.Acpi;
 using Vmm.Devices;
 using Vmm.Devices.Legacy;
+using Vmm.Devices.Pci;
+using Vmm.Devices.Virtio;
 using Vmm.Kvm;
 using Vmm.Memory;
 using static Vmm.Interop.KvmConstants;
@@ -81,6 +83,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             }
             IoBus.Insert(new CmosRtc(below4G, _memory.Size - below4G), CmosRtc.Port, 2);
             IoBus.Insert(new AcpiPmDevice(this), AcpiPorts.BlockStart, AcpiPorts.BlockLength);
+            SetUpPci();
 
             KickSignal.EnsureInstalled();
             var dispatcher = new ExitDispatcher(IoBus, MmioBus);
@@ -114,6 +117,9 @@ public sealed class VirtualMachine : IVmControl, IDisposable
     }
 
     public Bus IoBus { get; } = null!;
+    public PciRootBus Pci { get; private set; } = null!;
+    private readonly List<VirtioPciFunction> _virtio = [];
+    private KvmMsiController? _msi;
     public Bus MmioBus { get; } = null!;
     public Serial16550 Serial { get; } = null!;
     public PostCodeSink PostCode { get; } = null!;
@@ -161,6 +167,51 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             _vm.CreateIrqChip();
             _vm.CreatePit2();
         }
+    }
+
+    /// <summary>The PCI root bus (always there: guests probe it) and the virtio devices the config asks for.</summary>
+    private void SetUpPci()
+    {
+        var (window64, window64Size) = MemoryLayout.Pci64Window(_memory.Size);
+        Pci = new PciRootBus(window64, window64Size);
+        IoBus.Insert(Pci.ConfigIo, PciRootBus.ConfigIoPort, PciRootBus.ConfigIoLength);
+        MmioBus.Insert(Pci.Ecam, MemoryLayout.PciEcamBase, MemoryLayout.PciEcamSize);
+        MmioBus.Insert(Pci.Mmio32Window, MemoryLayout.PciMmio32Start, MemoryLayout.PciMmio32Size);
+        MmioBus.Insert(Pci.Mmio64Window, window64, window64Size);
+        if (!_config.HasPciDevices)
+            return;
+        // MSI-X routes and irqfds need KVM_SET_GSI_ROUTING / KVM_IRQFD; notifications use KVM_IOEVENTFD.
+        var missing = new[] { (KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"), (KVM_CAP_IRQFD, "KVM_CAP_IRQFD"), (KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD") }
+            .Where(c => _vm.CheckExtension(c.Item1) <= 0).Select(c => c.Item2).ToList();
+        if (missing.Count > 0)
+            throw new KvmUnavailableException($"virtio devices need {string.Join(", ", missing)}, which this KVM lacks");
+        _msi = new KvmMsiController(_vm);
+        var ioEvents = new KvmIoEventRegistrar(_vm);
+        var intx = new SharedInterruptLine[4];
+        for (int i = 0; i < intx.Length; i++)
+            intx[i] = new SharedInterruptLine(new KvmIrqLine(_vm, MemoryLayout.PciIntxFirstGsi + (uint)i));
+        foreach (var device in CreateVirtioDevices())
+        {
+            VirtioPciFunction function;
+            try
+            {
+                function = new VirtioPciFunction(device, _memory, _msi, ioEvents);
+            }
+            catch
+            {
+                device.Dispose();
+                throw;
+            }
+            _virtio.Add(function);
+            int slot = Pci.Add(function);
+            function.ConnectIntx(intx[MemoryLayout.PciIntxGsi(slot, 0) - MemoryLayout.PciIntxFirstGsi].Connect());
+            _log.Info($"PCI 00:{slot:x2}.0: {device.Name}, BAR0 at 0x{function.Config.BarAddress(0):x}");
+        }
+    }
+
+    private IEnumerable<VirtioDevice> CreateVirtioDevices()
+    {
+        yield break;
     }
 
     /// <summary>Starts every vCPU and blocks until the VM ends.</summary>
@@ -232,6 +283,10 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             v.Join();
         foreach (var v in _vcpus)
             v.Dispose();
+        // Device threads stop before the memory they serve goes away.
+        foreach (var f in _virtio)
+            f.Dispose();
+        _msi?.Dispose();
         _console?.Dispose();
         _memory?.Dispose();
         _vm?.Dispose();

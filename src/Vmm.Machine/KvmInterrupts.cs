@@ -1,0 +1,108 @@
+using Vmm.Devices.Pci;
+using Vmm.Devices.Virtio;
+using Vmm.Interop;
+using Vmm.Kvm;
+using static Vmm.Interop.KvmConstants;
+
+namespace Vmm.Machine;
+
+/// <summary>MSI vectors as KVM GSI routes fed by irqfds: a device thread's eventfd write becomes an interrupt in
+/// the kernel, with no exit and no code of ours on a vCPU. Owns the VM's whole GSI routing table, because
+/// KVM_SET_GSI_ROUTING replaces it: the in-kernel PIC/IOAPIC pins are kept as KVM's default routing has them.</summary>
+internal sealed class KvmMsiController(VmFd vm) : IMsiController, IDisposable
+{
+    /// <summary>GSIs below this are the IOAPIC's 24 pins.</summary>
+    public const uint FirstMsiGsi = 24;
+
+    private readonly Lock _lock = new();
+    private readonly List<Vector> _vectors = [];
+    private uint _nextGsi = FirstMsiGsi;
+
+    public IMsiVector CreateVector(string owner, int index)
+    {
+        lock (_lock)
+        {
+            var v = new Vector(this, _nextGsi++, $"{owner} MSI-X vector {index}");
+            vm.AssignIrqfd(v.EventFd.Fd, v.Gsi);
+            _vectors.Add(v);
+            return v;
+        }
+    }
+
+    /// <summary>Installs the routing table: irqchip pins plus every configured MSI route.</summary>
+    private void Update()
+    {
+        var routes = new List<kvm_irq_routing_entry>();
+        for (uint gsi = 0; gsi < 24; gsi++)
+        {
+            if (gsi < 16)
+                routes.Add(Irqchip(gsi, gsi < 8 ? KVM_IRQCHIP_PIC_MASTER : KVM_IRQCHIP_PIC_SLAVE, gsi % 8));
+            routes.Add(Irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        foreach (var v in _vectors)
+        {
+            if (v.Address is ulong address)
+                routes.Add(Msi(v.Gsi, address, v.Data));
+        }
+        vm.SetGsiRouting(routes.ToArray());
+    }
+
+    private static unsafe kvm_irq_routing_entry Irqchip(uint gsi, uint chip, uint pin)
+    {
+        var e = new kvm_irq_routing_entry { gsi = gsi, type = KVM_IRQ_ROUTING_IRQCHIP };
+        e.u[0] = chip;
+        e.u[1] = pin;
+        return e;
+    }
+
+    private static unsafe kvm_irq_routing_entry Msi(uint gsi, ulong address, uint data)
+    {
+        var e = new kvm_irq_routing_entry { gsi = gsi, type = KVM_IRQ_ROUTING_MSI };
+        e.u[0] = (uint)address;
+        e.u[1] = (uint)(address >> 32);
+        e.u[2] = data;
+        return e;
+    }
+
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            foreach (var v in _vectors)
+                v.EventFd.Dispose();
+            _vectors.Clear();
+        }
+    }
+
+    private sealed class Vector(KvmMsiController owner, uint gsi, string name) : IMsiVector
+    {
+        public EventFd EventFd { get; } = new();
+        public uint Gsi { get; } = gsi;
+        public string Name { get; } = name;
+        public ulong? Address { get; private set; }
+        public uint Data { get; private set; }
+
+        public void Configure(ulong address, uint data)
+        {
+            lock (owner._lock)
+            {
+                if (Address == address && Data == data)
+                    return;
+                Address = address;
+                Data = data;
+                owner.Update();
+            }
+        }
+
+        public void Trigger() => EventFd.Signal();
+    }
+}
+
+/// <summary>Queue notifications as KVM ioeventfds on the MMIO bus.</summary>
+internal sealed class KvmIoEventRegistrar(VmFd vm) : IIoEventRegistrar
+{
+    public void Register(EventFd eventFd, ulong address, uint length) => vm.AssignIoeventfd(eventFd.Fd, address, length);
+
+    public void Unregister(EventFd eventFd, ulong address, uint length) =>
+        vm.AssignIoeventfd(eventFd.Fd, address, length, deassign: true);
+}
