@@ -176,7 +176,16 @@ public class KvmBootTests(KvmFixture kvm, Xunit.Abstractions.ITestOutputHelper o
         Assert.Contains("smpboot: Allowing 2 CPUs", r.Stdout);
         Assert.Contains("smp: Brought up 1 node, 2 CPUs", r.Stdout);
         Assert.Contains("ACPI: PM: (supports S0 S5)", r.Stdout);
-        Assert.Contains("pnp: PnP ACPI: found 1 devices", r.Stdout);
+        Assert.Contains("pnp: PnP ACPI: found 2 devices", r.Stdout); // COM1 and the ECAM reservation (PNP0C02)
+        // PCI: ECAM from the MCFG, reserved by the motherboard resources; the root bridge from the DSDT with
+        // our windows; the virtio functions with the BARs vmm placed, found by Linux's own enumeration.
+        Assert.Contains("PCI: MMCONFIG for domain 0000 [bus 00-00] at [mem 0xe0000000-0xe00fffff] (base 0xe0000000)", r.Stdout);
+        Assert.Contains("ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])", r.Stdout);
+        Assert.Contains("pci_bus 0000:00: root bus resource [mem 0xc0000000-0xdfffffff window]", r.Stdout);
+        Assert.Contains("pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000", r.Stdout);
+        Assert.Contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000", r.Stdout);
+        Assert.Contains("pci 0000:00:01.0: reg 0x10: [mem 0xc0000000-0xc0007fff]", r.Stdout);
+        Assert.Contains("pci 0000:00:02.0: [1af4:1044]", r.Stdout);
         Assert.Contains("guest requested a reset (ACPI reset register)", r.Stderr);
         // The CMOS clock answers with the host's date (UTC): Linux sets its clock from it.
         // (the run may have started before midnight UTC)

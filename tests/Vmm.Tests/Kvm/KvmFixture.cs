@@ -19,6 +19,9 @@ public sealed class KvmFixture
         {
             ["multiboot-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "multiboot-test.elf")),
             ["smp-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "smp-test.elf")),
+            ["virtio-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "virtio-test.elf")),
+            ["net-responder"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "net-responder")),
+            ["disk.img"] = VirtioTestDisk.Original(),
             ["module.txt"] = Encoding.ASCII.GetBytes("hello from module 0\n"),
             ["pio.bin"] = MicroGuests.PortIo(),
             ["mmio.elf"] = MicroGuests.Mmio64(),
@@ -50,7 +53,21 @@ public sealed class KvmFixture
             new("bad-image", ["run", "--kernel", "garbage.bin"]),
             // A stock Debian kernel, no initramfs: it boots until it cannot mount a root file system, then
             // panic=-1 reboots through the i8042 (vmm exits 0).
-            new("linux", ["run", "--kernel", "vmlinuz", "--memory", "256M", "--cpus", "2", "--cmdline", LinuxCommandLine, "--log-level", "info"]),
+            new("linux", ["run", "--kernel", "vmlinuz", "--memory", "256M", "--cpus", "2", "--cmdline", LinuxCommandLine, "--log-level", "info",
+                "--disk", "path=disk.img,readonly=on", "--rng"]),
+            // The virtio test guest (guest-images/virtio-test) on each device; the disk is a fresh copy per run.
+            new("virtio-blk", [], Shell: "cp disk.img blk.img && ./vmm run --kernel virtio-test.elf --disk path=blk.img,serial=vmm-test-disk " +
+                "--cmdline 'pci blk blk-id=vmm-test-disk' --log-level info --stats; rc=$?; echo; echo \"@@SHA256 $(sha256sum blk.img)\"; exit $rc"),
+            new("virtio-blk-ro", [], Shell: "cp disk.img ro.img && ./vmm run --kernel virtio-test.elf --disk path=ro.img,readonly=on " +
+                "--cmdline 'blk blk-ro'; rc=$?; echo; echo \"@@SHA256 $(sha256sum ro.img)\"; exit $rc"),
+            new("virtio-rng", ["run", "--kernel", "virtio-test.elf", "--rng", "--cmdline", "rng"]),
+            new("virtio-console", ["run", "--kernel", "virtio-test.elf", "--console", "virtio", "--cmdline", "console console-rx"], Stdin: "hello-from-host\n"),
+            new("virtio-net", [], Shell: "unshare -n sh -c './net-responder tap0 120 >responder.out 2>&1 & " +
+                "./vmm run --kernel virtio-test.elf --net tap=tap0,mac=52:54:00:12:34:56 --cmdline \"net mac=52:54:00:12:34:56\"; rc=$?; " +
+                "wait; echo @@RESPONDER; cat responder.out; exit $rc'"),
+            new("virtio-all", [], Shell: "cp disk.img all.img && ./vmm run --kernel virtio-test.elf --disk path=all.img,serial=vmm-test-disk " +
+                "--disk path=disk.img,readonly=on --rng --console virtio --cmdline 'pci blk rng console'; rc=$?; echo; echo \"@@SHA256 $(sha256sum all.img)\"; exit $rc"),
+            new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),

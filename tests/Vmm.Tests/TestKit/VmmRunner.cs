@@ -3,7 +3,10 @@ using System.Text;
 namespace Vmm.Tests.TestKit;
 
 /// <summary>One invocation of the vmm binary in a KVM test.</summary>
-public sealed record VmmScenario(string Name, IReadOnlyList<string> Args, string? Stdin = null);
+/// <summary>One invocation of the vmm binary in a KVM test. With <paramref name="Shell"/> the scenario is that
+/// <c>sh -c</c> command line instead (run in the same directory, where the vmm binary is ./vmm), for tests that
+/// need a network namespace, a responder next to vmm or a look at a disk image afterwards.</summary>
+public sealed record VmmScenario(string Name, IReadOnlyList<string> Args, string? Stdin = null, string? Shell = null);
 
 /// <summary>Runs vmm scenarios against a real /dev/kvm: directly where this machine has one, otherwise
 /// inside a QEMU/TCG Linux guest whose emulated AMD SVM gives it a real KVM (tools/nested-kvm). Either way
@@ -59,7 +62,9 @@ public static class VmmRunner
     {
         var results = new Dictionary<string, Repo.Result>();
         foreach (var s in scenarios)
-            results[s.Name] = Repo.Run(Path.Combine(dir, "vmm"), s.Args, dir, TimeSpan.FromMinutes(5), s.Stdin ?? "");
+            results[s.Name] = s.Shell is null
+                ? Repo.Run(Path.Combine(dir, "vmm"), s.Args, dir, TimeSpan.FromMinutes(5), s.Stdin ?? "")
+                : Repo.Run("sh", ["-c", s.Shell], dir, TimeSpan.FromMinutes(5), s.Stdin ?? "");
         return results;
     }
 
@@ -72,8 +77,8 @@ public static class VmmRunner
         {
             string stdin = $"stdin{i}";
             File.WriteAllText(Path.Combine(dir, stdin), s.Stdin ?? "");
-            string args = string.Join(' ', s.Args.Select(ShellQuote));
-            script.Append($"./vmm {args} <{stdin} >out{i} 2>err{i}; rc=$?\n");
+            string command = s.Shell is null ? "./vmm " + string.Join(' ', s.Args.Select(ShellQuote)) : "sh -c " + ShellQuote(s.Shell);
+            script.Append($"{command} <{stdin} >out{i} 2>err{i}; rc=$?\n");
             script.Append($"echo \"@@SCENARIO {i} $rc\"; base64 -w0 out{i}; echo; base64 -w0 err{i}; echo\n");
             i++;
         }
