@@ -278,10 +278,14 @@ int virtio_setup_queue(struct virtio_dev *d, uint16_t qi, uint16_t max_size)
     cc_w64(d, CC_Q_DESC, phys(q->desc));
     cc_w64(d, CC_Q_DRIVER, phys((const void *)q->avail));
     cc_w64(d, CC_Q_DEVICE, phys((const void *)q->used));
-    cc_w16(d, CC_Q_MSIX, (uint16_t)(1 + qi));
+    /* Entry 1 + qi; queues share the last entry when the table is smaller (virtio-serial-pci has 2). */
+    uint16_t entry = (uint16_t)(1 + qi < d->msix_size ? 1 + qi : d->msix_size - 1);
+    if (entry >= VIRTIO_MAX_VECS)
+        entry = VIRTIO_MAX_VECS - 1;
+    cc_w16(d, CC_Q_MSIX, entry);
     q->vector = cc_r16(d, CC_Q_MSIX);
     q->event_idx = (uint8_t)virtio_has(d, VIRTIO_F_EVENT_IDX);
-    if (q->vector != 1 + qi)
+    if (q->vector != entry)
         return fail(d, "queue_msix_vector not accepted", q->vector);
     q->notify_addr = d->notify + (uintptr_t)cc_r16(d, CC_Q_NOTIFY_OFF) * d->notify_mult;
     cc_w16(d, CC_Q_ENABLE, 1);

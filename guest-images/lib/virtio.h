@@ -92,7 +92,7 @@ void virtio_irq(uint32_t vector);
 /* Reset, ACK, DRIVER, features (offered & wanted; VERSION_1 required),
  * FEATURES_OK, MSI-X table and config vector.  Returns 1 on success. */
 int virtio_init(struct virtio_dev *d, const struct pci_func *f, const char *name, uint64_t wanted);
-/* Queue qi with at most max_size entries, MSI-X entry 1 + qi. */
+/* Queue qi with at most max_size entries, MSI-X entry 1 + qi (or the table's last entry). */
 int virtio_setup_queue(struct virtio_dev *d, uint16_t qi, uint16_t max_size);
 void virtio_driver_ok(struct virtio_dev *d);
 void virtio_reset(struct virtio_dev *d);
