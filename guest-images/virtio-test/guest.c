@@ -166,7 +166,7 @@ static int device_init(struct virtio_dev *d, uint32_t type, const char *name, ui
     check2(f != 0, name, "virtio device found", "no virtio device 1af4:%x on bus 0", VIRTIO_PCI_DEVICE(type));
     if (!f)
         return 0;
-    print("%s: device at 00:%02u.%u\n", name, f->dev, f->fn);
+    print("%s: device at 00:%02x.%u\n", name, f->dev, f->fn);
     int ok = virtio_init(d, f, name, wanted);
     print("%s: ", name);
     virtio_print_features("offered", d->offered, type);
@@ -221,7 +221,7 @@ static void test_pci(void)
     for (int i = 0; i < nfuncs; i++) {
         const struct pci_func *f = &funcs[i];
         uint32_t cls = f->class_rev >> 8;
-        print("pci 00:%02u.%u %04x:%04x class %06x rev %u hdr %u int pin %u line %u\n", f->dev, f->fn, f->vendor,
+        print("pci 00:%02x.%u %04x:%04x class %06x rev %u hdr %u int pin %u line %u\n", f->dev, f->fn, f->vendor,
               f->device, cls, f->class_rev & 0xFF, f->header_type, f->int_pin, f->int_line);
         if (f->dev == 0 && f->fn == 0 && (cls >> 8) == 0x0600)
             host_bridge = 1;
@@ -282,7 +282,7 @@ static void test_pci(void)
             uint32_t e = mmio_read32(a + off), p = pci_read32(f, off);
             if (e != p) {
                 if (mismatches++ < 8)
-                    print("pci: ecam mismatch 00:%02u.%u offset 0x%x: ecam 0x%x cf8 0x%x\n", f->dev, f->fn, off, e, p);
+                    print("pci: ecam mismatch 00:%02x.%u offset 0x%x: ecam 0x%x cf8 0x%x\n", f->dev, f->fn, off, e, p);
             }
         }
     }
@@ -295,7 +295,7 @@ static void test_pci(void)
             present |= funcs[i].dev == dev;
         if (!present) {
             absent = mmio_read32((uintptr_t)base + (dev << 15));
-            check(absent == 0xFFFFFFFFu, "pci ecam absent device reads all-ones", "00:%02u.0 read 0x%x", dev, absent);
+            check(absent == 0xFFFFFFFFu, "pci ecam absent device reads all-ones", "00:%02x.0 read 0x%x", dev, absent);
             break;
         }
     }
