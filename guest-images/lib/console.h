@@ -75,7 +75,7 @@ static inline void put_dec(uint32_t v, int min_digits)
         con_putc(buf[--n]);
 }
 
-/* %s %u %x (32-bit), %X (64-bit hex), %c; %0Nu zero-pads to N digits. */
+/* %s %u %x (32-bit), %X (64-bit hex), %c; %0Nu and %0Nx zero-pad to N digits. */
 static inline void vprint(const char *fmt, va_list ap)
 {
     for (; *fmt; fmt++) {
@@ -91,7 +91,7 @@ static inline void vprint(const char *fmt, va_list ap)
         switch (*++fmt) {
         case 's': for (const char *s = va_arg(ap, const char *); *s; s++) con_putc(*s); break;
         case 'u': put_dec(va_arg(ap, uint32_t), width); break;
-        case 'x': put_hex(va_arg(ap, uint32_t), 1); break;
+        case 'x': put_hex(va_arg(ap, uint32_t), width ? width : 1); break;
         case 'X': {
             uint64_t v = va_arg(ap, uint64_t);
             if (v >> 32) {
