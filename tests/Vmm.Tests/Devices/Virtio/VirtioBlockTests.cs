@@ -154,6 +154,19 @@ public sealed class VirtioBlockTests : IDisposable
         Assert.Throws<ArgumentException>(() => new VirtioBlock(_image, serial: "this serial is far too long"));
     }
 
+    [Fact]
+    public void Dispose_closes_the_image_and_stops_the_worker()
+    {
+        int OpenOnImage() => Directory.GetFiles("/proc/self/fd")
+            .Count(fd => new FileInfo(fd).LinkTarget is string target && target == _image);
+        var h = Start();
+        AssertGoodReadStillWorks();
+        Assert.Equal(1, OpenOnImage());
+        _device!.Dispose();
+        Assert.Equal(0, OpenOnImage());
+        Assert.Throws<ObjectDisposedException>(() => _device.Activate(h.Context));
+    }
+
     // ---- requests ----
 
     [Fact]
