@@ -113,6 +113,28 @@ public static unsafe class Sys
         return fd;
     }
 
+    /// <summary>Fills <paramref name="buffer"/> from the kernel CSPRNG (getrandom(2)), without OpenSSL, which
+    /// .NET's RandomNumberGenerator loads on Linux and a minimal host may lack. Blocks only before the kernel's
+    /// pool is initialized at boot.</summary>
+    public static void GetRandom(Span<byte> buffer)
+    {
+        fixed (byte* p = buffer)
+        {
+            int done = 0;
+            while (done < buffer.Length)
+            {
+                long n = (long)LibC.syscall(318 /* SYS_getrandom */, p + done, buffer.Length - done, 0);
+                if (n < 0)
+                {
+                    if (Errno.Last == Errno.EINTR)
+                        continue;
+                    throw new SyscallException("getrandom", Errno.Last);
+                }
+                done += (int)n;
+            }
+        }
+    }
+
     /// <summary>The kernel thread id of the calling thread (for signalling a vCPU thread out of KVM_RUN).</summary>
     public static int GetTid() => (int)(long)LibC.syscall(186 /* SYS_gettid */);
 

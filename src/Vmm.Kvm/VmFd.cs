@@ -118,8 +118,10 @@ public sealed unsafe class VmFd : IDisposable
         }
         if (deassign)
             a.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
-        KvmSystem.Check(Sys.Ioctl(_fd, KVM_IOEVENTFD, &a), deassign ? "KVM_IOEVENTFD (deassign)" : "KVM_IOEVENTFD",
-            $"{(pio ? "port" : "MMIO")} 0x{address:x} len {length}");
+        // The message is built only on failure: BAR moves re-register these from a vCPU thread.
+        if (Sys.Ioctl(_fd, KVM_IOEVENTFD, &a) < 0)
+            throw new KvmException(deassign ? "KVM_IOEVENTFD (deassign)" : "KVM_IOEVENTFD", Errno.Last,
+                $"{(pio ? "port" : "MMIO")} 0x{address:x} len {length}");
     }
 
     /// <summary>KVM_SIGNAL_MSI: injects one MSI directly (no route needed).</summary>

@@ -1,5 +1,4 @@
 using System.Buffers.Binary;
-using System.Security.Cryptography;
 using System.Text;
 using Vmm.Interop;
 using Vmm.Memory;
@@ -97,7 +96,7 @@ public sealed class VirtioBlock : VirtioDevice
             throw;
         }
         _fd = fd;
-        string id = serial ?? "vmm" + Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(Path.GetFullPath(path))))[..17];
+        string id = serial ?? $"vmm-{Fnv1a64(Encoding.UTF8.GetBytes(Path.GetFullPath(path))):x16}"; // all 20 bytes
         Encoding.ASCII.GetBytes(id, _id); // NUL-padded; exactly 20 bytes has no terminator (§5.2.6)
     }
 
@@ -530,5 +529,15 @@ public sealed class VirtioBlock : VirtioDevice
             length = 0;
             return false;
         }
+    }
+
+    /// <summary>FNV-1a, 64-bit: a stable default serial from the path (no cryptographic strength needed, and no
+    /// OpenSSL, which .NET's hash classes load on Linux).</summary>
+    private static ulong Fnv1a64(ReadOnlySpan<byte> data)
+    {
+        ulong h = 0xCBF29CE484222325;
+        foreach (byte b in data)
+            h = (h ^ b) * 0x100000001B3;
+        return h;
     }
 }

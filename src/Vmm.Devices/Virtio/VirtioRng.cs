@@ -1,4 +1,4 @@
-using System.Security.Cryptography;
+using Vmm.Interop;
 using Vmm.Memory;
 
 namespace Vmm.Devices.Virtio;
@@ -85,7 +85,7 @@ public sealed class VirtioRng : VirtioDevice
                 continue;
             if (!memory.TryGetSpan(new GuestAddress(buffer.Address), n, out var span))
                 break;
-            RandomNumberGenerator.Fill(span);
+            Sys.GetRandom(span); // the host CSPRNG, without OpenSSL
             written += n;
             if (written == MaxRequestBytes)
                 break;
