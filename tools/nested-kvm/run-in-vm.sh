@@ -40,6 +40,8 @@ set -euo pipefail
 readonly HARNESS_FAIL=125
 readonly TIMEOUT_RC=124
 readonly BASE_FORMAT=2 # bump when the base initramfs layout changes (init script changes are hashed)
+# Modules loaded in the guest (plus their deps): kvm_amd for /dev/kvm, tun for /dev/net/tun (virtio-net tests).
+readonly GUEST_MODULES="kvm_amd tun"
 
 prog=${0##*/}
 die() {
@@ -204,6 +206,10 @@ done
 i=0
 while [ ! -c /dev/kvm ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 [ -c /dev/kvm ] || fatal "/dev/kvm did not appear after loading kvm_amd"
+# tun registers the misc device net/tun (10:200); devtmpfs normally creates the node itself.
+if [ ! -c /dev/net/tun ]; then
+    mkdir -p /dev/net && mknod -m 666 /dev/net/tun c 10 200 || fatal "cannot create /dev/net/tun"
+fi
 dmesg | grep -iE 'kvm|svm' | tail -n 20
 for f in /sys/module/kvm_amd/parameters/npt /sys/module/kvm_amd/parameters/nested /sys/module/kvm_amd/parameters/avic; do
     [ -r $f ] && echo "nested-kvm: kvm_amd.${f##*/}=$(cat $f)"
@@ -219,16 +225,25 @@ finish
 INIT
 }
 
+# True when the cached module dir $1 holds every module of GUEST_MODULES (an older cache may lack tun).
+modules_complete() {
+    local m
+    [ -f "$1/load-order" ] || return 1
+    for m in $GUEST_MODULES; do grep -qx "$m" "$1/load-order" || return 1; done
+}
+
 # Build (once) $cache/<pkg>/{vmlinuz,modules/,base.cpio.gz} for kernel package $1.
 ensure_base() {
     local pkg=$1 dir=$cache_root/$1 stamp
     stamp="$BASE_FORMAT $(init_script | cksum | cut -d' ' -f1)"
-    if [ -f "$dir/base.cpio.gz" ] && [ -f "$dir/vmlinuz" ] && [ "$(cat "$dir/format" 2>/dev/null)" = "$stamp" ]; then
+    if [ -f "$dir/base.cpio.gz" ] && [ -f "$dir/vmlinuz" ] && [ "$(cat "$dir/format" 2>/dev/null)" = "$stamp" ] &&
+        modules_complete "$dir/modules"; then
         return 0
     fi
     exec 9>"$cache_root/.lock"
     flock 9
-    if [ -f "$dir/base.cpio.gz" ] && [ -f "$dir/vmlinuz" ] && [ "$(cat "$dir/format" 2>/dev/null)" = "$stamp" ]; then
+    if [ -f "$dir/base.cpio.gz" ] && [ -f "$dir/vmlinuz" ] && [ "$(cat "$dir/format" 2>/dev/null)" = "$stamp" ] &&
+        modules_complete "$dir/modules"; then
         flock -u 9
         return 0
     fi
@@ -236,8 +251,8 @@ ensure_base() {
     local b=$build_tmp
     mkdir -p "$dir"
 
-    # 1. Kernel + kvm modules (kept, so an init-script change does not re-download).
-    if [ ! -f "$dir/vmlinuz" ] || [ ! -f "$dir/modules/load-order" ]; then
+    # 1. Kernel + modules (kept, so an init-script change does not re-download).
+    if [ ! -f "$dir/vmlinuz" ] || ! modules_complete "$dir/modules"; then
         command -v objcopy >/dev/null || die "objcopy not found (apt-get install binutils)"
         note "fetching kernel $pkg into $dir (one-time)"
         local deb
@@ -254,7 +269,8 @@ ensure_base() {
         vmlinuz=$(ls "$b"/x/boot/vmlinuz-* 2>/dev/null | head -n1) || true
         moddir=$(ls -d "$b"/x/lib/modules/*/ "$b"/x/usr/lib/modules/*/ 2>/dev/null | head -n1) || true
         [ -n "$vmlinuz" ] && [ -n "$moddir" ] || die "$deb has no /boot/vmlinuz-* or lib/modules"
-        add_module "$moddir" "$b/modules" kvm_amd
+        local m
+        for m in $GUEST_MODULES; do add_module "$moddir" "$b/modules" "$m"; done
         rm -f "$b/modules/.seen"
         basename "$deb" >"$b/modules/kernel-deb"
         rm -rf "$dir/modules" "$dir/format"

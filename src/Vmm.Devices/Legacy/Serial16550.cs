@@ -7,7 +7,7 @@ namespace Vmm.Devices.Legacy;
 /// that waits for THRE is slowed to the host's pace and loses nothing. Received bytes come from
 /// <see cref="EnqueueInput"/>, held in a host-side queue that refills the 16-byte FIFO as the guest drains it,
 /// so pasted input is never lost.</summary>
-public sealed class Serial16550 : IBusDevice
+public sealed class Serial16550 : IBusDevice, IConsoleInput
 {
     // Register offsets.
     private const int RBR_THR_DLL = 0, IER_DLM = 1, IIR_FCR = 2, LCR = 3, MCR = 4, LSR = 5, MSR = 6, SCR = 7;
@@ -62,7 +62,7 @@ public sealed class Serial16550 : IBusDevice
     {
         _irq = irq;
         _output = output;
-        output?.SetSpaceAvailableCallback(OnOutputSpaceAvailable);
+        output?.AddSpaceAvailableCallback(OnOutputSpaceAvailable);
     }
 
     /// <summary>The sink drained: send the held THR byte and report THR empty (with its interrupt).</summary>

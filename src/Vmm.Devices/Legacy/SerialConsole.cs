@@ -9,8 +9,10 @@ namespace Vmm.Devices.Legacy;
 /// <see cref="TryWrite"/> refuses and the UART keeps THR full, so the guest waits for THRE as it would on
 /// a real slow line — back-pressure without stalling KVM_RUN. (System.IO.Pipelines was measured here first:
 /// its ArrayPool-backed segments allocate on the writing thread under sustained output.)
-/// Input: a thread reads the input stream through a <see cref="PipeReader"/> and hands the UART what its
-/// queue accepts; the rest stays in the pipe (examined, not consumed) until the guest drains the queue.</summary>
+/// Several writers may share the output (the UART and a virtio console): each registers a space-available callback.
+/// Input: a thread reads the input stream through a <see cref="PipeReader"/> and hands the input device (the UART
+/// or a virtio console) what its queue accepts; the rest stays in the pipe (examined, not consumed) until the
+/// guest drains the queue.</summary>
 public sealed class SerialConsole : IByteSink, IDisposable
 {
     public const int BufferSize = 1 << 20;
@@ -23,7 +25,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
     private int _head, _count;
     private bool _refused;      // a writer was turned away: tell it when there is room
     private bool _completed;
-    private Action? _spaceAvailable;
+    private Action[] _spaceAvailable = []; // copy-on-write: the output thread reads it without the lock
     private readonly Stream? _output;
     private readonly Thread? _outputThread;
     private Thread? _inputThread;
@@ -44,7 +46,11 @@ public sealed class SerialConsole : IByteSink, IDisposable
     /// so the guest keeps running.</summary>
     public bool OutputFailed { get; private set; }
 
-    public void SetSpaceAvailableCallback(Action callback) => _spaceAvailable = callback;
+    public void AddSpaceAvailableCallback(Action callback)
+    {
+        lock (_lock)
+            _spaceAvailable = [.. _spaceAvailable, callback];
+    }
 
     public bool TryWrite(byte value)
     {
@@ -61,6 +67,28 @@ public sealed class SerialConsole : IByteSink, IDisposable
             if (_count++ == 0)
                 Monitor.Pulse(_lock); // the output thread waits only when the ring is empty
             return true;
+        }
+    }
+
+    public int TryWrite(ReadOnlySpan<byte> data)
+    {
+        if (_output is null || OutputFailed)
+            return data.Length; // discarded
+        lock (_lock)
+        {
+            int n = Math.Min(data.Length, _completed ? 0 : _ring.Length - _count);
+            if (n < data.Length)
+                _refused = true;
+            if (n == 0)
+                return 0;
+            int tail = (_head + _count) % _ring.Length;
+            int first = Math.Min(n, _ring.Length - tail);
+            data[..first].CopyTo(_ring.AsSpan(tail));
+            data[first..n].CopyTo(_ring);
+            if (_count == 0)
+                Monitor.Pulse(_lock);
+            _count += n;
+            return n;
         }
     }
 
@@ -100,15 +128,19 @@ public sealed class SerialConsole : IByteSink, IDisposable
                 _refused = false;
             }
             if (notify)
-                _spaceAvailable?.Invoke();
+            {
+                foreach (var callback in Volatile.Read(ref _spaceAvailable))
+                    callback();
+            }
         }
     }
 
-    /// <summary>Starts feeding <paramref name="input"/> into <paramref name="uart"/> on a background thread.
-    /// With <paramref name="onQuit"/>, the input is an interactive terminal: Ctrl-A x calls it.</summary>
-    public void AttachInput(Stream input, Serial16550 uart, Action? onQuit = null)
+    /// <summary>Starts feeding <paramref name="input"/> into <paramref name="target"/> (the UART or a virtio
+    /// console) on a background thread. With <paramref name="onQuit"/>, the input is an interactive terminal:
+    /// Ctrl-A x calls it.</summary>
+    public void AttachInput(Stream input, IConsoleInput target, Action? onQuit = null)
     {
-        _inputThread = new Thread(() => CopyInput(input, uart, onQuit)) { IsBackground = true, Name = "serial-in" };
+        _inputThread = new Thread(() => CopyInput(input, target, onQuit)) { IsBackground = true, Name = "serial-in" };
         _inputThread.Start();
     }
 
@@ -145,7 +177,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
         return n;
     }
 
-    private void CopyInput(Stream input, Serial16550 uart, Action? onQuit)
+    private void CopyInput(Stream input, IConsoleInput target, Action? onQuit)
     {
         var reader = PipeReader.Create(input, new StreamPipeReaderOptions(bufferSize: 4096, leaveOpen: true));
         var translated = new byte[2 * 4096];
@@ -156,22 +188,22 @@ public sealed class SerialConsole : IByteSink, IDisposable
             {
                 ReadResult result = reader.ReadAsync().AsTask().GetAwaiter().GetResult();
                 var buffer = result.Buffer;
-                // Hand over at most one segment at a time; what the UART's queue does not take stays unconsumed.
+                // Hand over at most one segment at a time; what the device's queue does not take stays unconsumed.
                 var first = buffer.First.Span;
                 int taken;
                 if (onQuit is null)
                 {
-                    taken = first.IsEmpty ? 0 : uart.EnqueueInput(first);
+                    taken = first.IsEmpty ? 0 : target.EnqueueInput(first);
                 }
                 else
                 {
                     // Terminal input arrives a few keys at a time; escape-translate the whole segment, then wait
-                    // for the UART to take all of it before reading on.
+                    // for the device to take all of it before reading on.
                     int n = ApplyEscape(first, translated, ref escapePending, out bool quit);
                     int done = 0;
                     while (done < n && !_stopping)
                     {
-                        done += uart.EnqueueInput(translated.AsSpan(done, n - done));
+                        done += target.EnqueueInput(translated.AsSpan(done, n - done));
                         if (done < n)
                             Thread.Sleep(5);
                     }
@@ -188,7 +220,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
                 if (result.IsCompleted && taken == buffer.Length)
                     return; // end of input
                 if (taken < first.Length)
-                    Thread.Sleep(5); // the guest has not drained the UART's queue yet
+                    Thread.Sleep(5); // the guest has not drained the device's queue yet
             }
         }
         catch (Exception e) when (e is IOException or ObjectDisposedException)

@@ -110,17 +110,21 @@ public sealed class VirtioWorker : IDisposable
     private readonly Action<int>? _onFd;
     private readonly Thread _thread;
     private readonly Func<int>? _timeoutMs;
+    private readonly Func<int, bool>? _pollExtraFd;
 
     /// <summary>Calls <paramref name="onQueue"/>(i) when kick i fires (and once for every queue at start),
-    /// <paramref name="onFd"/>(j) when extra fd j is readable.</summary>
+    /// <paramref name="onFd"/>(j) when extra fd j is readable. With <paramref name="pollExtraFd"/>, extra fd j is
+    /// polled only while it returns true (asked before every wait): e.g. a tap is not read while the guest has
+    /// posted no receive buffers, and a level-triggered readable fd must not make the loop spin.</summary>
     public VirtioWorker(string name, IReadOnlyList<EventFd> kicks, Action<int> onQueue, int[]? extraFds = null,
-        Action<int>? onFd = null, Func<int>? timeoutMs = null)
+        Action<int>? onFd = null, Func<int>? timeoutMs = null, Func<int, bool>? pollExtraFd = null)
     {
         _kicks = kicks;
         _extraFds = extraFds ?? [];
         _onQueue = onQueue;
         _onFd = onFd;
         _timeoutMs = timeoutMs;
+        _pollExtraFd = pollExtraFd;
         _thread = new Thread(Loop) { Name = name, IsBackground = true };
         _thread.Start();
     }
@@ -143,6 +147,11 @@ public sealed class VirtioWorker : IDisposable
                 _onQueue(i); // requests queued before activation
             while (true)
             {
+                if (_pollExtraFd is not null)
+                {
+                    for (int j = 0; j < _extraFds.Length; j++)
+                        fds[_kicks.Count + j] = _pollExtraFd(j) ? _extraFds[j] : -1; // poll(2) skips negative fds
+                }
                 EventFd.Poll(fds, ready, _timeoutMs?.Invoke() ?? -1);
                 if (ready[^1])
                     return;

@@ -36,27 +36,40 @@ public sealed class RecordingVmControl : IVmControl
 /// <summary>A byte sink with a capacity: full means refused, as a console that fell behind.</summary>
 public sealed class RecordingByteSink(int capacity = int.MaxValue) : Vmm.Devices.IByteSink
 {
-    private Action? _spaceAvailable;
+    private readonly List<Action> _spaceAvailable = [];
+    private readonly object _lock = new();
 
     public List<byte> Bytes { get; } = [];
     public int Capacity { get; set; } = capacity;
 
     public bool TryWrite(byte value)
     {
-        if (Bytes.Count >= Capacity)
-            return false;
-        Bytes.Add(value);
-        return true;
+        lock (_lock)
+        {
+            if (Bytes.Count >= Capacity)
+                return false;
+            Bytes.Add(value);
+            return true;
+        }
     }
 
-    public void SetSpaceAvailableCallback(Action callback) => _spaceAvailable = callback;
+    public void AddSpaceAvailableCallback(Action callback) => _spaceAvailable.Add(callback);
 
-    /// <summary>Makes room for <paramref name="more"/> bytes and tells the device.</summary>
+    /// <summary>Makes room for <paramref name="more"/> bytes and tells the devices.</summary>
     public void Drain(int more)
     {
-        Capacity = Bytes.Count + more;
-        _spaceAvailable?.Invoke();
+        lock (_lock)
+            Capacity = Bytes.Count + more;
+        foreach (var callback in _spaceAvailable)
+            callback();
     }
 
-    public string Text => System.Text.Encoding.ASCII.GetString(Bytes.ToArray());
+    public string Text
+    {
+        get
+        {
+            lock (_lock)
+                return System.Text.Encoding.ASCII.GetString(Bytes.ToArray());
+        }
+    }
 }
