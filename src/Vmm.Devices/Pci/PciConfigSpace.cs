@@ -116,12 +116,13 @@ public sealed class PciConfigSpace
         var bar = _bars[index] ?? throw new PciConfigException($"BAR{index} is not implemented");
         if ((address & (bar.Size - 1)) != 0)
             throw new PciConfigException($"BAR{index}: 0x{address:x} is not aligned to its size 0x{bar.Size:x}");
+        // Checked before anything is written: a refused address must leave the BAR as it was.
+        if (bar.Kind == PciBarKind.Memory32 && address >> 32 != 0)
+            throw new PciConfigException($"BAR{index}: 0x{address:x} is above 4 GiB for a 32-bit BAR");
         int offset = Bar0 + 4 * index;
         Set32(offset, (Get32(offset) & 0xFu) | (uint)address);
         if (bar.Kind == PciBarKind.Memory64)
             Set32(offset + 4, (uint)(address >> 32));
-        else if (address >> 32 != 0)
-            throw new PciConfigException($"BAR{index}: 0x{address:x} is above 4 GiB for a 32-bit BAR");
     }
 
     public void SetInterruptPin(byte pin) => _bytes[InterruptPin] = pin;

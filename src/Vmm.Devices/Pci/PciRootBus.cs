@@ -73,7 +73,7 @@ public sealed class PciRootBus
                 ulong address = (next + bar.Size - 1) & ~(bar.Size - 1);
                 if (address + bar.Size > limit || address + bar.Size < address)
                     throw new PciConfigException($"{function.Name}: {bar} does not fit in the {(high ? "64-bit" : "32-bit")} PCI window " +
-                        $"(0x{next:x}-0x{limit - 1:x} is left)");
+                        (next >= limit ? "(it is full)" : $"(0x{limit - next:x} bytes free from 0x{next:x})"));
                 function.Config.SetBarAddress(bar.Index, address);
                 next = address + bar.Size;
             }

@@ -182,18 +182,20 @@ public sealed class SplitQueue
                 continue;
             }
             bool writable = (flags & DescFlagWrite) != 0;
-            if (length != 0)
-            {
-                if (length > int.MaxValue || !InRam(address, length))
-                    return Bad(head, $"buffer 0x{address:x}+0x{length:x} of descriptor {index} is outside guest RAM");
-            }
+            // Empty buffers too: VirtqDescriptor promises an address inside RAM, and a device that makes even a
+            // zero-length span of it must not throw on the guest's say-so.
+            if (length > int.MaxValue || !InRam(address, length))
+                return Bad(head, $"buffer 0x{address:x}+0x{length:x} of descriptor {index} is outside guest RAM");
             if (!writable && count > readable)
                 return Bad(head, $"device-readable descriptor {index} follows a device-writable one");
             total += length;
             if (total > uint.MaxValue)
                 return Bad(head, "chain holds more than 4 GiB");
-            if (count == _scratch.Length)
-                return Bad(head, $"chain from head {head} has more than {_scratch.Length} buffers");
+            // Direct descriptors followed by an indirect table can exceed the queue size without a loop
+            // (virtio 1.2 §2.7.5.3.1 forbids chains longer than the queue size). The scratch bound guards an
+            // unvalidated Size above MaxSize.
+            if (count == Size || count == _scratch.Length)
+                return Bad(head, $"chain from head {head} has more buffers than the queue size {Size}");
             _scratch[count++] = new VirtqDescriptor(address, length, writable);
             if (!writable)
                 readable++;
