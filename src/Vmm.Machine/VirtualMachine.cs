@@ -5,6 +5,7 @@ using Vmm.Devices;
 using Vmm.Devices.Legacy;
 using Vmm.Devices.Pci;
 using Vmm.Devices.Virtio;
+using Vmm.Devices.Virtio.Net;
 using Vmm.Kvm;
 using Vmm.Memory;
 using static Vmm.Interop.KvmConstants;
@@ -106,7 +107,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             _vcpus[0].SetBootState(Kernel.Cpu);
             // Input last: a Ctrl-A x already waiting in the terminal may end the VM at once.
             if (config.SerialInput is not null)
-                _console.AttachInput(config.SerialInput, Serial,
+                _console.AttachInput(config.SerialInput, (IConsoleInput?)_virtioConsole ?? Serial,
                     config.ConsoleEscape ? () => RequestPowerOff("Ctrl-A x on the console") : null);
         }
         catch
@@ -120,6 +121,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
     public PciRootBus Pci { get; private set; } = null!;
     private readonly List<VirtioPciFunction> _virtio = [];
     private KvmMsiController? _msi;
+    private VirtioConsole? _virtioConsole;
     public Bus MmioBus { get; } = null!;
     public Serial16550 Serial { get; } = null!;
     public PostCodeSink PostCode { get; } = null!;
@@ -229,6 +231,22 @@ public sealed class VirtualMachine : IVmControl, IDisposable
                 {
                     throw new ConfigException($"--disk path={disk.Path}: {e.Message}");
                 }
+            }
+            foreach (var net in _config.Nets)
+            {
+                try
+                {
+                    devices.Add(new VirtioNet(net.Tap, net.Mac));
+                }
+                catch (Exception e) when (e is TapException or ArgumentException)
+                {
+                    throw new ConfigException($"--net tap={net.Tap}: {e.Message}");
+                }
+            }
+            if (_config.VirtioConsole)
+            {
+                _virtioConsole = new VirtioConsole(_console);
+                devices.Add(_virtioConsole);
             }
             if (_config.VirtioRng)
                 devices.Add(new VirtioRng());
