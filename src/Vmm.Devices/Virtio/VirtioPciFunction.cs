@@ -143,10 +143,13 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
             return;
         }
         base.ConfigWrite(offset, data);
-        if (Msix.TouchesCapability(offset, data.Length))
+        bool msix = Msix.TouchesCapability(offset, data.Length);
+        if (msix)
             Msix.ControlWritten();
-        if (PciConfigSpace.TouchesCommand(offset, data.Length) && Config.InterruptDisabled)
-            _intx?.SetLevel(false);
+        // INTx follows the ISR unless the command register disables it or MSI-X replaces it: re-evaluate when
+        // either changes, so clearing INTx disable re-asserts a pending interrupt and enabling MSI-X drops the line.
+        if (msix || PciConfigSpace.TouchesCommand(offset, data.Length))
+            _intx?.SetLevel(Volatile.Read(ref _isr) != 0 && !Config.InterruptDisabled && !Msix.Enabled);
     }
 
     private bool InPciCfgData(int offset, int length) => offset >= _pciCfgCap + 16 && offset + length <= _pciCfgCap + 20;
@@ -306,8 +309,9 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
                 else if (_driverFeatureSelect == 1)
                     _driverFeatures = (_driverFeatures & 0xFFFF_FFFFUL) | (word << 32);
             }
+            // A vector the MSI-X table does not have reads back as NO_VECTOR (§4.1.5.1.2): how drivers learn it failed.
             if (Touches(offset, n, 0x10, 2))
-                _configVector = BinaryPrimitives.ReadUInt16LittleEndian(c[0x10..]);
+                _configVector = MappableVector(BinaryPrimitives.ReadUInt16LittleEndian(c[0x10..]));
             if (Touches(offset, n, 0x16, 2))
                 _queueSelect = BinaryPrimitives.ReadUInt16LittleEndian(c[0x16..]);
             else if (_queueSelect < _queues.Length && !_active)
@@ -325,7 +329,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
                     q.Enabled = true;
             }
             if (_queueSelect < _queues.Length && Touches(offset, n, 0x1A, 2))
-                _queues[_queueSelect].MsixVector = BinaryPrimitives.ReadUInt16LittleEndian(c[0x1A..]);
+                _queues[_queueSelect].MsixVector = MappableVector(BinaryPrimitives.ReadUInt16LittleEndian(c[0x1A..]));
             if (Touches(offset, n, 0x14, 1))
                 WriteStatus(c[0x14], ref activate, ref deactivate, ref reset, ref needsReset);
         }
@@ -343,6 +347,8 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
             Activate();
     }
 
+    private ushort MappableVector(ushort vector) => vector < Msix.Count ? vector : NoVector;
+
     private void WriteStatus(byte value, ref VirtioDevice? activate, ref VirtioDevice? deactivate, ref bool reset, ref bool needsReset)
     {
         if (value == 0)
@@ -350,7 +356,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
             if (_active)
                 deactivate = _device;
             _active = false;
-            reset = true;
+            reset = true; // after Deactivate, outside the lock
             return;
         }
         // FEATURES_OK only for a subset of what we offered that includes VERSION_1 (modern devices only).
