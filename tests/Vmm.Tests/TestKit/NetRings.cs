@@ -127,23 +127,3 @@ public sealed class DriverQueue : IDisposable
     public static VirtioContext Context(GuestMemory memory, ulong features, IVirtioInterrupts interrupts, params DriverQueue[] queues) =>
         new(memory, features | (1UL << VirtioFeatures.Version1), [.. queues.Select(q => q.Queue)], [.. queues.Select(q => q.Kick)], interrupts);
 }
-
-/// <summary>Records what a device asks of its transport.</summary>
-public sealed class RecordingVirtioInterrupts : IVirtioInterrupts
-{
-    private int _queueInterrupts, _configInterrupts;
-
-    public int QueueInterrupts => Volatile.Read(ref _queueInterrupts);
-    public int ConfigInterrupts => Volatile.Read(ref _configInterrupts);
-    public List<string> NeedsResetReasons { get; } = [];
-
-    public void QueueInterrupt(SplitQueue queue) => Interlocked.Increment(ref _queueInterrupts);
-
-    public void ConfigInterrupt() => Interlocked.Increment(ref _configInterrupts);
-
-    public void NeedsReset(string why)
-    {
-        lock (NeedsResetReasons)
-            NeedsResetReasons.Add(why);
-    }
-}

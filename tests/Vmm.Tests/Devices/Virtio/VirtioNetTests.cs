@@ -259,9 +259,9 @@ public sealed class VirtioNetTests
         rig.Memory.Write(new GuestAddress(rig.Tx.AvailRing + 2), [0x00, 0x10]); // 4096 entries ahead of a 64-entry queue
         rig.Tx.Kick.Signal();
 
-        Assert.True(SpinWait.SpinUntil(() => { lock (rig.Interrupts.NeedsResetReasons) return rig.Interrupts.NeedsResetReasons.Count > 0; },
+        Assert.True(SpinWait.SpinUntil(() => !rig.Interrupts.NeedsResetReasons.IsEmpty,
             TimeSpan.FromSeconds(10)));
-        Assert.Contains("transmit queue", rig.Interrupts.NeedsResetReasons[0]);
+        Assert.Contains("transmit queue", rig.Interrupts.NeedsResetReasons.First());
     }
 
     [Fact]
