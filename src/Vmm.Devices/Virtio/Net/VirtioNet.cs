@@ -217,8 +217,10 @@ public sealed class VirtioNet : VirtioDevice
     /// <summary>The host address of a guest address the queue already checked to lie in RAM.</summary>
     private static nint? HostAddress(GuestMemory memory, ulong address)
     {
-        foreach (var r in memory.Regions)
+        var regions = memory.Regions;
+        for (int i = 0; i < regions.Count; i++) // no foreach: an interface enumerator allocates per packet
         {
+            var r = regions[i];
             if (r.Contains(new GuestAddress(address)))
                 return r.HostAddress + (nint)(address - r.Start.Value);
         }

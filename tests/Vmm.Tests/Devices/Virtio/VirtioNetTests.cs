@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using System.Globalization;
 using System.Text;
 using Vmm.Devices.Virtio;
 using Vmm.Devices.Virtio.Net;
@@ -28,11 +29,11 @@ public sealed class VirtioNetTests
         public DriverQueue Tx { get; }
         public RecordingVirtioInterrupts Interrupts { get; } = new();
 
-        public Rig(int? mtu = null)
+        public Rig(int? mtu = null, string tap = "vmmtest0")
         {
             (Net, Host) = NetNamespace.Run(() =>
             {
-                var net = new VirtioNet("vmmtest0", GuestMac);
+                var net = new VirtioNet(tap, GuestMac);
                 return (net, new PacketSocket(net.TapName, mtu));
             });
             Rx = new DriverQueue(Memory, 0x10000, 64);
@@ -104,6 +105,18 @@ public sealed class VirtioNetTests
         Assert.Equal(VirtioNet.S_LINK_UP, BinaryPrimitives.ReadUInt16LittleEndian(config[6..]));
         Assert.Equal(VirtioDeviceType.Net, rig.Net.Type);
         Assert.Equal(AllFeatures, rig.Net.DeviceFeatures);
+    }
+
+    [Fact]
+    public void The_test_namespace_has_ipv6_off_and_the_host_keeps_its_setting()
+    {
+        const string sysctl = "/proc/sys/net/ipv6/conf/all/disable_ipv6";
+        if (!File.Exists(sysctl))
+            return; // no IPv6 in this kernel: nothing chatters anyway
+        string host = File.ReadAllText(sysctl);
+
+        Assert.Equal("1", NetNamespace.Run(() => File.ReadAllText(sysctl).Trim()));
+        Assert.Equal(host, File.ReadAllText(sysctl));
     }
 
     [Fact]
@@ -187,18 +200,19 @@ public sealed class VirtioNetTests
     {
         using var rig = new Rig();
         rig.Activate(AllFeatures & ~(1UL << VirtioNet.F_MRG_RXBUF));
-        rig.PostRx(1, 200);
+        rig.PostRx(4, 200);
 
         rig.Host.Send(Frame("too big", minLength: 1000));
         Assert.True(SpinWait.SpinUntil(() => rig.Net.RxDropped >= 1, TimeSpan.FromSeconds(10)));
         var small = Frame("fits");
         rig.Host.Send(small);
 
-        Assert.True(rig.Rx.WaitUsed(1));
-        var (id, length) = rig.Rx.Used(0);
+        Assert.True(SpinWait.SpinUntil(() => TestFramesIn(rig, rig.Rx.UsedIndex, 200).Count > 0, TimeSpan.FromSeconds(10)));
+        var (slot, length) = TestFramesIn(rig, rig.Rx.UsedIndex, 200)[0];
         Assert.Equal((uint)(Hdr + small.Length), length);
-        Assert.Equal(small, rig.Memory.GetSpan(new GuestAddress(Rig.RxBuffer((int)id) + Hdr), small.Length).ToArray());
-        Assert.Equal(1, rig.Net.RxDropped);
+        Assert.Equal(small, rig.Memory.GetSpan(new GuestAddress(Rig.RxBuffer(slot) + Hdr), small.Length).ToArray());
+        Assert.Equal(1, BinaryPrimitives.ReadUInt16LittleEndian(rig.Memory.GetSpan(new GuestAddress(Rig.RxBuffer(slot) + 10), 2)));
+        Assert.Equal(0u, rig.Rx.Used(0).Id); // the first buffer was not used up by the dropped frame
     }
 
     [Fact]
@@ -216,6 +230,47 @@ public sealed class VirtioNetTests
         rig.PostRx(8, 2048);
 
         Assert.True(SpinWait.SpinUntil(() => TestFramesIn(rig, rig.Rx.UsedIndex, 2048).Count > 0, TimeSpan.FromSeconds(10)));
+        Assert.Equal(0, rig.Net.RxDropped);
+    }
+
+    /// <summary>utime + stime (clock ticks) of this process's thread named <paramref name="comm"/>.</summary>
+    private static long ThreadCpuTicks(string comm)
+    {
+        foreach (var task in Directory.GetDirectories("/proc/self/task"))
+        {
+            try
+            {
+                if (File.ReadAllText(Path.Combine(task, "comm")).TrimEnd('\n') != comm)
+                    continue;
+                string stat = File.ReadAllText(Path.Combine(task, "stat"));
+                var fields = stat[(stat.LastIndexOf(')') + 2)..].Split(' '); // fields[0] is stat field 3 (state)
+                return long.Parse(fields[11], CultureInfo.InvariantCulture) + long.Parse(fields[12], CultureInfo.InvariantCulture);
+            }
+            catch (IOException)
+            {
+                // the thread exited while we looked
+            }
+        }
+        throw new InvalidOperationException($"no thread named '{comm}'");
+    }
+
+    [Fact]
+    public void A_waiting_frame_does_not_make_the_worker_spin()
+    {
+        using var rig = new Rig(tap: "vmmidle0");
+        rig.Activate();
+        rig.Host.Send(Frame("waits in the device"));
+        rig.Host.Send(Frame("waits in the tap")); // keeps the tap readable
+        Thread.Sleep(100);
+        const string worker = "virtio-net vmmi"; // the thread name, cut to 15 bytes by the kernel
+
+        long before = ThreadCpuTicks(worker);
+        Thread.Sleep(1000);
+        long used = ThreadCpuTicks(worker) - before;
+
+        Assert.True(used <= 5, $"the worker used {used} ticks of CPU in 1 s while the frame waited for buffers");
+        rig.PostRx(4, 2048);
+        Assert.True(SpinWait.SpinUntil(() => TestFramesIn(rig, rig.Rx.UsedIndex, 2048).Count == 2, TimeSpan.FromSeconds(10)));
         Assert.Equal(0, rig.Net.RxDropped);
     }
 
