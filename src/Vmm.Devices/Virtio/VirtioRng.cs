@@ -1,0 +1,95 @@
+using System.Security.Cryptography;
+using Vmm.Memory;
+
+namespace Vmm.Devices.Virtio;
+
+/// <summary>virtio-rng, the entropy device (virtio 1.2 §5.4): one request queue, no features, no configuration.
+/// Each request's device-writable buffers are filled from the host CSPRNG, at most <see cref="MaxRequestBytes"/> a
+/// request so one request cannot keep the worker busy; device-readable buffers are ignored.</summary>
+public sealed class VirtioRng : VirtioDevice
+{
+    public const int MaxRequestBytes = 64 * 1024;
+
+    private readonly Lock _lifecycle = new();
+    private VirtioWorker? _worker;
+    private VirtioContext? _context;
+
+    public override VirtioDeviceType Type => VirtioDeviceType.Entropy;
+
+    public override string Name => "virtio-rng";
+
+    public override (byte Class, byte SubClass) PciClass => (0xFF, 0x00); // unclassified, as QEMU
+
+    public override ulong DeviceFeatures => 0;
+
+    public override int QueueCount => 1;
+
+    public override int ConfigSize => 0;
+
+    public override void ReadConfig(int offset, Span<byte> data) => data.Clear();
+
+    public override void Activate(VirtioContext context)
+    {
+        lock (_lifecycle)
+        {
+            if (_worker is not null)
+                throw new InvalidOperationException("virtio-rng is already active");
+            _context = context;
+            _worker = new VirtioWorker("virtio-rng", context.Kicks, ServeQueue);
+        }
+    }
+
+    public override void Deactivate()
+    {
+        lock (_lifecycle)
+        {
+            _worker?.Dispose();
+            _worker = null;
+            _context = null;
+        }
+    }
+
+    public override void Dispose()
+    {
+        Deactivate();
+        base.Dispose();
+    }
+
+    private void ServeQueue(int index)
+    {
+        var context = _context!;
+        var queue = context.Queues[index];
+        while (true)
+        {
+            var result = queue.Pop(out var chain);
+            if (result == PopResult.Empty)
+                break;
+            if (result == PopResult.Broken)
+            {
+                context.NeedsReset(queue.LastError);
+                break;
+            }
+            uint used = result == PopResult.Chain ? Fill(context.Memory, chain.Writable) : 0;
+            queue.Complete(chain.Head, used);
+        }
+        context.NotifyUsed(index);
+    }
+
+    private static uint Fill(GuestMemory memory, ReadOnlySpan<VirtqDescriptor> writable)
+    {
+        int written = 0;
+        foreach (var buffer in writable)
+        {
+            int n = (int)Math.Min(buffer.Length, (uint)(MaxRequestBytes - written));
+            if (n == 0)
+                continue;
+            if (!memory.TryGetSpan(new GuestAddress(buffer.Address), n, out var span))
+                break;
+            RandomNumberGenerator.Fill(span);
+            written += n;
+            if (written == MaxRequestBytes)
+                break;
+        }
+        return (uint)written;
+    }
+}
