@@ -23,7 +23,9 @@
 # bench_us= bench_ios= bench_bs= bench_errors= (from the guest's BENCH line) and, for vmm, exits= pio= mmio=
 # (--stats). BLK_IOS (random I/Os per case, default 500), BLK_QD (default 16), BLK_MIB (sequential MiB,
 # default 16), BLK_TIMEOUT (seconds per run, default 300), BLK_QEMU_DRIVE (extra -drive options, default
-# "cache=writeback,aio=threads": like vmm, buffered pread/pwrite on worker threads).
+# "cache=writeback,aio=threads": like vmm, buffered pread/pwrite on worker threads). Where the kernel has
+# tracefs hist triggers, every blk run also gets the exits KVM itself saw (in-kernel ones included, for both
+# programs): kx= (all) kx_npf= (nested page faults: MMIO, LAPIC) kx_io= kx_hlt= kx_intr= (SVM exit codes).
 set -u
 CASES=${CASES:-exit start linux}
 LINUX_QEMU_MACHINES=${LINUX_QEMU_MACHINES-pc microvm}
@@ -66,12 +68,28 @@ if has blk; then
     echo "E2E-INFO blk: image $BLK_IMG ${BLK_IMG_MB} MiB of zeros on $(awk '$2 == "/tmp" {print $3}' /proc/mounts); guest args: bench bench-ios=$BLK_IOS bench-qd=$BLK_QD bench-mib=$BLK_MIB; qemu -drive ...,$BLK_QEMU_DRIVE"
 fi
 
+# In-kernel exit counts: a hist trigger on kvm:kvm_exit keyed by exit reason, cleared before each blk run.
+KX=/sys/kernel/tracing/events/kvm/kvm_exit
+kx_on=0
+if has blk; then
+    [ -e /sys/kernel/tracing/events ] || mount -t tracefs none /sys/kernel/tracing 2>/dev/null
+    echo 'hist:keys=exit_reason' >"$KX/trigger" 2>/dev/null && kx_on=1
+    echo "E2E-INFO blk: kvm_exit hist trigger $([ $kx_on = 1 ] && echo on || echo unavailable)"
+fi
+kx_clear() { [ $kx_on = 1 ] && echo 'hist:keys=exit_reason:clear' >>"$KX/trigger"; }
+kx_read() { # SVM exit codes: 0x400 npf, 0x7b io, 0x78 hlt, 0x60 interrupt
+    [ $kx_on = 1 ] && awk '/exit_reason:/ { gsub(/[{}]/, ""); n[$2] += $4; t += $4 }
+        END { printf "kx=%d kx_npf=%d kx_io=%d kx_hlt=%d kx_intr=%d", t, n[1024], n[123], n[120], n[96] }' "$KX/hist"
+}
+
 # measure CASE ROUND EXPECTED_RC CHECK COMMAND... ; CHECK: floor | vmmstats | hello | linux | blk | blkvmm
 measure() {
     name=$1 round=$2 want=$3 check=$4
     shift 4
     if [ "$check" = blk ] || [ "$check" = blkvmm ]; then
+        kx_clear
         stat=$(./runstat -t "$BLK_TIMEOUT" "$OUT" "$@")
+        kx=$(kx_read)
     elif [ "$check" = linux ]; then
         stat=$(./runstat -t "$LINUX_TIMEOUT" -m 'Linux version' -m "$INIT_MARKER" "$OUT" "$@" |
             sed 's/mark1_ns=/linux_ns=/; s/mark2_ns=/init_ns=/')
@@ -104,6 +122,7 @@ measure() {
             [ -n "$ex" ] || ok=0
             extra="$extra $ex"
         fi
+        extra="$extra $kx"
         ;;
     linux) # linux_ns=-1 (no "Linux version" line) is what `quiet` gives; the summary leaves -1 out
         case $stat in *init_ns=-1*) ok=0 ;; esac

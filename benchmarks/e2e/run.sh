@@ -47,6 +47,7 @@ summarize() {
         return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
     function add(key, v) { cnt[key]++; val[key, cnt[key]] = v }
+    function ms(x) { return x == "" ? "n/a" : sprintf("%.0f", x / 1e6) }
     function f(x, d) { return x == "" ? "n/a" : sprintf("%." d "f", x) }
     function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "n/a" : sprintf("%.2f", a / b) }
     /^E2E-INFO / { sub(/^E2E-INFO /, ""); info[++ninfo] = $0; next }
@@ -137,26 +138,53 @@ summarize() {
             if (c !~ /^blk-vmm-/ || c == "blk-vmm-none") continue
             n = substr(c, 9); q = "blk-qemu-" n
             for (r = 1; r <= maxround; r++) for (k = 1; k <= 2; k++) {
-                p = k == 1 ? c : q
-                if (((p, r, "bench_us") in R) && R[p, r, "bench_us"] > 0 && R[p, r, "ok"] == 1) {
-                    rt = R[p, r, "bench_ios"] * 1e6 / R[p, r, "bench_us"]
-                    if (R[p, r, "bench_bs"] >= 1048576) rt = rt * R[p, r, "bench_bs"] / 1048576
-                    add(p SUBSEP "rate", rt); RT[p, r] = rt
+                pc = k == 1 ? c : q
+                if (((pc, r, "bench_us") in R) && R[pc, r, "bench_us"] > 0 && R[pc, r, "ok"] == 1) {
+                    rt = R[pc, r, "bench_ios"] * 1e6 / R[pc, r, "bench_us"]
+                    if (R[pc, r, "bench_bs"] >= 1048576) rt = rt * R[pc, r, "bench_bs"] / 1048576
+                    add(pc SUBSEP "rate", rt); RT[pc, r] = rt
                 }
             }
             for (r = 1; r <= maxround; r++)
                 if (((c, r) in RT) && ((q, r) in RT) && RT[q, r] > 0) add(n SUBSEP "pr", RT[c, r] / RT[q, r])
             v = median(c SUBSEP "rate"); vl = lo[c SUBSEP "rate"]; vh = hi[c SUBSEP "rate"]
             w = median(q SUBSEP "rate"); wl = lo[q SUBSEP "rate"]; wh = hi[q SUBSEP "rate"]
-            pr = median(n SUBSEP "pr"); prl = lo[n SUBSEP "pr"]; prh = hi[n SUBSEP "pr"]
+            bpr = median(n SUBSEP "pr"); bprl = lo[n SUBSEP "pr"]; bprh = hi[n SUBSEP "pr"]
             ios = median(c SUBSEP "bench_ios"); x = median(c SUBSEP "exits"); xp = median(c SUBSEP "pio"); xm = median(c SUBSEP "mmio")
             epi = (x == "" || bx == "" || ios == "") ? "n/a" : sprintf("%.2f (%.2f, %.2f)", (x - bx) / ios, (xp - bp) / ios, (xm - bm) / ios)
             d = n ~ /1m$/ ? 1 : 0
-            printf "| %s | %s [%s-%s] | %s [%s-%s] | %s | %s [%s-%s] | %s | %d/%d |\n", n, f(v, d), f(vl, d), f(vh, d), f(w, d), f(wl, d), f(wh, d), ratio(v, w), f(pr, 2), f(prl, 2), f(prh, 2), epi, bad[c] + 0, bad[q] + 0
+            printf "| %s | %s [%s-%s] | %s [%s-%s] | %s | %s [%s-%s] | %s | %d/%d |\n", n, f(v, d), f(vl, d), f(vh, d), f(w, d), f(wl, d), f(wh, d), ratio(v, w), f(bpr, 2), f(bprl, 2), f(bprh, 2), epi, bad[c] + 0, bad[q] + 0
+        }
+        if (median("blk-qemu-none" SUBSEP "kx") != "" || median("blk-vmm-none" SUBSEP "kx") != "") {
+        print ""
+        print "Exits KVM saw (kvm:kvm_exit hist trigger, in-kernel ones included) per I/O, minus the bench-case=none run,"
+        print "medians: all (npf = nested page faults, i.e. MMIO and xAPIC accesses; io; hlt; intr = host interrupts):"
+        print ""
+        print "| case | vmm: all (npf, io, hlt, intr) | QEMU: all (npf, io, hlt, intr) |"
+        print "|---|---|---|"
+        nk = split("kx kx_npf kx_io kx_hlt kx_intr", kk, " ")
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c !~ /^blk-vmm-/ || c == "blk-vmm-none") continue
+            n = substr(c, 9); line = "| " n
+            for (k = 1; k <= 2; k++) {
+                pc = k == 1 ? c : "blk-qemu-" n; b = k == 1 ? "blk-vmm-none" : "blk-qemu-none"; ios = median(pc SUBSEP "bench_ios")
+                cell = ""
+                for (j = 1; j <= nk; j++) {
+                    x = median(pc SUBSEP kk[j]); y = median(b SUBSEP kk[j])
+                    v = (x == "" || y == "" || ios == "" || ios == 0) ? "n/a" : sprintf("%.2f", (x - y) / ios)
+                    cell = cell (j == 1 ? v " (" : j < nk ? v ", " : v ")")
+                }
+                line = line " | " cell
+            }
+            print line " |"
+        }
+        bq = median("blk-qemu-none" SUBSEP "kx"); bv = median("blk-vmm-none" SUBSEP "kx")
+        printf "\nKVM exits of the bench-case=none run: vmm %s, QEMU %s\n", bv == "" ? "n/a" : bv, bq == "" ? "n/a" : bq
         }
         if (bx != "") printf "\nvmm exits of the bench-case=none run (boot, PCI enumeration, device setup, TSC calibration): %d (pio %d, mmio %d)\n", bx, bp, bm
         if (("blk-vmm-none" in seen) && ("blk-qemu-none" in seen))
-            printf "Process wall time of the bench-case=none run, ms: vmm %s, QEMU %s\n", f(median("blk-vmm-none" SUBSEP "wall_ns") / 1e6, 0), f(median("blk-qemu-none" SUBSEP "wall_ns") / 1e6, 0)
+            printf "Process wall time of the bench-case=none run, ms: vmm %s, QEMU %s\n", ms(median("blk-vmm-none" SUBSEP "wall_ns")), ms(median("blk-qemu-none" SUBSEP "wall_ns"))
         }
         if (!("linux-vmm" in seen)) exit
         print ""
