@@ -190,8 +190,10 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         var intx = new SharedInterruptLine[4];
         for (int i = 0; i < intx.Length; i++)
             intx[i] = new SharedInterruptLine(new KvmIrqLine(_vm, MemoryLayout.PciIntxFirstGsi + (uint)i));
-        foreach (var device in CreateVirtioDevices())
+        var created = CreateVirtioDevices();
+        for (int i = 0; i < created.Count; i++)
         {
+            var device = created[i];
             VirtioPciFunction function;
             try
             {
@@ -199,7 +201,8 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             }
             catch
             {
-                device.Dispose();
+                foreach (var d in created.Skip(i))
+                    d.Dispose();
                 throw;
             }
             _virtio.Add(function);
@@ -209,9 +212,34 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         }
     }
 
-    private IEnumerable<VirtioDevice> CreateVirtioDevices()
+    /// <summary>The virtio devices of the config, in slot order; a device that cannot be opened is a configuration
+    /// error naming the option.</summary>
+    private List<VirtioDevice> CreateVirtioDevices()
     {
-        yield break;
+        var devices = new List<VirtioDevice>();
+        try
+        {
+            foreach (var disk in _config.Disks)
+            {
+                try
+                {
+                    devices.Add(new VirtioBlock(disk.Path, disk.ReadOnly, disk.Direct, disk.Serial));
+                }
+                catch (Exception e) when (e is DiskImageException or ArgumentException)
+                {
+                    throw new ConfigException($"--disk path={disk.Path}: {e.Message}");
+                }
+            }
+            if (_config.VirtioRng)
+                devices.Add(new VirtioRng());
+        }
+        catch
+        {
+            foreach (var d in devices)
+                d.Dispose();
+            throw;
+        }
+        return devices;
     }
 
     /// <summary>Starts every vCPU and blocks until the VM ends.</summary>

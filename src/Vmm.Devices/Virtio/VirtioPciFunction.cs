@@ -288,6 +288,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
         if (offset + data.Length > (int)CommonLength)
             return;
         VirtioDevice? activate = null, deactivate = null;
+        bool reset = false, needsReset = false;
         lock (_lock)
         {
             ComposeCommon(c);
@@ -326,22 +327,30 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
             if (_queueSelect < _queues.Length && Touches(offset, n, 0x1A, 2))
                 _queues[_queueSelect].MsixVector = BinaryPrimitives.ReadUInt16LittleEndian(c[0x1A..]);
             if (Touches(offset, n, 0x14, 1))
-                WriteStatus(c[0x14], ref activate, ref deactivate);
+                WriteStatus(c[0x14], ref activate, ref deactivate, ref reset, ref needsReset);
         }
-        // Outside the lock: a device stops its worker, which may be interrupting the driver right now.
+        // Outside the lock: a device stops its worker, which may be interrupting the driver right now. Only then
+        // are the queues reset, so a worker never completes into a ring whose addresses were just cleared.
         deactivate?.Deactivate();
+        if (reset)
+        {
+            lock (_lock)
+                ResetLocked();
+        }
+        if (needsReset)
+            ConfigInterrupt();
         if (activate is not null)
             Activate();
     }
 
-    private void WriteStatus(byte value, ref VirtioDevice? activate, ref VirtioDevice? deactivate)
+    private void WriteStatus(byte value, ref VirtioDevice? activate, ref VirtioDevice? deactivate, ref bool reset, ref bool needsReset)
     {
         if (value == 0)
         {
             if (_active)
                 deactivate = _device;
             _active = false;
-            ResetLocked();
+            reset = true;
             return;
         }
         // FEATURES_OK only for a subset of what we offered that includes VERSION_1 (modern devices only).
@@ -364,6 +373,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
                     q.Enabled = false;
                     NeedsResetReason = problem;
                     _status |= VirtioFeatures.StatusNeedsReset;
+                    needsReset = true;
                 }
             }
             _active = true;

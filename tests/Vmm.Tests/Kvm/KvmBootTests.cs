@@ -183,7 +183,7 @@ public class KvmBootTests(KvmFixture kvm, Xunit.Abstractions.ITestOutputHelper o
         Assert.Contains("ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])", r.Stdout);
         Assert.Contains("pci_bus 0000:00: root bus resource [mem 0xc0000000-0xdfffffff window]", r.Stdout);
         Assert.Contains("pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000", r.Stdout);
-        Assert.Contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x018000", r.Stdout);
+        Assert.Contains("pci 0000:00:01.0: [1af4:1042] type 00 class 0x010000", r.Stdout);
         Assert.Contains("pci 0000:00:01.0: reg 0x10: [mem 0xc0000000-0xc0007fff]", r.Stdout);
         Assert.Contains("pci 0000:00:02.0: [1af4:1044]", r.Stdout);
         Assert.Contains("guest requested a reset (ACPI reset register)", r.Stderr);
