@@ -10,6 +10,8 @@
 # Usage:
 #   benchmarks/e2e/run.sh                      # build everything, measure, summarise
 #   benchmarks/e2e/run.sh --linux              # only the Linux-boot cases (vmm vs QEMU), still one nested VM run
+#   benchmarks/e2e/run.sh --blk                # only the virtio-blk cases (vmm vs QEMU q35, the virtio-test guest's
+#                                              # `bench` subtest on a raw image in the nested VM's tmpfs)
 #   benchmarks/e2e/run.sh --summarize RAWFILE  # summarise a kept raw file again
 # Environment:
 #   ROUNDS=7            measured rounds (plus one warm-up round)
@@ -18,6 +20,9 @@
 #   E2E_TIMEOUT=1500    seconds for the whole nested VM run
 #   LINUX_QEMU_MACHINES="pc microvm"  QEMU machine types for the Linux-boot comparison
 #   LINUX_CMDLINE="console=ttyS0 panic=-1 rdinit=/init"  kernel command line for both programs
+#   E2E_CASES="exit start linux"  case groups (blk: see --blk); --linux / --blk pick one group
+#   BLK_IOS=500 BLK_QD=16 BLK_MIB=16 BLK_IMG_MB=64  virtio-blk: random 4 KiB I/Os per case, deep queue depth,
+#                       sequential MiB per case, image size; BLK_QEMU_DRIVE="cache=writeback,aio=threads"
 # The Linux-boot cases boot tools/nested-kvm's cached Debian kernel (run-in-vm.sh --prepare) with a busybox
 # initramfs whose /init prints a line and runs `poweroff -f`.
 #
@@ -42,6 +47,7 @@ summarize() {
         return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
     }
     function add(key, v) { cnt[key]++; val[key, cnt[key]] = v }
+    function ms(x) { return x == "" ? "n/a" : sprintf("%.0f", x / 1e6) }
     function f(x, d) { return x == "" ? "n/a" : sprintf("%." d "f", x) }
     function ratio(a, b) { return (a == "" || b == "" || b == 0) ? "n/a" : sprintf("%.2f", a / b) }
     /^E2E-INFO / { sub(/^E2E-INFO /, ""); info[++ninfo] = $0; next }
@@ -118,6 +124,68 @@ summarize() {
         }
         print ""
         }
+        if (("blk-vmm-none" in seen) || ("blk-qemu-none" in seen)) {
+        print ""
+        print "virtio-blk, the virtio-test guest'"'"'s bench subtest (one process per case and round; rates from the guest'"'"'s"
+        print "RDTSC), medians [min-max] over the measured rounds; 4 KiB cases in IOPS, 1 MiB cases in MiB/s. vmm exits"
+        print "per I/O = (vmm exits in the run - median exits of the bench-case=none run) / I/Os, from --stats:"
+        print ""
+        print "| case | vmm | QEMU | vmm/QEMU, of medians | vmm/QEMU, paired | vmm exits/IO (pio, mmio) | failed runs vmm/QEMU |"
+        print "|---|---|---|---|---|---|---|"
+        bx = median("blk-vmm-none" SUBSEP "exits"); bp = median("blk-vmm-none" SUBSEP "pio"); bm = median("blk-vmm-none" SUBSEP "mmio")
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c !~ /^blk-vmm-/ || c == "blk-vmm-none") continue
+            n = substr(c, 9); q = "blk-qemu-" n
+            for (r = 1; r <= maxround; r++) for (k = 1; k <= 2; k++) {
+                pc = k == 1 ? c : q
+                if (((pc, r, "bench_us") in R) && R[pc, r, "bench_us"] > 0 && R[pc, r, "ok"] == 1) {
+                    rt = R[pc, r, "bench_ios"] * 1e6 / R[pc, r, "bench_us"]
+                    if (R[pc, r, "bench_bs"] >= 1048576) rt = rt * R[pc, r, "bench_bs"] / 1048576
+                    add(pc SUBSEP "rate", rt); RT[pc, r] = rt
+                }
+            }
+            for (r = 1; r <= maxround; r++)
+                if (((c, r) in RT) && ((q, r) in RT) && RT[q, r] > 0) add(n SUBSEP "pr", RT[c, r] / RT[q, r])
+            v = median(c SUBSEP "rate"); vl = lo[c SUBSEP "rate"]; vh = hi[c SUBSEP "rate"]
+            w = median(q SUBSEP "rate"); wl = lo[q SUBSEP "rate"]; wh = hi[q SUBSEP "rate"]
+            bpr = median(n SUBSEP "pr"); bprl = lo[n SUBSEP "pr"]; bprh = hi[n SUBSEP "pr"]
+            ios = median(c SUBSEP "bench_ios"); x = median(c SUBSEP "exits"); xp = median(c SUBSEP "pio"); xm = median(c SUBSEP "mmio")
+            epi = (x == "" || bx == "" || ios == "") ? "n/a" : sprintf("%.2f (%.2f, %.2f)", (x - bx) / ios, (xp - bp) / ios, (xm - bm) / ios)
+            d = n ~ /1m$/ ? 1 : 0
+            printf "| %s | %s [%s-%s] | %s [%s-%s] | %s | %s [%s-%s] | %s | %d/%d |\n", n, f(v, d), f(vl, d), f(vh, d), f(w, d), f(wl, d), f(wh, d), ratio(v, w), f(bpr, 2), f(bprl, 2), f(bprh, 2), epi, bad[c] + 0, bad[q] + 0
+        }
+        if (median("blk-qemu-none" SUBSEP "kx") != "" || median("blk-vmm-none" SUBSEP "kx") != "") {
+        print ""
+        print "Exits KVM saw (kvm:kvm_exit hist trigger, in-kernel ones included) per I/O, minus the bench-case=none run,"
+        print "medians: all (npf = nested page faults, i.e. MMIO and xAPIC accesses; io; hlt; intr = host interrupts):"
+        print ""
+        print "| case | vmm: all (npf, io, hlt, intr) | QEMU: all (npf, io, hlt, intr) |"
+        print "|---|---|---|"
+        nk = split("kx kx_npf kx_io kx_hlt kx_intr", kk, " ")
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c !~ /^blk-vmm-/ || c == "blk-vmm-none") continue
+            n = substr(c, 9); line = "| " n
+            for (k = 1; k <= 2; k++) {
+                pc = k == 1 ? c : "blk-qemu-" n; b = k == 1 ? "blk-vmm-none" : "blk-qemu-none"; ios = median(pc SUBSEP "bench_ios")
+                cell = ""
+                for (j = 1; j <= nk; j++) {
+                    x = median(pc SUBSEP kk[j]); y = median(b SUBSEP kk[j])
+                    v = (x == "" || y == "" || ios == "" || ios == 0) ? "n/a" : sprintf("%.2f", (x - y) / ios)
+                    cell = cell (j == 1 ? v " (" : j < nk ? v ", " : v ")")
+                }
+                line = line " | " cell
+            }
+            print line " |"
+        }
+        bq = median("blk-qemu-none" SUBSEP "kx"); bv = median("blk-vmm-none" SUBSEP "kx")
+        printf "\nKVM exits of the bench-case=none run: vmm %s, QEMU %s\n", bv == "" ? "n/a" : bv, bq == "" ? "n/a" : bq
+        }
+        if (bx != "") printf "\nvmm exits of the bench-case=none run (boot, PCI enumeration, device setup, TSC calibration): %d (pio %d, mmio %d)\n", bx, bp, bm
+        if (("blk-vmm-none" in seen) && ("blk-qemu-none" in seen))
+            printf "Process wall time of the bench-case=none run, ms: vmm %s, QEMU %s\n", ms(median("blk-vmm-none" SUBSEP "wall_ns")), ms(median("blk-qemu-none" SUBSEP "wall_ns"))
+        }
         if (!("linux-vmm" in seen)) exit
         print ""
         print "Linux boot: process start -> first output byte / \"Linux version\" line / /init line / process reaped"
@@ -159,11 +227,15 @@ summarize() {
     }' "$raw"
 }
 
-cases="exit start linux"
+cases=${E2E_CASES:-exit start linux}
 if [ "${1:-}" = --linux ]; then
     cases=linux
     shift
+elif [ "${1:-}" = --blk ]; then
+    cases=blk
+    shift
 fi
+has_case() { case " $cases " in *" $1 "*) return 0 ;; esac; return 1; }
 if [ "${1:-}" = --summarize ]; then
     summarize "${2:?--summarize needs the raw file}"
     exit 0
@@ -188,9 +260,15 @@ gcc -O2 -Wall -Werror -static -o "$build/kvm_exit_floor" "$here/kvm_exit_floor.c
 gcc -O2 -Wall -Werror -static -o "$build/runstat" "$here/runstat.c"
 cp "$build/kvm_exit_floor" "$build/runstat" "$files/"
 
-# 3. Micro-guests.
-echo "run.sh: generating micro-guests" >&2
-dotnet run -c Release --project benchmarks/Vmm.Benchmarks -- make-guests "$files" >/dev/null
+# 3. Micro-guests (exit and start cases); the virtio-test guest (blk cases).
+if has_case exit || has_case start; then
+    echo "run.sh: generating micro-guests" >&2
+    dotnet run -c Release --project benchmarks/Vmm.Benchmarks -- make-guests "$files" >/dev/null
+fi
+if has_case blk; then
+    make -s -C guest-images build/virtio-test.elf >&2
+    cp guest-images/build/virtio-test.elf "$files/"
+fi
 
 # 4. QEMU for the start-up comparison: the host binary (the harness copies the libraries ldd lists) under
 #    qemu/bin, its firmware under qemu/share, where QEMU finds it relative to its own path (<bin>/../share).
@@ -219,7 +297,7 @@ if [ -n "$qemu_machines" ]; then
 fi
 # 5. The Linux-boot guest: tools/nested-kvm's cached Debian kernel and a busybox initramfs (static busybox +
 #    an /init that prints a marker and powers off; the same as tests/Vmm.Tests/Kvm/KvmFixture.cs builds).
-if [ "$cases" != "${cases/linux/}" ]; then
+if has_case linux; then
     cache=$("$repo/tools/nested-kvm/run-in-vm.sh" --prepare | tail -n1)
     vmlinuz=$(ls -t "${NESTED_KVM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmm-nested-kvm}"/linux-image-*/vmlinuz "$cache"/vmlinuz 2>/dev/null | head -n1)
     [ -n "$vmlinuz" ] || { echo "run.sh: no vmlinuz in the nested-kvm cache" >&2; exit 1; }
@@ -239,11 +317,19 @@ chmod +x "$files/inner.sh"
 stamp=$(date +%Y%m%d-%H%M%S)
 raw=$build/raw-$stamp.txt
 echo "run.sh: running inner.sh in the nested-KVM VM (ROUNDS=${ROUNDS:-7}; several minutes)" >&2
+# vmm's virtio-blk hashes the image path (SHA-256, for the default serial) through .NET's OpenSSL shim, which
+# dlopen()s libssl/libcrypto: invisible to ldd, so pass them explicitly.
+libs=()
+for l in /usr/lib/x86_64-linux-gnu/libssl.so.3 /usr/lib/x86_64-linux-gnu/libcrypto.so.3; do
+    [ -e "$l" ] && libs+=(--lib "$l")
+done
 set +e
-"$repo/tools/nested-kvm/run-in-vm.sh" --timeout "${E2E_TIMEOUT:-1500}" --mem 1536 \
+"$repo/tools/nested-kvm/run-in-vm.sh" --timeout "${E2E_TIMEOUT:-1500}" --mem 1536 "${libs[@]}" \
     --env "ROUNDS=${ROUNDS:-7}" --env "EXITS=$exits" --env "QEMU_MACHINES=$qemu_machines" --env "CASES=$cases" \
     --env "LINUX_QEMU_MACHINES=${LINUX_QEMU_MACHINES-pc microvm}" \
     --env "LINUX_CMDLINE=${LINUX_CMDLINE:-console=ttyS0 panic=-1 rdinit=/init}" \
+    --env "BLK_IOS=${BLK_IOS:-500}" --env "BLK_QD=${BLK_QD:-16}" --env "BLK_MIB=${BLK_MIB:-16}" \
+    --env "BLK_IMG_MB=${BLK_IMG_MB:-64}" --env "BLK_QEMU_DRIVE=${BLK_QEMU_DRIVE-cache=writeback,aio=threads}" \
     --files "$files" -- ./inner.sh | tee "$raw"
 rc=${PIPESTATUS[0]}
 set -e

@@ -186,7 +186,7 @@ static uint32_t sdt_find(uint32_t sdt, uint32_t esize, const char *sig)
     return 0;
 }
 
-int acpi_find_mcfg(uint64_t *base, uint8_t *bus_start, uint8_t *bus_end)
+uint32_t acpi_find_table(const char *sig)
 {
     const uint8_t *rsdp = 0;
     for (uint32_t a = 0xE0000; a < 0x100000 && !rsdp; a += 16) {
@@ -196,11 +196,17 @@ int acpi_find_mcfg(uint64_t *base, uint8_t *bus_start, uint8_t *bus_end)
     }
     if (!rsdp)
         return 0;
-    uint32_t mcfg = 0;
+    uint32_t t = 0;
     if (rsdp[15] >= 2 && rd32(rsdp + 28) == 0 && table_ok(rd32(rsdp + 24), "XSDT"))
-        mcfg = sdt_find(rd32(rsdp + 24), 8, "MCFG");
-    if (!mcfg && table_ok(rd32(rsdp + 16), "RSDT"))
-        mcfg = sdt_find(rd32(rsdp + 16), 4, "MCFG");
+        t = sdt_find(rd32(rsdp + 24), 8, sig);
+    if (!t && table_ok(rd32(rsdp + 16), "RSDT"))
+        t = sdt_find(rd32(rsdp + 16), 4, sig);
+    return t;
+}
+
+int acpi_find_mcfg(uint64_t *base, uint8_t *bus_start, uint8_t *bus_end)
+{
+    uint32_t mcfg = acpi_find_table("MCFG");
     if (!mcfg)
         return 0;
     const uint8_t *t = (const uint8_t *)mcfg;

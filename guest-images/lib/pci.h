@@ -66,5 +66,7 @@ void pci_enable(const struct pci_func *f, int io);
 /* ACPI: RSDP in 0xE0000-0xFFFFF -> RSDT/XSDT -> MCFG.  Returns 1 and the
  * segment-0 ECAM base and bus range if found. */
 int acpi_find_mcfg(uint64_t *base, uint8_t *bus_start, uint8_t *bus_end);
+/* Address of the (checksummed) ACPI table with this signature, e.g. "FACP", or 0. */
+uint32_t acpi_find_table(const char *sig);
 
 #endif

@@ -9,7 +9,9 @@
  *   rng            virtio-rng
  *   console        virtio-console port 0 transmit (console-rx: also receive a line and echo it)
  *   all            pci + every virtio device type found (the default with no subtest)
- * Modifiers: blk-id=STRING, mac=52:54:00:12:34:56, console-rx.
+ *   bench          virtio-blk benchmark on the first disk (writes it!); not part of "all"
+ * Modifiers: blk-id=STRING, mac=52:54:00:12:34:56, console-rx,
+ *   bench-ios=N bench-qd=N bench-mib=N bench-case=NAME bench-poll (see test_bench).
  * Prints one "PASS: <subtest> ..." / "FAIL: <subtest> ..." line per check, then
  * "PASS: all" and exits 0, or "FAIL: summary N failed" and exits 1 (isa-debug-exit).
  */
@@ -478,6 +480,218 @@ static void test_blk(int ro)
     virtio_reset(d);
 }
 
+/* ---- bench ------------------------------------------------------------------ */
+
+/*
+ * virtio-blk benchmark on the first disk (token "bench"; it writes, so give it a scratch image).
+ * Cases: 4 KiB random reads, then writes (sector from an LCG, 4 KiB aligned, anywhere in the disk) at
+ * queue depth 1 and bench-qd; then 1 MiB sequential writes and reads over the first bench-mib MiB (one
+ * request per MiB).  Completions: the queue's MSI-X interrupt (hlt while the used ring is empty, a
+ * periodic 100 ms LAPIC timer bounds each hlt), or spinning on the used ring with bench-poll.  Timed
+ * with RDTSC, calibrated against the ACPI PM timer (PM_TMR_BLK from the FACP).  One line per case:
+ *   BENCH case=randread4k-qd1 qd=1 bs=4096 ios=N us=T iops=I errors=E
+ *   BENCH case=seqwrite1m qd=1 bs=1048576 ios=N us=T mibps=M.M errors=E
+ * bench-case=NAME runs only that case (NAME as printed; "none": device setup and calibration only).
+ */
+#define BENCH_QD_MAX 16
+static uint8_t bench_buf[1u << 20] __attribute__((aligned(4096)));
+static struct { struct blk_hdr h; volatile uint8_t st; } __attribute__((aligned(32))) bench_req[BENCH_QD_MAX];
+static uint32_t tsc_khz;
+
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (uint64_t)hi << 32 | lo;
+}
+
+/* n / d without libgcc (the remainder of the high word is < d, so divl cannot overflow). */
+static uint64_t div64(uint64_t n, uint32_t d)
+{
+    uint32_t hi = (uint32_t)(n >> 32), qhi = hi / d, r = hi % d, qlo;
+    __asm__("divl %4" : "=a"(qlo), "=d"(r) : "a"((uint32_t)n), "d"(r), "rm"(d));
+    return (uint64_t)qhi << 32 | qlo;
+}
+
+static uint32_t arg_u32(const char *key, uint32_t def)
+{
+    const char *v = find_arg(cmdline, key);
+    if (!v || *v < '0' || *v > '9')
+        return def;
+    uint32_t n = 0;
+    while (*v >= '0' && *v <= '9')
+        n = n * 10 + (uint32_t)(*v++ - '0');
+    return n;
+}
+
+/* TSC kHz against the PM timer (3.579545 MHz) over >= 50 ms, one timer read per ~10^6 TSC cycles
+ * (both ends: timer read, then RDTSC, so the exit's cost cancels).  0 without a usable timer. */
+static uint32_t tsc_calibrate(void)
+{
+    uint32_t facp = acpi_find_table("FACP");
+    if (!facp)
+        return 0;
+    uint32_t port = *(const uint32_t *)(facp + 76), ext = (*(const uint32_t *)(facp + 112) >> 8) & 1;
+    uint32_t mask = ext ? 0xFFFFFFFFu : 0xFFFFFFu;
+    print("bench: pm timer at port 0x%x (%u-bit, from the FACP)\n", port, ext ? 32 : 24);
+    if (port == 0 || port > 0xFFFF)
+        return 0;
+    uint32_t p0 = inl((uint16_t)port) & mask, dp = 0;
+    uint64_t t0 = rdtsc(), t1 = t0;
+    for (int i = 0; i < 20000 && dp < 3579545u / 20; i++) {
+        for (uint64_t s = rdtsc(); rdtsc() - s < 1000000;)
+            cpu_relax();
+        dp = ((inl((uint16_t)port) & mask) - p0) & mask;
+        t1 = rdtsc();
+    }
+    if (dp < 3579545u / 20)
+        return 0;
+    return (uint32_t)div64(div64((t1 - t0) * 3579545u, dp), 1000);
+}
+
+/* `ios` requests of `len` bytes, at most qd in flight.  Returns the TSC cycles taken, 0 on a timeout
+ * (60 s) or a bad used element; *done: requests completed, *errors: those with a nonzero status. */
+static uint64_t bench_run(struct virtio_dev *d, uint32_t type, uint32_t ios, uint32_t qd, uint32_t len, int seq,
+                          uint32_t blocks, int poll, uint32_t *done, uint32_t *errors)
+{
+    struct virtq *q = &d->vq[0];
+    int ind = virtio_has(d, VIRTIO_F_INDIRECT_DESC), h = -1;
+    uint32_t issued = 0, nfree = 0, lcg = 12345, fr[BENCH_QD_MAX];
+    for (uint32_t i = qd; i > 0; i--)
+        fr[nfree++] = i - 1;
+    *done = *errors = 0;
+    uint64_t t0 = rdtsc(), limit = (uint64_t)tsc_khz * 60000;
+    while (*done < ios) {
+        int added = 0;
+        while (issued < ios && nfree) {
+            uint32_t s = fr[--nfree];
+            uint64_t sector = (uint64_t)issued * (len / 512);
+            if (!seq) {
+                lcg = lcg * 1103515245u + 12345u;
+                sector = (uint64_t)((lcg >> 8) % blocks) * 8;
+            }
+            bench_req[s].h = (struct blk_hdr){ type, 0, sector };
+            bench_req[s].st = 0xEE;
+            struct vq_buf b[3] = { { &bench_req[s].h, sizeof(struct blk_hdr), 0 },
+                                   { bench_buf + (s * len) % sizeof(bench_buf), len, type == BLK_T_IN },
+                                   { (const void *)&bench_req[s].st, 1, 1 } };
+            if (vq_add(q, b, 3, ind, (void *)(uintptr_t)(s + 1)) < 0) { /* ring full (no indirect) */
+                fr[nfree++] = s;
+                break;
+            }
+            issued++, added = 1;
+        }
+        if (added)
+            vq_kick(q);
+        void *ck;
+        int got = 0;
+        while ((h = vq_get_used(q, 0, &ck)) >= 0) {
+            uint32_t s = (uint32_t)(uintptr_t)ck - 1;
+            *errors += bench_req[s].st != 0;
+            fr[nfree++] = s;
+            (*done)++, got++;
+        }
+        if (h == -2 || rdtsc() - t0 > limit)
+            return 0;
+        if (got)
+            continue;
+        mb(); /* used_event (written by vq_get_used) before the last look at the used index */
+        if (*(volatile uint16_t *)(q->used + 2) != q->last_used)
+            continue;
+        if (poll)
+            cpu_relax();
+        else
+            halt_for_irq();
+    }
+    return rdtsc() - t0;
+}
+
+/* Does sel name this case: "<base>" (sequential) or "<base>-qd<N>" (random)? */
+static int case_named(const char *sel, const char *base, uint32_t qd, int seq)
+{
+    while (*base && *sel == *base)
+        sel++, base++;
+    if (*base)
+        return 0;
+    if (seq)
+        return *sel == 0;
+    if (sel[0] != '-' || sel[1] != 'q' || sel[2] != 'd')
+        return 0;
+    uint32_t n = 0;
+    for (sel += 3; *sel >= '0' && *sel <= '9'; sel++)
+        n = n * 10 + (uint32_t)(*sel - '0');
+    return *sel == 0 && n == qd;
+}
+
+static void test_bench(void)
+{
+    struct virtio_dev dev, *d = &dev;
+    uint64_t want = VIRTIO_F(VIRTIO_F_INDIRECT_DESC) | VIRTIO_F(VIRTIO_F_EVENT_IDX) | VIRTIO_F(BLK_F_SIZE_MAX) |
+                    VIRTIO_F(BLK_F_SEG_MAX) | VIRTIO_F(BLK_F_BLK_SIZE) | VIRTIO_F(BLK_F_FLUSH) |
+                    VIRTIO_F(BLK_F_TOPOLOGY);
+    dma_reset();
+    if (!device_init(d, VIRTIO_ID_BLK, "bench", want) || !queues_init(d, "bench", 1, 32))
+        return;
+    uint64_t cap = virtio_cfg64(d, 0);
+    uint32_t ios = arg_u32("bench-ios=", 2000), qd = arg_u32("bench-qd=", 16), mib = arg_u32("bench-mib=", 16);
+    uint32_t blocks = cap >> 35 ? 0xFFFFFFFFu : (uint32_t)(cap >> 3), poll = has_token("bench-poll");
+    qd = qd < 1 ? 1 : qd > BENCH_QD_MAX ? BENCH_QD_MAX : qd;
+    char sel[32];
+    int only = arg_value("bench-case=", sel, sizeof(sel));
+    print("bench: capacity %X sectors, ios %u, qd 1 and %u, seq %u MiB, queue size %u, %s, %s\n", cap, ios, qd, mib,
+          d->vq[0].size, poll ? "polling" : "msi-x interrupts", virtio_has(d, VIRTIO_F_INDIRECT_DESC) ? "indirect" : "direct");
+    tsc_khz = tsc_calibrate();
+    print("bench: tsc %u kHz\n", tsc_khz);
+    check2(tsc_khz > 0, "bench", "tsc calibrated against the acpi pm timer", "no FACP / PM timer, or it does not run");
+    check2(blocks >= 8 && cap >= (uint64_t)mib * 2048, "bench", "disk holds the sequential span", "%X sectors", cap);
+    if (!tsc_khz || blocks < 8 || cap < (uint64_t)mib * 2048) {
+        virtio_reset(d);
+        return;
+    }
+    if (!poll) { /* a periodic timer bounds every hlt */
+        lapic_write(LAPIC_LVT_TIMER, VIRTIO_WATCHDOG_VEC | 0x20000);
+        lapic_write(LAPIC_TMR_INIT, 6250000); /* 100 ms at a 1 GHz APIC bus / 16 */
+    }
+    static const struct { const char *base; uint32_t type, deep, seq; } cs[] = {
+        { "randread4k", BLK_T_IN, 0, 0 }, { "randread4k", BLK_T_IN, 1, 0 }, { "randwrite4k", BLK_T_OUT, 0, 0 },
+        { "randwrite4k", BLK_T_OUT, 1, 0 }, { "seqwrite1m", BLK_T_OUT, 0, 1 }, { "seqread1m", BLK_T_IN, 0, 1 },
+    };
+    uint32_t errors = 0, failed = 0, ran = 0;
+    for (uint32_t i = 0; i < sizeof(cs) / sizeof(cs[0]) && !failed; i++) {
+        uint32_t cqd = cs[i].deep ? qd : 1, len = cs[i].seq ? 1u << 20 : 4096, n = cs[i].seq ? mib : ios, done, err;
+        if ((cs[i].deep && qd == 1) || (only && !case_named(sel, cs[i].base, cqd, cs[i].seq)) || n == 0)
+            continue;
+        ran++;
+        uint64_t t = bench_run(d, cs[i].type, n, cqd, len, cs[i].seq, blocks, poll, &done, &err);
+        errors += err;
+        if (!t) {
+            print("FAIL: bench %s qd %u timed out or bad used element (%u of %u done)\n", cs[i].base, cqd, done, n);
+            failures++, failed = 1;
+            break;
+        }
+        uint32_t us = (uint32_t)div64(t * 1000, tsc_khz);
+        us = us ? us : 1;
+        print("BENCH case=%s", cs[i].base);
+        if (!cs[i].seq)
+            print("-qd%u", cqd);
+        print(" qd=%u bs=%u ios=%u us=%u", cqd, len, n, us);
+        if (cs[i].seq) {
+            uint32_t t10 = (uint32_t)div64((uint64_t)n * 10000000u, us);
+            print(" mibps=%u.%u", t10 / 10, t10 % 10);
+        } else {
+            print(" iops=%u", (uint32_t)div64((uint64_t)n * 1000000u, us));
+        }
+        print(" errors=%u\n", err);
+    }
+    lapic_write(LAPIC_TMR_INIT, 0);
+    lapic_write(LAPIC_LVT_TIMER, VIRTIO_WATCHDOG_VEC);
+    if (only)
+        check2(ran > 0 || case_named(sel, "none", 0, 1), "bench", "bench-case= names a case", "\"%s\"", sel);
+    check2(errors == 0, "bench", "every request completed with status 0", "%u failed", errors);
+    report_queue("bench", &d->vq[0]);
+    virtio_reset(d);
+}
+
 /* ---- net -------------------------------------------------------------------- */
 
 enum { NET_F_CSUM = 0, NET_F_GUEST_CSUM = 1, NET_F_MAC = 5, NET_F_MRG_RXBUF = 15, NET_F_STATUS = 16 };
@@ -850,8 +1064,8 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
 
     int all = has_token("all");
     int t_blk = has_token("blk"), t_ro = has_token("blk-ro"), t_net = has_token("net"), t_rng = has_token("rng");
-    int t_con = has_token("console") || has_token("console-rx"), t_pci = has_token("pci");
-    if (!(t_blk || t_ro || t_net || t_rng || t_con || t_pci))
+    int t_con = has_token("console") || has_token("console-rx"), t_pci = has_token("pci"), t_bench = has_token("bench");
+    if (!(t_blk || t_ro || t_net || t_rng || t_con || t_pci || t_bench))
         all = 1;
     if (all) {
         t_pci = 1;
@@ -860,8 +1074,8 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
         t_rng |= find_virtio(VIRTIO_ID_RNG) != 0;
         t_con |= find_virtio(VIRTIO_ID_CONSOLE) != 0;
     }
-    print("subtests:%s%s%s%s%s%s\n", t_pci ? " pci" : "", t_blk && !t_ro ? " blk" : "", t_ro ? " blk-ro" : "",
-          t_net ? " net" : "", t_rng ? " rng" : "", t_con ? " console" : "");
+    print("subtests:%s%s%s%s%s%s%s\n", t_pci ? " pci" : "", t_blk && !t_ro ? " blk" : "", t_ro ? " blk-ro" : "",
+          t_net ? " net" : "", t_rng ? " rng" : "", t_con ? " console" : "", t_bench ? " bench" : "");
     if (t_pci)
         test_pci();
     if (t_blk || t_ro)
@@ -872,6 +1086,8 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
         test_rng();
     if (t_con)
         test_console(has_token("console-rx"));
+    if (t_bench)
+        test_bench();
     check(other_irqs == 0, "no unexpected interrupts", "%u, last vector 0x%x", other_irqs, last_other);
     if (failures == 0) {
         print("PASS: all\n");
