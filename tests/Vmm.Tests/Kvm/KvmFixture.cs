@@ -62,7 +62,7 @@ public sealed class KvmFixture
                 "--cmdline 'blk blk-ro'; rc=$?; echo; echo \"@@SHA256 $(sha256sum ro.img)\"; exit $rc"),
             new("virtio-rng", ["run", "--kernel", "virtio-test.elf", "--rng", "--cmdline", "rng"]),
             new("virtio-console", ["run", "--kernel", "virtio-test.elf", "--console", "virtio", "--cmdline", "console console-rx"], Stdin: "hello-from-host\n"),
-            new("virtio-net", [], Shell: "unshare -n sh -c './net-responder tap0 120 >responder.out 2>&1 & " +
+            new("virtio-net", [], Shell: "chmod +x net-responder && unshare -n sh -c './net-responder tap0 120 >responder.out 2>&1 & " +
                 "./vmm run --kernel virtio-test.elf --net tap=tap0,mac=52:54:00:12:34:56 --cmdline \"net mac=52:54:00:12:34:56\"; rc=$?; " +
                 "wait; echo @@RESPONDER; cat responder.out; exit $rc'"),
             new("virtio-all", [], Shell: "cp disk.img all.img && ./vmm run --kernel virtio-test.elf --disk path=all.img,serial=vmm-test-disk " +
@@ -160,11 +160,11 @@ public static class MicroGuests
         }, data);
     }
 
-    /// <summary>Long-mode MMIO reads and writes of 1, 2, 4 and 8 bytes to an unclaimed address in the MMIO hole.</summary>
+    /// <summary>Long-mode MMIO reads and writes of 1, 2, 4 and 8 bytes to an unclaimed address in the MMIO hole, outside the PCI windows.</summary>
     public static byte[] Mmio64() => ImageBuilder.Guest64(a =>
     {
         var fail = a.CreateLabel();
-        a.mov(rbx, 0xD000_0000UL);
+        a.mov(rbx, 0xF000_0000UL); // in the hole, outside the PCI windows and ECAM
         a.mov(al, __byte_ptr[rbx]); a.cmp(al, 0xFF); a.jne(fail);
         a.mov(ax, __word_ptr[rbx]); a.cmp(ax, 0xFFFF); a.jne(fail);
         a.mov(eax, __dword_ptr[rbx]); a.cmp(eax, -1); a.jne(fail);
