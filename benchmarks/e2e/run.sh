@@ -317,14 +317,8 @@ chmod +x "$files/inner.sh"
 stamp=$(date +%Y%m%d-%H%M%S)
 raw=$build/raw-$stamp.txt
 echo "run.sh: running inner.sh in the nested-KVM VM (ROUNDS=${ROUNDS:-7}; several minutes)" >&2
-# vmm's virtio-blk hashes the image path (SHA-256, for the default serial) through .NET's OpenSSL shim, which
-# dlopen()s libssl/libcrypto: invisible to ldd, so pass them explicitly.
-libs=()
-for l in /usr/lib/x86_64-linux-gnu/libssl.so.3 /usr/lib/x86_64-linux-gnu/libcrypto.so.3; do
-    [ -e "$l" ] && libs+=(--lib "$l")
-done
 set +e
-"$repo/tools/nested-kvm/run-in-vm.sh" --timeout "${E2E_TIMEOUT:-1500}" --mem 1536 "${libs[@]}" \
+"$repo/tools/nested-kvm/run-in-vm.sh" --timeout "${E2E_TIMEOUT:-1500}" --mem 1536 \
     --env "ROUNDS=${ROUNDS:-7}" --env "EXITS=$exits" --env "QEMU_MACHINES=$qemu_machines" --env "CASES=$cases" \
     --env "LINUX_QEMU_MACHINES=${LINUX_QEMU_MACHINES-pc microvm}" \
     --env "LINUX_CMDLINE=${LINUX_CMDLINE:-console=ttyS0 panic=-1 rdinit=/init}" \
