@@ -42,6 +42,9 @@ readonly TIMEOUT_RC=124
 readonly BASE_FORMAT=2 # bump when the base initramfs layout changes (init script changes are hashed)
 # Modules loaded in the guest (plus their deps): kvm_amd for /dev/kvm, tun for /dev/net/tun (virtio-net tests).
 readonly GUEST_MODULES="kvm_amd tun"
+# Modules kept in the cache for the guests the tests boot (not loaded here): Linux's virtio-pci drivers, so
+# a test initramfs can load them ($cache/<pkg>/virtio-modules/, deps first in load-order).
+readonly VIRTIO_MODULES="virtio_pci virtio_blk virtio_net virtio_console virtio_rng"
 
 prog=${0##*/}
 die() {
@@ -230,6 +233,7 @@ modules_complete() {
     local m
     [ -f "$1/load-order" ] || return 1
     for m in $GUEST_MODULES; do grep -qx "$m" "$1/load-order" || return 1; done
+    [ -f "$1/../virtio-modules/load-order" ] || return 1
 }
 
 # Build (once) $cache/<pkg>/{vmlinuz,modules/,base.cpio.gz} for kernel package $1.
@@ -272,6 +276,11 @@ ensure_base() {
         local m
         for m in $GUEST_MODULES; do add_module "$moddir" "$b/modules" "$m"; done
         rm -f "$b/modules/.seen"
+        mkdir -p "$b/virtio-modules"
+        for m in $VIRTIO_MODULES; do add_module "$moddir" "$b/virtio-modules" "$m"; done
+        rm -f "$b/virtio-modules/.seen"
+        rm -rf "$dir/virtio-modules"
+        mv "$b/virtio-modules" "$dir/virtio-modules"
         basename "$deb" >"$b/modules/kernel-deb"
         rm -rf "$dir/modules" "$dir/format"
         cp "$vmlinuz" "$dir/vmlinuz"

@@ -33,6 +33,7 @@ public sealed class KvmFixture
             ["garbage.bin"] = Encoding.ASCII.GetBytes("this is not a kernel"),
             ["vmlinuz"] = File.ReadAllBytes(StockKernel()),
             ["initramfs.cpio.gz"] = BusyboxInitramfs(),
+            ["virtio-initramfs.cpio.gz"] = VirtioInitramfs(),
         };
         Results = VmmRunner.RunAll(vmm, files,
         [
@@ -67,6 +68,10 @@ public sealed class KvmFixture
                 "wait; echo @@RESPONDER; cat responder.out; exit $rc'"),
             new("virtio-all", [], Shell: "cp disk.img all.img && ./vmm run --kernel virtio-test.elf --disk path=all.img,serial=vmm-test-disk " +
                 "--disk path=disk.img,readonly=on --rng --console virtio --cmdline 'pci blk rng console'; rc=$?; echo; echo \"@@SHA256 $(sha256sum all.img)\"; exit $rc"),
+            // Linux's own virtio-pci drivers (modules from the same Debian kernel) on vmm's devices.
+            new("linux-virtio", [], Shell: "cp disk.img lx.img && chmod +x net-responder && unshare -n ./vmm run --kernel vmlinuz --initrd virtio-initramfs.cpio.gz " +
+                "--memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init' --disk path=lx.img,serial=linux-disk --net tap=tap0,mac=52:54:00:12:34:56 " +
+                "--rng --console virtio --log-level info; rc=$?; echo; echo \"@@SECTOR1000 $(dd if=lx.img bs=512 skip=1000 count=1 2>/dev/null | head -c 16)\"; exit $rc"),
             new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
@@ -91,6 +96,53 @@ public sealed class KvmFixture
                 $"#!/bin/busybox sh\n/bin/busybox echo '{InitramfsMarker}'\n/bin/busybox poweroff -f\n");
             Repo.MustRun("chmod", "755", Path.Combine(dir, "root", "init"));
             Repo.MustRun("bash", "-c", $"cd '{dir}/root' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
+            return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    public const string VirtioInitMarker = "vmm-linux-virtio:";
+
+    /// <summary>A busybox initramfs whose /init loads Linux's virtio-pci drivers (the modules tools/nested-kvm keeps
+    /// from the same kernel package), exercises the disk, entropy, network and console devices, lists the
+    /// virtio interrupts and powers off.</summary>
+    private static byte[] VirtioInitramfs()
+    {
+        string modules = Path.Combine(Path.GetDirectoryName(StockKernel())!, "virtio-modules");
+        string dir = Directory.CreateTempSubdirectory("vmm-virtio-initramfs-").FullName;
+        try
+        {
+            string root = Path.Combine(dir, "root");
+            Directory.CreateDirectory(Path.Combine(root, "bin"));
+            Directory.CreateDirectory(Path.Combine(root, "lib", "modules"));
+            File.Copy("/bin/busybox", Path.Combine(root, "bin", "busybox"));
+            foreach (var f in Directory.GetFiles(modules))
+                File.Copy(f, Path.Combine(root, "lib", "modules", Path.GetFileName(f)));
+            string m = VirtioInitMarker;
+            File.WriteAllText(Path.Combine(root, "init"), $$"""
+                #!/bin/busybox sh
+                B=/bin/busybox
+                $B mkdir -p /proc /sys /dev
+                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+                for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{m}} insmod $mod failed"; done
+                n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+                echo "{{m}} vda $($B cat /sys/block/vda/size) sectors, serial $($B cat /sys/block/vda/serial)"
+                echo "{{m}} sector 5: $($B dd if=/dev/vda bs=512 skip=5 count=1 2>/dev/null | $B od -An -tx1 | $B head -n 1)"
+                echo "linux-wrote-this" | $B dd of=/dev/vda bs=512 seek=1000 conv=fsync 2>/dev/null && echo "{{m}} wrote sector 1000"
+                echo "{{m}} rng $($B cat /sys/class/misc/hw_random/rng_current) $($B dd if=/dev/hwrng bs=16 count=1 2>/dev/null | $B od -An -tx1)"
+                echo "{{m}} net $($B cat /sys/class/net/eth0/address)"
+                $B ip link set eth0 up && echo "{{m}} eth0 up"
+                echo "{{m}} hello on hvc0" > /dev/hvc0
+                $B grep virtio /proc/interrupts | while read l; do echo "{{m}} irq $l"; done
+                echo "{{m}} done"
+                $B poweroff -f
+
+                """);
+            Repo.MustRun("chmod", "755", Path.Combine(root, "init"));
+            Repo.MustRun("bash", "-c", $"cd '{root}' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
             return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
         }
         finally

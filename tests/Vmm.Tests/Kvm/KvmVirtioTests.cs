@@ -81,6 +81,27 @@ public class KvmVirtioTests(KvmFixture kvm)
     }
 
     [Fact]
+    public void Linux_virtio_drivers_use_the_disk_entropy_network_and_console_devices_through_MSI_X()
+    {
+        var r = R("linux-virtio");
+        const string m = KvmFixture.VirtioInitMarker;
+        Assert.Contains("virtio_blk virtio0: [vda] 8192 512-byte logical blocks", r.Stdout);
+        Assert.Contains($"{m} vda 8192 sectors, serial linux-disk", r.Stdout);
+        Assert.Contains($"{m} sector 5:  5f 5f 5f 5f", r.Stdout);       // (5 & 0xFF) ^ 0x5A
+        Assert.Contains($"{m} wrote sector 1000", r.Stdout);
+        Assert.Contains("@@SECTOR1000 linux-wrote-this", r.Stdout);     // reached the image file
+        Assert.Contains($"{m} rng virtio_rng.0 ", r.Stdout);
+        Assert.Contains($"{m} net 52:54:00:12:34:56", r.Stdout);
+        Assert.Contains($"{m} eth0 up", r.Stdout);
+        Assert.Contains($"{m} hello on hvc0", r.Stdout);
+        // Linux took MSI-X for every device, and the disk's request interrupts arrived (through irqfd).
+        Assert.Matches(@"irq \d+:\s+[1-9]\d*\s+PCI-MSI[^\n]*virtio0-req\.0", r.Stdout);
+        Assert.Contains("virtio1-input.0", r.Stdout);
+        Assert.Contains($"{m} done", r.Stdout);
+        Assert.True(r.ExitCode == 0, Show(r)); // poweroff -f: ACPI S5
+    }
+
+    [Fact]
     public void A_missing_disk_image_is_a_clear_configuration_error()
     {
         var r = R("virtio-bad-disk");

@@ -71,14 +71,16 @@ public static class VmmRunner
     private static Dictionary<string, Repo.Result> RunNested(string dir, IReadOnlyList<VmmScenario> scenarios)
     {
         // A shell script runs each scenario and prints its results base64-encoded between markers.
-        var script = new StringBuilder("#!/bin/sh\n");
+        var script = new StringBuilder("#!/bin/sh\n" + Watchdog);
         int i = 0;
         foreach (var s in scenarios)
         {
             string stdin = $"stdin{i}";
             File.WriteAllText(Path.Combine(dir, stdin), s.Stdin ?? "");
             string command = s.Shell is null ? "./vmm " + string.Join(' ', s.Args.Select(ShellQuote)) : "sh -c " + ShellQuote(s.Shell);
-            script.Append($"{command} <{stdin} >out{i} 2>err{i}; rc=$?\n");
+            // A hung scenario fails on its own (status 124, with its output so far and the state of vmm's threads),
+            // instead of stalling the whole run.
+            script.Append($"{command} <{stdin} >out{i} 2>err{i} & pid=$!; watchdog {ScenarioTimeoutSeconds * 5} $pid err{i}; rc=$?\n");
             script.Append($"echo \"@@SCENARIO {i} $rc\"; base64 -w0 out{i}; echo; base64 -w0 err{i}; echo\n");
             i++;
         }
@@ -107,6 +109,33 @@ public static class VmmRunner
         }
         return results;
     }
+
+    /// <summary>Shell function: waits up to $1 fifths of a second for process $2; on timeout appends every vmm
+    /// thread's name, state and kernel wait channel to file $3, kills the scenario and returns 124.</summary>
+    private const string Watchdog = """
+        watchdog() {
+            n=0
+            # (a finished child stays a zombie until waited for: kill -0 would still succeed)
+            while grep -q '^State:[[:space:]]*[^Z]' /proc/$2/status 2>/dev/null; do
+                if [ $n -ge $1 ]; then
+                    echo "scenario timed out; vmm threads:" >>$3
+                    for d in /proc/[0-9]*; do
+                        [ "$(cat $d/comm 2>/dev/null)" = vmm ] || continue
+                        for t in $d/task/*; do echo "  $(cat $t/comm) $(grep '^State' $t/status) wchan=$(cat $t/wchan)" >>$3; done
+                        kill -9 ${d#/proc/} 2>/dev/null
+                    done
+                    kill -9 $2 2>/dev/null; wait $2 2>/dev/null
+                    return 124
+                fi
+                sleep 0.2; n=$((n+1))
+            done
+            wait $2
+        }
+
+        """;
+
+    /// <summary>Per scenario, inside the nested VM (the slowest runs, a Linux boot, take about a minute there).</summary>
+    public const int ScenarioTimeoutSeconds = 240;
 
     private static string ShellQuote(string s) => "'" + s.Replace("'", "'\\''") + "'";
 }
