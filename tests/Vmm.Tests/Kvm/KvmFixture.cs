@@ -72,6 +72,10 @@ public sealed class KvmFixture
             new("linux-virtio", [], Shell: "cp disk.img lx.img && chmod +x net-responder && unshare -n ./vmm run --kernel vmlinuz --initrd virtio-initramfs.cpio.gz " +
                 "--memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init' --disk path=lx.img,serial=linux-disk --net tap=tap0,mac=52:54:00:12:34:56 " +
                 "--rng --console virtio --log-level info; rc=$?; echo; echo \"@@SECTOR1000 $(dd if=lx.img bs=512 skip=1000 count=1 2>/dev/null | head -c 16)\"; exit $rc"),
+            // The same with pci=nomsi: Linux falls back to INTx, routed by the ACPI _PRT to IOAPIC GSIs 16-19.
+            new("linux-virtio-intx", [], Shell: "cp disk.img lx2.img && unshare -n ./vmm run --kernel vmlinuz --initrd virtio-initramfs.cpio.gz " +
+                "--memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init pci=nomsi' --disk path=lx2.img,serial=linux-disk --net tap=tap0,mac=52:54:00:12:34:56 " +
+                "--rng --console virtio --log-level info; rc=$?; echo; echo \"@@SECTOR1000 $(dd if=lx2.img bs=512 skip=1000 count=1 2>/dev/null | head -c 16)\"; exit $rc"),
             new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",

@@ -102,6 +102,22 @@ public class KvmVirtioTests(KvmFixture kvm)
     }
 
     [Fact]
+    public void Without_MSI_Linux_virtio_drivers_run_on_INTx_through_the_PRT_and_the_IOAPIC()
+    {
+        var r = R("linux-virtio-intx");
+        const string m = KvmFixture.VirtioInitMarker;
+        Assert.Contains($"{m} sector 5:  5f 5f 5f 5f", r.Stdout);
+        Assert.Contains("@@SECTOR1000 linux-wrote-this", r.Stdout);
+        Assert.Contains($"{m} rng virtio_rng.0 ", r.Stdout);
+        Assert.Contains($"{m} hello on hvc0", r.Stdout);
+        // Slot 1 (the disk), INTA -> GSI 17 by the swizzle; level-triggered on the IOAPIC, and it fired.
+        Assert.Matches(@"irq 17:\s+[1-9]\d*\s+IO-APIC\s+17-fasteoi[^\n]*virtio0", r.Stdout);
+        Assert.DoesNotContain("PCI-MSI", r.Stdout);
+        Assert.Contains($"{m} done", r.Stdout);
+        Assert.True(r.ExitCode == 0, Show(r));
+    }
+
+    [Fact]
     public void A_missing_disk_image_is_a_clear_configuration_error()
     {
         var r = R("virtio-bad-disk");
