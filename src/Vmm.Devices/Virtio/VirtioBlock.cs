@@ -191,26 +191,10 @@ public sealed class VirtioBlock : VirtioDevice
         base.Dispose();
     }
 
-    private void ServeQueue(int index)
-    {
-        var context = _context!;
-        var queue = context.Queues[index];
-        while (true)
-        {
-            var result = queue.Pop(out var chain);
-            if (result == PopResult.Empty)
-                break;
-            if (result == PopResult.Broken)
-            {
-                // The queue disabled itself: later kicks find it empty until the driver resets the device.
-                context.NeedsReset(queue.LastError);
-                break;
-            }
-            uint used = result == PopResult.Chain ? Process(context.Memory, chain) : 0;
-            queue.Complete(chain.Head, used);
-        }
-        context.NotifyUsed(index);
-    }
+    // Cached: a method group converted per call would allocate a delegate on every kick.
+    private ChainHandler? _handler;
+
+    private void ServeQueue(int index) => _context!.ServeQueue(index, _handler ??= Process);
 
     /// <summary>Serves one request; returns the bytes written into device-writable buffers.</summary>
     private uint Process(GuestMemory memory, DescriptorChain chain)

@@ -84,12 +84,39 @@ public sealed class VirtioContext(GuestMemory memory, ulong features, SplitQueue
             interrupts.QueueInterrupt(Queues[queue]);
     }
 
+    /// <summary>Serves queue <paramref name="queue"/> until it is empty: each valid chain goes to
+    /// <paramref name="handle"/>, which returns the bytes it wrote into device-writable buffers; a bad chain is
+    /// returned with 0 bytes untouched; a corrupt ring asks for a reset. Then interrupts the driver if it wants.
+    /// For devices that complete every request at once (block, entropy).</summary>
+    public void ServeQueue(int queue, ChainHandler handle)
+    {
+        var q = Queues[queue];
+        while (true)
+        {
+            var result = q.Pop(out var chain);
+            if (result == PopResult.Empty)
+                break;
+            if (result == PopResult.Broken)
+            {
+                // The queue disabled itself: later kicks find it empty until the driver resets the device.
+                NeedsReset(q.LastError);
+                break;
+            }
+            uint used = result == PopResult.Chain ? handle(Memory, chain) : 0;
+            q.Complete(chain.Head, used);
+        }
+        NotifyUsed(queue);
+    }
+
     /// <summary>The device configuration changed (e.g. link status).</summary>
     public void NotifyConfigChange() => interrupts.ConfigInterrupt();
 
     /// <summary>Something the driver did makes the device unusable until reset (DEVICE_NEEDS_RESET).</summary>
     public void NeedsReset(string why) => interrupts.NeedsReset(why);
 }
+
+/// <summary>Serves one request of a queue; returns the bytes written into its device-writable buffers.</summary>
+public delegate uint ChainHandler(GuestMemory memory, DescriptorChain chain);
 
 /// <summary>How a device reaches its driver; implemented by the transport.</summary>
 public interface IVirtioInterrupts

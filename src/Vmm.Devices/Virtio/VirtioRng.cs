@@ -55,25 +55,10 @@ public sealed class VirtioRng : VirtioDevice
         base.Dispose();
     }
 
-    private void ServeQueue(int index)
-    {
-        var context = _context!;
-        var queue = context.Queues[index];
-        while (true)
-        {
-            var result = queue.Pop(out var chain);
-            if (result == PopResult.Empty)
-                break;
-            if (result == PopResult.Broken)
-            {
-                context.NeedsReset(queue.LastError);
-                break;
-            }
-            uint used = result == PopResult.Chain ? Fill(context.Memory, chain.Writable) : 0;
-            queue.Complete(chain.Head, used);
-        }
-        context.NotifyUsed(index);
-    }
+    // Cached: a method group converted per call would allocate a delegate on every kick.
+    private ChainHandler? _handler;
+
+    private void ServeQueue(int index) => _context!.ServeQueue(index, _handler ??= (memory, chain) => Fill(memory, chain.Writable));
 
     private static uint Fill(GuestMemory memory, ReadOnlySpan<VirtqDescriptor> writable)
     {
