@@ -55,6 +55,9 @@ public sealed class VirtioBlock : VirtioDevice
     private readonly Lock _lifecycle = new();
     private int _fd;
     private VirtioWorker? _worker;
+
+    /// <summary>Managed bytes the request thread allocated since activation (for the zero-allocation test).</summary>
+    public long WorkerAllocatedBytes => _worker?.AllocatedBytes ?? 0;
     private VirtioContext? _context;
     private bool _writeThrough;
     private long _ioErrors;

@@ -156,6 +156,12 @@ public sealed class VirtioWorker : IDisposable
         _thread.Start();
     }
 
+    private long _allocatedBytes;
+
+    /// <summary>Managed bytes this worker thread allocated in its callbacks since it started (the steady state
+    /// should add nothing; tests check that).</summary>
+    public long AllocatedBytes => Volatile.Read(ref _allocatedBytes);
+
     /// <summary>Set when a device callback threw: the device stopped serving (a VMM bug; the VM goes on).</summary>
     public Exception? Fault { get; private set; }
 
@@ -168,12 +174,14 @@ public sealed class VirtioWorker : IDisposable
             fds[i] = _kicks[i].Fd;
         _extraFds.CopyTo(fds, _kicks.Count);
         fds[^1] = _stop.Fd;
+        long startBytes = GC.GetAllocatedBytesForCurrentThread();
         try
         {
             for (int i = 0; i < _kicks.Count; i++)
                 _onQueue(i); // requests queued before activation
             while (true)
             {
+                Volatile.Write(ref _allocatedBytes, GC.GetAllocatedBytesForCurrentThread() - startBytes);
                 if (_pollExtraFd is not null)
                 {
                     for (int j = 0; j < _extraFds.Length; j++)
