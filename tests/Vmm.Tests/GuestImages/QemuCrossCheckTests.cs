@@ -4,6 +4,8 @@ namespace Vmm.Tests.GuestImages;
 
 /// <summary>The C test guest must pass unchanged under QEMU, so it tests the spec and not vmm's reading of
 /// it. QEMU uses KVM where this host has it, TCG otherwise (the guest only needs what both provide).</summary>
+// In the kvm collection: not in parallel with the nested KVM run, whose emulated CPU the QEMU runs would starve.
+[Collection("kvm")]
 public class QemuCrossCheckTests
 {
     [Fact]

@@ -5,6 +5,8 @@ namespace Vmm.Tests.GuestImages;
 /// <summary>The virtio test guest passes unchanged under QEMU's q35 machine with modern-only (disable-legacy=on)
 /// virtio-pci devices, so it tests the virtio and PCI specs, not vmm's reading of them. The same guest, the
 /// same arguments and the same disk image run under vmm in KvmVirtioTests.</summary>
+// In the kvm collection: not in parallel with the nested KVM run, whose emulated CPU the QEMU runs would starve.
+[Collection("kvm")]
 public class QemuVirtioCrossCheckTests
 {
     private static string Guest => Repo.PathTo("guest-images", "build", "virtio-test.elf");

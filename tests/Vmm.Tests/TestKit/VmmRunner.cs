@@ -80,7 +80,7 @@ public static class VmmRunner
             string command = s.Shell is null ? "./vmm " + string.Join(' ', s.Args.Select(ShellQuote)) : "sh -c " + ShellQuote(s.Shell);
             // A hung scenario fails on its own (status 124, with its output so far and the state of vmm's threads),
             // instead of stalling the whole run.
-            script.Append($"{command} <{stdin} >out{i} 2>err{i} & pid=$!; watchdog {ScenarioTimeoutSeconds * 5} $pid err{i}; rc=$?\n");
+            script.Append($"{command} <{stdin} >out{i} 2>err{i} & pid=$!; watchdog {ScenarioTimeoutSeconds} $pid err{i}; rc=$?\n");
             script.Append($"echo \"@@SCENARIO {i} $rc\"; base64 -w0 out{i}; echo; base64 -w0 err{i}; echo\n");
             i++;
         }
@@ -110,14 +110,14 @@ public static class VmmRunner
         return results;
     }
 
-    /// <summary>Shell function: waits up to $1 fifths of a second for process $2; on timeout appends every vmm
+    /// <summary>Shell function: waits up to $1 seconds (wall clock) for process $2; on timeout appends every vmm
     /// thread's name, state and kernel wait channel to file $3, kills the scenario and returns 124.</summary>
     private const string Watchdog = """
         watchdog() {
-            n=0
+            start=$(date +%s)
             # (a finished child stays a zombie until waited for: kill -0 would still succeed)
             while grep -q '^State:[[:space:]]*[^Z]' /proc/$2/status 2>/dev/null; do
-                if [ $n -ge $1 ]; then
+                if [ $(($(date +%s) - start)) -ge $1 ]; then
                     echo "scenario timed out; vmm threads:" >>$3
                     for d in /proc/[0-9]*; do
                         [ "$(cat $d/comm 2>/dev/null)" = vmm ] || continue
@@ -127,7 +127,7 @@ public static class VmmRunner
                     kill -9 $2 2>/dev/null; wait $2 2>/dev/null
                     return 124
                 fi
-                sleep 0.2; n=$((n+1))
+                sleep 0.2
             done
             wait $2
         }
