@@ -1,5 +1,6 @@
 /* PCI configuration access, bus 0 enumeration, BAR sizing, capabilities, MCFG. See pci.h. */
 #include "pci.h"
+#include "acpi.h"
 #include "x86.h"
 
 #define PCI_ADDR 0xCF8
@@ -144,63 +145,21 @@ void pci_enable(const struct pci_func *f, int io)
 
 /* ---- ACPI MCFG ---------------------------------------------------------- */
 
-static uint8_t sum8(const uint8_t *p, uint32_t n)
-{
-    uint8_t s = 0;
-    while (n--)
-        s = (uint8_t)(s + *p++);
-    return s;
-}
-
-static int sig_is(const uint8_t *p, const char *sig)
-{
-    for (; *sig; p++, sig++)
-        if (*p != (uint8_t)*sig)
-            return 0;
-    return 1;
-}
-
-static uint32_t rd32(const uint8_t *p) { return *(const uint32_t *)p; }
-
-static int table_ok(uint32_t addr, const char *sig)
-{
-    const uint8_t *t = (const uint8_t *)addr;
-    if (addr < 0x1000 || !sig_is(t, sig))
-        return 0;
-    uint32_t len = rd32(t + 4);
-    return len >= 36 && len <= 0x10000 && sum8(t, len) == 0;
-}
-
-/* Table with this signature listed in an RSDT (esize 4) or XSDT (esize 8), or 0. */
-static uint32_t sdt_find(uint32_t sdt, uint32_t esize, const char *sig)
-{
-    const uint8_t *t = (const uint8_t *)sdt;
-    uint32_t n = (rd32(t + 4) - 36) / esize;
-    for (uint32_t i = 0; i < n && i < 64; i++) {
-        const uint8_t *e = t + 36 + i * esize;
-        if (esize == 8 && rd32(e + 4) != 0)
-            continue; /* above 4 GiB */
-        if (table_ok(rd32(e), sig))
-            return rd32(e);
-    }
-    return 0;
-}
-
 uint32_t acpi_find_table(const char *sig)
 {
     const uint8_t *rsdp = 0;
     for (uint32_t a = 0xE0000; a < 0x100000 && !rsdp; a += 16) {
         const uint8_t *p = (const uint8_t *)a;
-        if (rd32(p) == 0x20445352u && sig_is(p, "RSD PTR ") && sum8(p, 20) == 0)
+        if (acpi_rd32(p) == 0x20445352u && acpi_sig_is(p, "RSD PTR ") && acpi_sum8(p, 20) == 0)
             rsdp = p;
     }
     if (!rsdp)
         return 0;
     uint32_t t = 0;
-    if (rsdp[15] >= 2 && rd32(rsdp + 28) == 0 && table_ok(rd32(rsdp + 24), "XSDT"))
-        t = sdt_find(rd32(rsdp + 24), 8, sig);
-    if (!t && table_ok(rd32(rsdp + 16), "RSDT"))
-        t = sdt_find(rd32(rsdp + 16), 4, sig);
+    if (rsdp[15] >= 2 && acpi_rd32(rsdp + 28) == 0 && acpi_table_ok(acpi_rd32(rsdp + 24), "XSDT"))
+        t = acpi_sdt_find(acpi_rd32(rsdp + 24), 8, sig);
+    if (!t && acpi_table_ok(acpi_rd32(rsdp + 16), "RSDT"))
+        t = acpi_sdt_find(acpi_rd32(rsdp + 16), 4, sig);
     return t;
 }
 
@@ -210,7 +169,7 @@ int acpi_find_mcfg(uint64_t *base, uint8_t *bus_start, uint8_t *bus_end)
     if (!mcfg)
         return 0;
     const uint8_t *t = (const uint8_t *)mcfg;
-    uint32_t len = rd32(t + 4);
+    uint32_t len = acpi_rd32(t + 4);
     for (uint32_t off = 44; off + 16 <= len; off += 16) { /* 36-byte header + 8 reserved, 16-byte entries */
         const uint8_t *e = t + off;
         if (*(const uint16_t *)(e + 8) != 0)

@@ -14,6 +14,7 @@
  * of spinning forever.
  */
 #include "console.h"
+#include "acpi.h"
 
 #define PIC1 0x20
 #define PIC2 0xA0
@@ -497,49 +498,6 @@ static void check_rtc(void)
 
 /* ---- ACPI PM timer ---------------------------------------------------- */
 
-static uint8_t sum8(const uint8_t *p, uint32_t n)
-{
-    uint8_t s = 0;
-    while (n--)
-        s = (uint8_t)(s + *p++);
-    return s;
-}
-
-static int sig_is(const uint8_t *p, const char *sig)
-{
-    for (; *sig; p++, sig++)
-        if (*p != (uint8_t)*sig)
-            return 0;
-    return 1;
-}
-
-static uint32_t rd32(const uint8_t *p) { return *(const uint32_t *)p; }
-
-/* A table header at addr with this signature, a sane length and a zero checksum. */
-static int table_ok(uint32_t addr, const char *sig)
-{
-    const uint8_t *t = (const uint8_t *)addr;
-    if (addr < 0x1000 || !sig_is(t, sig))
-        return 0;
-    uint32_t len = rd32(t + 4);
-    return len >= 36 && len <= 0x10000 && sum8(t, len) == 0;
-}
-
-/* FACP address listed in an RSDT (esize 4) or XSDT (esize 8), or 0. */
-static uint32_t find_facp(uint32_t sdt, uint32_t esize)
-{
-    const uint8_t *t = (const uint8_t *)sdt;
-    uint32_t n = (rd32(t + 4) - 36) / esize;
-    for (uint32_t i = 0; i < n && i < 64; i++) {
-        const uint8_t *e = t + 36 + i * esize;
-        if (esize == 8 && rd32(e + 4) != 0)
-            continue; /* above 4 GiB */
-        if (sig_is((const uint8_t *)rd32(e), "FACP"))
-            return rd32(e);
-    }
-    return 0;
-}
-
 /* a * b / c for a quotient below 2^32 (64-bit intermediate, no libgcc). */
 static uint32_t muldiv(uint32_t a, uint32_t b, uint32_t c)
 {
@@ -557,9 +515,9 @@ static void check_acpi_pm_timer(void)
     uint32_t bad_sum = 0;
     for (uint32_t a = 0xE0000; a < 0x100000 && !rsdp; a += 16) {
         const uint8_t *p = (const uint8_t *)a;
-        if (rd32(p) != 0x20445352u || !sig_is(p, "RSD PTR ")) /* "RSD " first: one compare per slot */
+        if (acpi_rd32(p) != 0x20445352u || !acpi_sig_is(p, "RSD PTR ")) /* "RSD " first: one compare per slot */
             continue;
-        if (sum8(p, 20) == 0)
+        if (acpi_sum8(p, 20) == 0)
             rsdp = p;
         else
             bad_sum = a;
@@ -568,38 +526,38 @@ static void check_acpi_pm_timer(void)
           bad_sum);
     if (!rsdp)
         return;
-    uint32_t rev = rsdp[15], rsdt = rd32(rsdp + 16), xsdt = 0;
+    uint32_t rev = rsdp[15], rsdt = acpi_rd32(rsdp + 16), xsdt = 0;
     print("acpi: rsdp at 0x%x rev %u oem \"%c%c%c%c%c%c\" rsdt=0x%x", (uint32_t)rsdp, rev, rsdp[9], rsdp[10],
           rsdp[11], rsdp[12], rsdp[13], rsdp[14], rsdt);
     if (rev >= 2) {
         print(" xsdt=0x%X", *(const uint64_t *)(rsdp + 24));
-        check(sum8(rsdp, 36) == 0, "acpi rsdp extended checksum", "rev %u", rev);
-        if (rd32(rsdp + 28) == 0)
-            xsdt = rd32(rsdp + 24);
+        check(acpi_sum8(rsdp, 36) == 0, "acpi rsdp extended checksum", "rev %u", rev);
+        if (acpi_rd32(rsdp + 28) == 0)
+            xsdt = acpi_rd32(rsdp + 24);
     }
     print("\n");
 
     uint32_t facp_r = 0, facp_x = 0;
     if (rsdt) {
-        int ok = table_ok(rsdt, "RSDT");
+        int ok = acpi_table_ok(rsdt, "RSDT");
         if (ok)
-            facp_r = find_facp(rsdt, 4);
+            facp_r = acpi_sdt_find(rsdt, 4, "FACP");
         check(ok && facp_r, "acpi rsdt lists facp", ok ? "no FACP entry" : "bad RSDT at 0x%x", rsdt);
     }
     if (xsdt) {
-        int ok = table_ok(xsdt, "XSDT");
+        int ok = acpi_table_ok(xsdt, "XSDT");
         if (ok)
-            facp_x = find_facp(xsdt, 8);
+            facp_x = acpi_sdt_find(xsdt, 8, "FACP");
         check(ok && facp_x, "acpi xsdt lists facp", ok ? "no FACP entry" : "bad XSDT at 0x%x", xsdt);
     }
     uint32_t facp = facp_x ? facp_x : facp_r;
-    int facp_ok = facp && table_ok(facp, "FACP") && rd32((const uint8_t *)facp + 4) >= 116 &&
+    int facp_ok = facp && acpi_table_ok(facp, "FACP") && acpi_rd32((const uint8_t *)facp + 4) >= 116 &&
                   (!facp_r || !facp_x || facp_r == facp_x);
     check(facp_ok, "acpi facp valid", "facp=0x%x (rsdt 0x%x, xsdt 0x%x)", facp, facp_r, facp_x);
     if (!facp_ok)
         return;
     const uint8_t *f = (const uint8_t *)facp;
-    uint32_t port = rd32(f + 76), ext = (rd32(f + 112) >> 8) & 1; /* PM_TMR_BLK, flags.TMR_VAL_EXT */
+    uint32_t port = acpi_rd32(f + 76), ext = (acpi_rd32(f + 112) >> 8) & 1; /* PM_TMR_BLK, flags.TMR_VAL_EXT */
     uint32_t mask = ext ? 0xFFFFFFFFu : 0xFFFFFFu;
     print("acpi: facp at 0x%x rev %u pm_tmr_blk=0x%x (%u-bit)\n", facp, f[8], port, ext ? 32 : 24);
     check(port != 0 && port < 0x10000, "acpi facp pm_tmr_blk set", "pm_tmr_blk=0x%x", port);

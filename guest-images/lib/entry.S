@@ -1,10 +1,12 @@
 /*
- * virtio-test: 32-bit entry point and interrupt stubs.
+ * Shared 32-bit entry of the test guests (virtio-test, smp-test).
  *
- * Multiboot v1 header (ELF image), our own flat GDT, a 16 KiB stack, then
- * guest_main(magic, info).  256 interrupt stubs, 16 bytes apart
- * (isr_stubs + 16 * vector), each pushes its vector and funnels into
- * isr_dispatch(uint32_t *frame) in guest.c (same scheme as smp-test).
+ * Multiboot v1 header (ELF image), our own flat GDT (the loader's GDTR is not
+ * guaranteed valid), a 16 KiB stack, then guest_main(magic, info).  256
+ * interrupt stubs, 16 bytes apart (isr_stubs + 16 * vector), each pushes its
+ * vector and funnels into isr_dispatch(uint32_t *frame), which the guest
+ * defines.  The GDT is global so smp-test's AP trampoline can load it; its
+ * limit (three descriptors: null, 0x08 code, 0x10 data) is 23.
  */
         .set MB_MAGIC, 0x1BADB002
         .set MB_FLAGS, 0x00000003          /* bit 0: page-align modules, bit 1: memory info */
@@ -66,6 +68,7 @@ isr_common:
 
         .section .rodata
         .balign 8
+        .globl gdt
 gdt:    .quad   0
         .quad   0x00CF9B000000FFFF         /* 0x08: flat 32-bit code, accessed bit preset */
         .quad   0x00CF93000000FFFF         /* 0x10: flat 32-bit data, accessed bit preset */
