@@ -38,6 +38,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
     private readonly Lock _lock = new();
     private readonly int _pciCfgCap;
     private IInterruptLine? _intx;
+    private readonly Lock _intxLock = new();
 
     private uint _deviceFeatureSelect, _driverFeatureSelect;
     private ulong _driverFeatures;
@@ -146,10 +147,20 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
         bool msix = Msix.TouchesCapability(offset, data.Length);
         if (msix)
             Msix.ControlWritten();
-        // INTx follows the ISR unless the command register disables it or MSI-X replaces it: re-evaluate when
-        // either changes, so clearing INTx disable re-asserts a pending interrupt and enabling MSI-X drops the line.
+        // Clearing INTx disable re-asserts a pending interrupt; enabling MSI-X drops the line.
         if (msix || PciConfigSpace.TouchesCommand(offset, data.Length))
-            _intx?.SetLevel(Volatile.Read(ref _isr) != 0 && !Config.InterruptDisabled && !Msix.Enabled);
+            UpdateIntx();
+    }
+
+    /// <summary>Drives INTx from the ISR: asserted while it is non-zero, unless the command register disables INTx
+    /// or MSI-X replaces it. One place, under one lock, so a device thread raising an interrupt and a vCPU reading
+    /// (and so clearing) the ISR cannot leave the line low with the ISR set.</summary>
+    private void UpdateIntx()
+    {
+        if (_intx is null)
+            return;
+        lock (_intxLock)
+            _intx.SetLevel(Volatile.Read(ref _isr) != 0 && !Config.InterruptDisabled && !Msix.Enabled);
     }
 
     private bool InPciCfgData(int offset, int length) => offset >= _pciCfgCap + 16 && offset + length <= _pciCfgCap + 20;
@@ -226,7 +237,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
     private void ReadIsr(Span<byte> data)
     {
         int isr = Interlocked.Exchange(ref _isr, 0); // reading clears it and deasserts INTx
-        _intx?.SetLevel(false);
+        UpdateIntx();
         data.Clear();
         data[0] = (byte)isr;
     }
@@ -401,7 +412,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
         _configVector = NoVector;
         _queueSelect = 0;
         Interlocked.Exchange(ref _isr, 0);
-        _intx?.SetLevel(false);
+        UpdateIntx();
         foreach (var q in _queues)
             q.Reset();
         foreach (var k in _kicks)
@@ -439,8 +450,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
             return;
         }
         Interlocked.Or(ref _isr, isrBit);
-        if (!Config.InterruptDisabled)
-            _intx?.SetLevel(true);
+        UpdateIntx();
     }
 
     public void Dispose()
