@@ -7,7 +7,10 @@ namespace Vmm.Machine;
 /// leaves (0x40000000: signature, kvmclock and other PV features) pass through as KVM offers them.</summary>
 public static class CpuidTemplate
 {
-    public static kvm_cpuid_entry2[] ForVcpu(kvm_cpuid_entry2[] supported, int id, int count)
+    /// <param name="physicalAddressBits">The guest-physical address width the machine needs (its highest MMIO
+    /// window); CPUID 0x80000008 EAX[7:0] is raised to it when KVM offers less, so guests address large GPU BARs
+    /// placed high (0 leaves the leaf as KVM reports it). The caller checks KVM can map that many bits.</param>
+    public static kvm_cpuid_entry2[] ForVcpu(kvm_cpuid_entry2[] supported, int id, int count, int physicalAddressBits = 0)
     {
         var entries = (kvm_cpuid_entry2[])supported.Clone();
         uint coreBits = (uint)Math.Ceiling(Math.Log2(Math.Max(count, 1)));
@@ -38,6 +41,10 @@ public static class CpuidTemplate
                         case 1: e.eax = coreBits; e.ebx = (uint)count; e.ecx = 1 | (2 << 8); break;
                         default: e.eax = 0; e.ebx = 0; e.ecx = e.index; break;
                     }
+                    break;
+                case 0x8000_0008:
+                    if ((e.eax & 0xFF) < physicalAddressBits)
+                        e.eax = (e.eax & ~0xFFu) | (uint)physicalAddressBits;
                     break;
             }
         }

@@ -32,8 +32,8 @@ internal sealed class Vcpu : IDisposable
 
     public VcpuStats Stats { get; } = new();
 
-    public void ConfigureCpuid(kvm_cpuid_entry2[] supported, int cpuCount) =>
-        _fd.SetCpuid(CpuidTemplate.ForVcpu(supported, Id, cpuCount));
+    public void ConfigureCpuid(kvm_cpuid_entry2[] supported, int cpuCount, int physicalAddressBits = 0) =>
+        _fd.SetCpuid(CpuidTemplate.ForVcpu(supported, Id, cpuCount, physicalAddressBits));
 
     /// <summary>MSRs as firmware leaves them (the same for every vCPU): SYSENTER/SYSCALL targets and the TSC at
     /// zero, fast strings on in IA32_MISC_ENABLE, and MTRRs enabled with write-back as the default type,

@@ -42,14 +42,45 @@ public static class MemoryLayout
     public const ulong Pci64DefaultSize = 64 * GiB;
 
     /// <summary>The 64-bit PCI memory window: above both RAM and the 4 GiB line, 1 GiB aligned.</summary>
-    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, ulong size = Pci64DefaultSize)
+    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, ulong size = Pci64DefaultSize) =>
+        (Pci64WindowStart(ramSize), size);
+
+    /// <summary>Where the 64-bit window starts: the first 1 GiB boundary above both RAM and 4 GiB.</summary>
+    public static ulong Pci64WindowStart(ulong ramSize)
     {
         ulong top = MmioHoleEnd;
         foreach (var (start, length) in RamRanges(ramSize))
             top = Math.Max(top, start.Value + length);
-        ulong aligned = (top + Pci64Alignment - 1) & ~(Pci64Alignment - 1);
-        return (aligned, size);
+        return (top + Pci64Alignment - 1) & ~(Pci64Alignment - 1);
     }
+
+    /// <summary>The 64-bit window grown to hold <paramref name="barSizes"/> (powers of two) placed largest first, each
+    /// naturally aligned, as <c>PciRootBus</c> places them: never smaller than <see cref="Pci64DefaultSize"/>, so
+    /// guests keep room to move BARs. Four 128 GiB GPU BARs above 128 MiB of RAM need [4 GiB, 640 GiB).
+    /// Other VMMs use a fixed window here and the fourth large-BAR GPU does not fit.</summary>
+    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, IEnumerable<ulong> barSizes)
+    {
+        ulong start = Pci64WindowStart(ramSize);
+        ulong next = start;
+        foreach (ulong size in barSizes.OrderByDescending(s => s))
+        {
+            if (size == 0 || (size & (size - 1)) != 0)
+                throw new ArgumentException($"BAR size 0x{size:x} is not a power of two");
+            ulong at = (next + size - 1) & ~(size - 1);
+            if (at < next || at + size < at || at + size > MaxGuestPhysicalAddress)
+                throw new ArgumentException($"BARs totalling more than the {PhysicalAddressBits(MaxGuestPhysicalAddress)}-bit guest physical address space");
+            next = at + size;
+        }
+        ulong end = (next + Pci64Alignment - 1) & ~(Pci64Alignment - 1);
+        return (start, Math.Max(Pci64DefaultSize, end - start));
+    }
+
+    /// <summary>The highest guest-physical address x86-64 can express (52 bits, the architectural MAXPHYADDR limit).</summary>
+    public const ulong MaxGuestPhysicalAddress = 1UL << 52;
+
+    /// <summary>The physical-address width (CPUID 0x80000008 EAX[7:0]) needed to address everything below
+    /// <paramref name="end"/>.</summary>
+    public static int PhysicalAddressBits(ulong end) => end <= 1 ? 1 : 64 - System.Numerics.BitOperations.LeadingZeroCount(end - 1);
 
     /// <summary>First IOAPIC input used for PCI INTx; 16-23 are free of ISA interrupts.</summary>
     public const uint PciIntxFirstGsi = 16;

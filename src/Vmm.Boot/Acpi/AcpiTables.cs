@@ -25,9 +25,10 @@ public static class AcpiTables
 
     public sealed record Result(ulong Rsdp, IReadOnlyDictionary<string, byte[]> Tables);
 
-    /// <summary>Writes the tables for <paramref name="cpuCount"/> vCPUs; the PCI host bridge's 64-bit window lies above
-    /// the RAM of <paramref name="memory"/> (<see cref="MemoryLayout.Pci64Window"/>).</summary>
-    public static Result Write(GuestMemory memory, int cpuCount)
+    /// <summary>Writes the tables for <paramref name="cpuCount"/> vCPUs; the PCI host bridge's 64-bit window is
+    /// <paramref name="pci64Window"/>, by default the one above the RAM of <paramref name="memory"/>
+    /// (<see cref="MemoryLayout.Pci64Window(ulong, ulong)"/>).</summary>
+    public static Result Write(GuestMemory memory, int cpuCount, (ulong Start, ulong Size)? pci64Window = null)
     {
         ArgumentOutOfRangeException.ThrowIfGreaterThan(cpuCount, MaxCpus);
         var region = new byte[RegionSize];
@@ -42,7 +43,7 @@ public static class AcpiTables
             return address;
         }
 
-        byte[] dsdt = Dsdt(MemoryLayout.Pci64Window(memory.Size));
+        byte[] dsdt = Dsdt(pci64Window ?? MemoryLayout.Pci64Window(memory.Size));
         ulong dsdtAt = Place(dsdt);
         byte[] facs = Facs();
         ulong facsAt = Place(facs, 64); // FACS must be 64-byte aligned

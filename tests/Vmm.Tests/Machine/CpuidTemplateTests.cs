@@ -14,7 +14,16 @@ public class CpuidTemplateTests
         new() { function = 0xB, index = 1 },
         new() { function = 0xB, index = 2 },
         new() { function = 0x4000_0000, eax = 0x4000_0001, ebx = 0x4b4d564b },
+        new() { function = 0x8000_0008, eax = 0x0030_3028 }, // 40 physical, 48 linear bits, GuestPhysBits 48
     ];
+
+    [Fact]
+    public void The_physical_address_width_is_raised_to_cover_the_PCI_window_but_never_lowered()
+    {
+        Assert.Equal(0x0030_302Bu, CpuidTemplate.ForVcpu(s_supported, 0, 1, physicalAddressBits: 43)[7].eax);
+        Assert.Equal(0x0030_3028u, CpuidTemplate.ForVcpu(s_supported, 0, 1, physicalAddressBits: 36)[7].eax);
+        Assert.Equal(0x0030_3028u, CpuidTemplate.ForVcpu(s_supported, 0, 1)[7].eax);
+    }
 
     [Fact]
     public void Each_vCPU_reports_its_APIC_id_and_the_package_size()
