@@ -30,6 +30,7 @@ public sealed class Options
     public RebootAction OnReboot { get; set; } = RebootAction.Exit;
     public List<DiskConfig> Disks { get; } = [];
     public List<NetConfig> Nets { get; } = [];
+    public List<PassthroughConfig> Devices { get; } = [];
     public bool VirtioConsole { get; set; }
     public bool Rng { get; set; }
 
@@ -66,6 +67,15 @@ public sealed class Options
           --console MODE       serial (default) or virtio: a virtio-console port shares the --serial
                                output and takes the console input instead of COM1
           --rng                a virtio-rng device fed from the host CSPRNG
+          --device vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,p2p=on]
+          --device vfio=/sys/bus/mdev/devices/UUID[,p2p=on]
+          --device vfio-user=SOCKET[,p2p=on]
+                               pass a host PCI device (a GPU: bound to vfio-pci), a mediated device
+                               (vGPU) or a vfio-user server's device through to the guest (repeatable);
+                               its BARs map straight into the guest, all guest RAM is mapped for its DMA,
+                               MSI/MSI-X/INTx go through KVM. p2p=on also maps the BARs of every
+                               passed-through device for its DMA (peer to peer; off by default, since
+                               mapping GPU BARs of hundreds of GiB slows start-up). See docs/gpu-passthrough.md
           --log-level LEVEL    error, warn (default), info or debug; debug also lists unclaimed I/O
           --stats              print per-vCPU exit counts, costs and vCPU-thread allocations at exit
           --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)
@@ -161,6 +171,7 @@ public sealed class Options
                 }
                 case "--disk": o.Disks.Add(ParseDisk(Value())); break;
                 case "--net": o.Nets.Add(ParseNet(Value())); break;
+                case "--device": o.Devices.Add(ParseDevice(Value())); break;
                 case "--console":
                 {
                     string v = Value();
@@ -236,6 +247,19 @@ public sealed class Options
         if (serial is not null && (serial.Length > 20 || serial.Any(c => c < 0x20 || c > 0x7E)))
             throw new UsageException($"--disk: serial '{serial}' must be at most 20 printable ASCII characters");
         return new DiskConfig(path, OnOff(kv, "readonly", "--disk"), OnOff(kv, "direct", "--disk"), serial);
+    }
+
+    public static PassthroughConfig ParseDevice(string text)
+    {
+        var kv = ParseKeyValues(text, "--device", ["vfio", "vfio-user", "p2p"]);
+        bool p2p = OnOff(kv, "p2p", "--device");
+        bool kernel = kv.TryGetValue("vfio", out string? path), user = kv.TryGetValue("vfio-user", out string? socket);
+        if (kernel == user)
+            throw new UsageException("--device needs exactly one of vfio=/sys/bus/pci/devices/DDDD:BB:DD.F, vfio=/sys/bus/mdev/devices/UUID or vfio-user=SOCKET");
+        string target = (kernel ? path : socket)!;
+        if (target.Length == 0)
+            throw new UsageException($"--device: {(kernel ? "vfio" : "vfio-user")}= needs a path");
+        return new PassthroughConfig(kernel ? PassthroughKind.Vfio : PassthroughKind.VfioUser, target, p2p);
     }
 
     public static NetConfig ParseNet(string text)

@@ -95,6 +95,7 @@ public static class Program
                 InKernelIrqchip = !options.NoIrqchip,
                 Disks = options.Disks,
                 Nets = options.Nets,
+                Devices = options.Devices,
                 VirtioConsole = options.VirtioConsole,
                 VirtioRng = options.Rng,
                 ConsoleEscape = terminal is not null,

@@ -41,7 +41,10 @@ public sealed record MachineConfig
     /// <summary>A virtio-rng device fed from the host CSPRNG.</summary>
     public bool VirtioRng { get; init; }
 
-    public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng;
+    /// <summary>Devices passed through with VFIO or vfio-user, in PCI slot order after the virtio devices.</summary>
+    public IReadOnlyList<PassthroughConfig> Devices { get; init; } = [];
+
+    public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0;
 
     public void Validate()
     {
@@ -57,13 +60,15 @@ public sealed record MachineConfig
         if (Cpus > 1 && !InKernelIrqchip)
             throw new ConfigException("--cpus above 1 needs the in-kernel irqchip: without it KVM starts every vCPU at the reset vector instead of waiting for INIT/SIPI (drop --no-irqchip)");
         if (HasPciDevices && !InKernelIrqchip)
-            throw new ConfigException("virtio devices need the in-kernel irqchip for their MSI-X and INTx interrupts (drop --no-irqchip)");
+            throw new ConfigException("PCI devices need the in-kernel irqchip for their MSI-X and INTx interrupts (drop --no-irqchip)");
         // Slot 0 is the host bridge.
-        int devices = Disks.Count + Nets.Count + (VirtioConsole ? 1 : 0) + (VirtioRng ? 1 : 0);
+        int devices = Disks.Count + Nets.Count + (VirtioConsole ? 1 : 0) + (VirtioRng ? 1 : 0) + Devices.Count;
         if (devices > 31)
             throw new ConfigException($"{devices} PCI devices requested; the root bus has 31 free slots");
         foreach (var group in Nets.GroupBy(n => n.Tap).Where(g => g.Count() > 1))
             throw new ConfigException($"--net tap={group.Key} is given {group.Count()} times; each interface needs its own tap");
+        foreach (var group in Devices.GroupBy(d => (d.Kind, d.Kind == PassthroughKind.Vfio ? Path.GetFullPath(d.Path) : d.Path)).Where(g => g.Count() > 1))
+            throw new ConfigException($"--device {group.First()} is given {group.Count()} times; a device can be passed through once");
         foreach (var group in Disks.GroupBy(d => Path.GetFullPath(d.Path)).Where(g => g.Count() > 1 && g.Any(d => !d.ReadOnly)))
             throw new ConfigException($"--disk path={group.First().Path} is attached {group.Count()} times and writable: that corrupts the image");
     }
@@ -77,3 +82,19 @@ public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct 
 
 /// <summary>One <c>--net</c>: a virtio-net interface on tap <paramref name="Tap"/>.</summary>
 public sealed record NetConfig(string Tap, byte[]? Mac = null);
+
+public enum PassthroughKind
+{
+    /// <summary>A host device through the kernel's VFIO (group/container or the iommufd cdev).</summary>
+    Vfio,
+    /// <summary>A device served by a vfio-user server on a Unix socket.</summary>
+    VfioUser,
+}
+
+/// <summary>One <c>--device</c>: a device passed through to the guest. <paramref name="Path"/> is a sysfs device
+/// directory for <see cref="PassthroughKind.Vfio"/>, a socket for <see cref="PassthroughKind.VfioUser"/>.
+/// <paramref name="PeerToPeer"/> maps the BARs of every passed-through device for this device's DMA.</summary>
+public sealed record PassthroughConfig(PassthroughKind Kind, string Path, bool PeerToPeer = false)
+{
+    public override string ToString() => $"{(Kind == PassthroughKind.Vfio ? "vfio" : "vfio-user")}={Path}";
+}
