@@ -56,6 +56,22 @@ static inline uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE 
 static inline void lapic_write(uint32_t reg, uint32_t v) { mmio_write32(LAPIC_BASE + reg, v); }
 static inline void lapic_eoi(void) { lapic_write(LAPIC_EOI, 0); }
 
+/* xAPIC globally (IA32_APIC_BASE) and software enabled (SVR 0x1FF: spurious vector 0xFF), TPR 0, timer
+ * divide by 16 and stopped, one-shot on timer_vector once an initial count is written.  Returns the APIC ID
+ * (the MSI destination). */
+static inline uint32_t lapic_enable(uint8_t timer_vector)
+{
+    uint64_t base = rdmsr(0x1B);
+    if (!(base & (1u << 11)))
+        wrmsr(0x1B, base | (1u << 11));
+    lapic_write(LAPIC_SVR, 0x1FF);
+    lapic_write(LAPIC_TPR, 0);
+    lapic_write(LAPIC_TMR_DIV, 0x3);
+    lapic_write(LAPIC_TMR_INIT, 0);
+    lapic_write(LAPIC_LVT_TIMER, timer_vector);
+    return lapic_read(LAPIC_ID) >> 24;
+}
+
 /* ---- 8259: remap to 0x20/0x28 and mask everything ---------------------- */
 
 static inline void pic_mask_all(void)
