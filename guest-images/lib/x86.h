@@ -72,6 +72,31 @@ static inline uint32_t lapic_enable(uint8_t timer_vector)
     return lapic_read(LAPIC_ID) >> 24;
 }
 
+/* ---- IOAPIC (MMIO at 0xFEC00000: IOREGSEL, IOWIN at +0x10) -------------- */
+
+#define IOAPIC_BASE 0xFEC00000u
+
+static inline uint32_t ioapic_read(uint32_t reg)
+{
+    mmio_write32(IOAPIC_BASE, reg);
+    return mmio_read32(IOAPIC_BASE + 0x10);
+}
+static inline void ioapic_write(uint32_t reg, uint32_t v)
+{
+    mmio_write32(IOAPIC_BASE, reg);
+    mmio_write32(IOAPIC_BASE + 0x10, v);
+}
+/* Redirection entries the IOAPIC has (version register bits 23:16, plus one). */
+static inline uint32_t ioapic_entries(void) { return ((ioapic_read(1) >> 16) & 0xFF) + 1; }
+/* Routes input `gsi` to `vector` on the CPU with APIC ID apic_id (physical destination, fixed delivery),
+ * unmasked; level: level-triggered (else edge); active_low: polarity low (ACPI's default for PCI lines). */
+static inline void ioapic_route(uint32_t gsi, uint8_t vector, uint32_t apic_id, int level, int active_low)
+{
+    ioapic_write(0x11 + 2 * gsi, apic_id << 24);
+    ioapic_write(0x10 + 2 * gsi, vector | (active_low ? 1u << 13 : 0) | (level ? 1u << 15 : 0));
+}
+static inline void ioapic_mask(uint32_t gsi) { ioapic_write(0x10 + 2 * gsi, 1u << 16); }
+
 /* ---- 8259: remap to 0x20/0x28 and mask everything ---------------------- */
 
 static inline void pic_mask_all(void)

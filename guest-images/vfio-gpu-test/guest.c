@@ -22,7 +22,7 @@
 enum { REG_ID = 0x000, REG_VERSION = 0x004, REG_SCRATCH = 0x008, REG_BAR2_SIZE_LO = 0x010, REG_BAR2_SIZE_HI = 0x014,
        REG_DMA_SRC_LO = 0x020, REG_DMA_SRC_HI = 0x024, REG_DMA_DST_LO = 0x028, REG_DMA_DST_HI = 0x02C,
        REG_DMA_LEN = 0x030, REG_DMA_PATTERN = 0x034, REG_DMA_VECTOR = 0x038, REG_DMA_CMD = 0x03C,
-       REG_DMA_STATUS = 0x040, REG_DMA_COUNT = 0x044, REG_IRQ_COUNT = 0x048 };
+       REG_DMA_STATUS = 0x040, REG_DMA_COUNT = 0x044, REG_IRQ_COUNT = 0x048, REG_IRQ_ACK = 0x04C };
 enum { CMD_FILL = 1, CMD_COPY = 2, CMD_COPY_FROM_BAR2 = 3, CMD_COPY_TO_BAR2 = 4 };
 #define GPU_VENDOR 0x1B36
 #define GPU_DEVICE 0x7001
@@ -36,6 +36,11 @@ enum { CMD_FILL = 1, CMD_COPY = 2, CMD_COPY_FROM_BAR2 = 3, CMD_COPY_TO_BAR2 = 4 
 #define VEC_WATCHDOG 0x4F
 #define VEC_MSIX_BASE 0x60 /* MSI-X entry i -> LAPIC vector 0x60 + i */
 #define VEC_MSI 0x70
+#define VEC_INTX 0x71
+/* vmm routes interrupt pin p (config value 1 = INTA .. 4 = INTD) of root-bus slot s to IOAPIC input
+ * 16 + (s + p - 1) % 4, level-triggered (MemoryLayout.PciIntxGsi; its ACPI _PRT says the same); intx-gsi=N
+ * overrides. */
+#define INTX_FIRST_GSI 16
 #define DMA_MSIX_ENTRY 3
 #define WATCHDOG_COUNT 625000u /* 10 ms at the 1 GHz APIC bus of KVM and QEMU (divide by 16) */
 
@@ -56,12 +61,15 @@ static uintptr_t bar0;
 static uint32_t bar0_size;
 static uint64_t bar2, bar2_size;
 static uint32_t apic_id;
-static enum { IRQ_MSIX, IRQ_MSI, IRQ_POLL } irq_mode;
+static enum { IRQ_MSIX, IRQ_MSI, IRQ_INTX, IRQ_POLL } irq_mode;
+static uint32_t intx_gsi = ~0u; /* from intx-gsi=, else the swizzle */
 static uint32_t dma_vec; /* LAPIC vector the DMA completion arrives on */
 static const char *step = "start";
 
 static volatile uint32_t irq_count[256];
 static volatile uint32_t watchdog_ticks;
+
+static void reg_write(uint32_t off, uint32_t v);
 
 /* ---- reporting ------------------------------------------------------------ */
 
@@ -97,6 +105,8 @@ void isr_dispatch(uint32_t *frame)
         watchdog_ticks++;
     else
         irq_count[vec]++;
+    if (vec == VEC_INTX && irq_mode == IRQ_INTX)
+        reg_write(REG_IRQ_ACK, 1); /* deassert the level-triggered line before the EOI, or it fires again */
     lapic_eoi();
 }
 
@@ -363,6 +373,22 @@ static void step_irq(void)
         if (!(ctrl & 1))
             fail("MSI enable does not read back (control 0x%x)", ctrl);
         dma_vec = VEC_MSI;
+    } else if (irq_mode == IRQ_INTX) {
+        step = "intx";
+        uint32_t pin = gpu->int_pin, entries = ioapic_entries();
+        if (intx_gsi == ~0u)
+            intx_gsi = INTX_FIRST_GSI + (gpu->dev + pin - 1) % 4;
+        uint16_t cmd = pci_read16(gpu, PCI_COMMAND);
+        print("vfio-gpu: intx pin %u (1 = INTA) -> ioapic input %u of %u, level, active low -> apic %u vector 0x%x; "
+              "command 0x%x\n", pin, intx_gsi, entries, apic_id, VEC_INTX, cmd);
+        if (pin < 1 || pin > 4)
+            fail("interrupt pin %u: want 1..4", pin);
+        if (intx_gsi >= entries)
+            fail("ioapic input %u beyond its %u entries", intx_gsi, entries);
+        if (cmd & PCI_CMD_INTX_DISABLE)
+            pci_write16(gpu, PCI_COMMAND, (uint16_t)(cmd & ~PCI_CMD_INTX_DISABLE));
+        ioapic_route(intx_gsi, VEC_INTX, apic_id, 1, 1);
+        dma_vec = VEC_INTX;
     } else {
         step = "poll";
         print("vfio-gpu: irq=poll: no interrupt waits\n");
@@ -546,10 +572,17 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
         t_regs = t_sram = t_dma = t_errors = 0;
     const char *irq = find_arg(cmdline, "irq=");
     irq_mode = !irq || list_has(irq, "msix") ? IRQ_MSIX : list_has(irq, "msi") ? IRQ_MSI
-             : list_has(irq, "poll") ? IRQ_POLL : (fail("irq= wants msix, msi or poll"), IRQ_POLL);
+             : list_has(irq, "intx") ? IRQ_INTX : list_has(irq, "poll") ? IRQ_POLL
+             : (fail("irq= wants msix, msi, intx or poll"), IRQ_POLL);
+    const char *gsi = find_arg(cmdline, "intx-gsi=");
+    if (gsi) {
+        intx_gsi = 0;
+        for (; *gsi >= '0' && *gsi <= '9'; gsi++)
+            intx_gsi = intx_gsi * 10 + (uint32_t)(*gsi - '0');
+    }
     print("vfio-gpu: device %04x:%04x tests:%s%s%s%s%s%s irq %s\n", vendor, device, generic ? " bar-only" : "",
           t_regs ? " regs" : "", t_sram ? " sram" : "", t_bar2 ? " bar2" : "", t_dma ? " dma" : "",
-          t_errors ? " errors" : "", irq_mode == IRQ_MSIX ? "msix" : irq_mode == IRQ_MSI ? "msi" : "poll");
+          t_errors ? " errors" : "", irq_mode == IRQ_MSIX ? "msix" : irq_mode == IRQ_MSI ? "msi" : irq_mode == IRQ_INTX ? "intx" : "poll");
 
     idt_init();
     pic_mask_all();
