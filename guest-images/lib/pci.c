@@ -77,7 +77,7 @@ static void size_bars(struct pci_func *f)
             pci_write32(f, hi_off, hi);
             b->base |= (uint64_t)hi << 32;
             m |= (uint64_t)hmask << 32;
-            if (m & 0xFFFFFFF0u)
+            if (m) /* a BAR of 4 GiB or more has no size bits in its low half */
                 b->size = ~m + 1;
             i++;
         } else if (m) {
@@ -141,6 +141,73 @@ void pci_enable(const struct pci_func *f, int io)
     uint16_t cmd = pci_read16(f, PCI_COMMAND);
     cmd |= PCI_CMD_MEM | PCI_CMD_MASTER | (io ? PCI_CMD_IO : 0);
     pci_write16(f, PCI_COMMAND, cmd);
+}
+
+uintptr_t pci_bar_addr(const struct pci_func *f, uint8_t bar, uint32_t off, uint32_t len)
+{
+    if (bar > 5 || f->bar[bar].is_io || f->bar[bar].size == 0)
+        return 0;
+    const struct pci_bar *b = &f->bar[bar];
+    if (b->base == 0 || b->base + b->size > 0x100000000ull || (uint64_t)off + len > b->size)
+        return 0;
+    return (uintptr_t)b->base + off;
+}
+
+/* ---- MSI-X and MSI ------------------------------------------------------ */
+
+#define MSI_ADDR(apic_id) (0xFEE00000u | (apic_id) << 12)
+
+int pci_msix_find(const struct pci_func *f, struct pci_msix *m)
+{
+    m->cap = pci_find_cap(f, PCI_CAP_MSIX, 0);
+    m->size = 0;
+    m->table_reg = m->pba_reg = 0;
+    m->table = 0;
+    if (!m->cap)
+        return 0;
+    m->size = (uint16_t)((pci_read16(f, m->cap + 2u) & 0x7FF) + 1);
+    m->table_reg = pci_read32(f, m->cap + 4u);
+    m->pba_reg = pci_read32(f, m->cap + 8u);
+    m->table = pci_bar_addr(f, (uint8_t)(m->table_reg & 7), m->table_reg & ~7u, 16u * m->size);
+    return m->table != 0;
+}
+
+void pci_msix_set_entry(const struct pci_msix *m, uint32_t entry, uint32_t apic_id, uint8_t vector, int masked)
+{
+    volatile uint32_t *e = (volatile uint32_t *)(m->table + 16 * entry);
+    e[0] = MSI_ADDR(apic_id); /* fixed, physical destination */
+    e[1] = 0;
+    e[2] = vector;            /* edge, fixed delivery */
+    e[3] = masked ? 1 : 0;    /* vector control: bit 0 masks */
+}
+
+void pci_msix_enable(const struct pci_func *f, const struct pci_msix *m, uint32_t n, uint32_t apic_id,
+                     uint8_t vector_base)
+{
+    for (uint32_t i = 0; i < n && i < m->size; i++)
+        pci_msix_set_entry(m, i, apic_id, (uint8_t)(vector_base + i), 0);
+    uint16_t ctrl = pci_read16(f, m->cap + 2u);
+    pci_write16(f, m->cap + 2u, (uint16_t)((ctrl | 0x8000) & ~0x4000)); /* enable on, function mask off */
+}
+
+void pci_msix_disable(const struct pci_func *f, const struct pci_msix *m)
+{
+    pci_write16(f, m->cap + 2u, (uint16_t)(pci_read16(f, m->cap + 2u) & ~0x8000));
+}
+
+uint8_t pci_msi_enable(const struct pci_func *f, uint32_t apic_id, uint8_t vector)
+{
+    uint8_t c = pci_find_cap(f, PCI_CAP_MSI, 0);
+    if (!c)
+        return 0;
+    uint16_t ctrl = pci_read16(f, c + 2u);
+    int is64 = (ctrl >> 7) & 1;
+    pci_write32(f, c + 4u, MSI_ADDR(apic_id));
+    if (is64)
+        pci_write32(f, c + 8u, 0);
+    pci_write16(f, c + (is64 ? 12u : 8u), vector);
+    pci_write16(f, c + 2u, (uint16_t)((ctrl & ~0x70) | 1)); /* one message, enable */
+    return c;
 }
 
 /* ---- ACPI MCFG ---------------------------------------------------------- */

@@ -63,6 +63,31 @@ uint8_t pci_find_cap(const struct pci_func *f, uint8_t id, uint8_t after);
 /* Sets Memory Space and Bus Master (and I/O if asked) in the command register. */
 void pci_enable(const struct pci_func *f, int io);
 
+/* CPU address of [off, off + len) in memory BAR `bar` if the whole BAR lies below 4 GiB (the guests run
+ * flat or identity-mapped there), else 0. */
+uintptr_t pci_bar_addr(const struct pci_func *f, uint8_t bar, uint32_t off, uint32_t len);
+
+/* MSI-X (PCI Local Bus 3.0 §6.8.2). Messages go to the xAPIC: address 0xFEE00000 | apic_id << 12
+ * (physical destination), data = vector (fixed delivery, edge). */
+struct pci_msix {
+    uint8_t cap;                /* config offset of the capability, 0 if there is none */
+    uint16_t size;              /* table entries */
+    uint32_t table_reg, pba_reg; /* BIR in bits 2:0, offset in the rest */
+    uintptr_t table;            /* the table's address, 0 if its BAR is not reachable */
+};
+/* Reads the capability and maps the table; returns 1 if both worked (m->cap tells a missing capability
+ * from an unreachable table). */
+int pci_msix_find(const struct pci_func *f, struct pci_msix *m);
+void pci_msix_set_entry(const struct pci_msix *m, uint32_t entry, uint32_t apic_id, uint8_t vector, int masked);
+/* Entries 0..n-1 -> vector_base + entry, unmasked; then MSI-X enable on, function mask off. */
+void pci_msix_enable(const struct pci_func *f, const struct pci_msix *m, uint32_t n, uint32_t apic_id,
+                     uint8_t vector_base);
+void pci_msix_disable(const struct pci_func *f, const struct pci_msix *m);
+
+/* MSI (§6.8.1), one vector: address/data as for MSI-X, multiple-message enable 0, MSI enable on.
+ * Returns the capability's offset, or 0 if the function has none. */
+uint8_t pci_msi_enable(const struct pci_func *f, uint32_t apic_id, uint8_t vector);
+
 /* ACPI: RSDP in 0xE0000-0xFFFFF -> RSDT/XSDT -> MCFG.  Returns 1 and the
  * segment-0 ECAM base and bus range if found. */
 int acpi_find_mcfg(uint64_t *base, uint8_t *bus_start, uint8_t *bus_end);

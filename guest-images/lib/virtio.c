@@ -61,15 +61,7 @@ static uint64_t phys(const void *p) { return (uint64_t)(uintptr_t)p; }
 
 uint32_t virtio_lapic_init(void)
 {
-    uint64_t base = rdmsr(0x1B);
-    if (!(base & (1u << 11)))
-        wrmsr(0x1B, base | (1u << 11)); /* globally enable the xAPIC */
-    lapic_write(LAPIC_SVR, 0x1FF);      /* software enable, spurious vector 0xFF */
-    lapic_write(LAPIC_TPR, 0);
-    lapic_write(LAPIC_TMR_DIV, 0x3);    /* divide by 16 */
-    lapic_write(LAPIC_TMR_INIT, 0);
-    lapic_write(LAPIC_LVT_TIMER, VIRTIO_WATCHDOG_VEC); /* one-shot, armed by writing the initial count */
-    virtio_apic_id = lapic_read(LAPIC_ID) >> 24;
+    virtio_apic_id = lapic_enable(VIRTIO_WATCHDOG_VEC);
     return virtio_apic_id;
 }
 
@@ -118,17 +110,6 @@ static int fail(struct virtio_dev *d, const char *err, uint32_t val)
     return 0;
 }
 
-/* Address of [bar + off, +len) if it lies in a memory BAR below 4 GiB, else 0. */
-static uintptr_t map_bar(const struct pci_func *f, uint8_t bar, uint32_t off, uint32_t len)
-{
-    if (bar > 5 || f->bar[bar].is_io || f->bar[bar].size == 0)
-        return 0;
-    const struct pci_bar *b = &f->bar[bar];
-    if (b->base == 0 || b->base + b->size > 0x100000000ull || (uint64_t)off + len > b->size)
-        return 0;
-    return (uintptr_t)b->base + off;
-}
-
 static const char *const cap_names[] = { "?", "common", "notify", "isr", "device", "pci-cfg", "shm", "vendor" };
 
 static int map_caps(struct virtio_dev *d)
@@ -146,7 +127,7 @@ static int map_caps(struct virtio_dev *d)
             d->has_pcicfg = 1;
             continue;
         }
-        uintptr_t a = map_bar(f, bar, off, length);
+        uintptr_t a = pci_bar_addr(f, bar, off, length);
         if (!a)
             continue; /* e.g. shared memory or a BAR we cannot reach: try the next one */
         if (type == CAP_COMMON && !d->common && length >= 0x38)
@@ -173,27 +154,18 @@ static int map_caps(struct virtio_dev *d)
 static int setup_msix(struct virtio_dev *d)
 {
     const struct pci_func *f = d->pf;
-    uint8_t c = pci_find_cap(f, PCI_CAP_MSIX, 0);
-    if (!c)
+    struct pci_msix m;
+    int reachable = pci_msix_find(f, &m);
+    if (!m.cap)
         return fail(d, "no msi-x capability", 0);
-    uint16_t ctrl = pci_read16(f, c + 2u);
-    uint32_t table = pci_read32(f, c + 4u);
-    d->msix_cap = c;
-    d->msix_size = (uint16_t)((ctrl & 0x7FF) + 1);
-    uint32_t n = d->msix_size < VIRTIO_MAX_VECS ? d->msix_size : VIRTIO_MAX_VECS;
-    d->msix_table = map_bar(f, (uint8_t)(table & 7), table & ~7u, 16 * n);
-    print("%s: msi-x cap at 0x%x: %u entries, table bar %u offset 0x%x, pba 0x%x\n", d->name, c, d->msix_size,
-          table & 7, table & ~7u, pci_read32(f, c + 8u));
-    if (!d->msix_table)
-        return fail(d, "msi-x table not in a reachable memory bar", table);
-    for (uint32_t i = 0; i < n; i++) {
-        uintptr_t e = d->msix_table + 16 * i;
-        mmio_write32(e + 0, 0xFEE00000u | virtio_apic_id << 12); /* fixed, physical destination */
-        mmio_write32(e + 4, 0);
-        mmio_write32(e + 8, VIRTIO_VEC_BASE + i);                 /* edge, fixed delivery */
-        mmio_write32(e + 12, 0);                                  /* unmasked */
-    }
-    pci_write16(f, c + 2u, (uint16_t)((ctrl | 0x8000) & ~0x4000)); /* MSI-X enable, function mask off */
+    d->msix_cap = m.cap;
+    d->msix_size = m.size;
+    d->msix_table = m.table;
+    print("%s: msi-x cap at 0x%x: %u entries, table bar %u offset 0x%x, pba 0x%x\n", d->name, m.cap, m.size,
+          m.table_reg & 7, m.table_reg & ~7u, m.pba_reg);
+    if (!reachable)
+        return fail(d, "msi-x table not in a reachable memory bar", m.table_reg);
+    pci_msix_enable(f, &m, m.size < VIRTIO_MAX_VECS ? m.size : VIRTIO_MAX_VECS, virtio_apic_id, VIRTIO_VEC_BASE);
     return 1;
 }
 

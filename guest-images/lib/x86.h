@@ -56,6 +56,47 @@ static inline uint32_t lapic_read(uint32_t reg) { return mmio_read32(LAPIC_BASE 
 static inline void lapic_write(uint32_t reg, uint32_t v) { mmio_write32(LAPIC_BASE + reg, v); }
 static inline void lapic_eoi(void) { lapic_write(LAPIC_EOI, 0); }
 
+/* xAPIC globally (IA32_APIC_BASE) and software enabled (SVR 0x1FF: spurious vector 0xFF), TPR 0, timer
+ * divide by 16 and stopped, one-shot on timer_vector once an initial count is written.  Returns the APIC ID
+ * (the MSI destination). */
+static inline uint32_t lapic_enable(uint8_t timer_vector)
+{
+    uint64_t base = rdmsr(0x1B);
+    if (!(base & (1u << 11)))
+        wrmsr(0x1B, base | (1u << 11));
+    lapic_write(LAPIC_SVR, 0x1FF);
+    lapic_write(LAPIC_TPR, 0);
+    lapic_write(LAPIC_TMR_DIV, 0x3);
+    lapic_write(LAPIC_TMR_INIT, 0);
+    lapic_write(LAPIC_LVT_TIMER, timer_vector);
+    return lapic_read(LAPIC_ID) >> 24;
+}
+
+/* ---- IOAPIC (MMIO at 0xFEC00000: IOREGSEL, IOWIN at +0x10) -------------- */
+
+#define IOAPIC_BASE 0xFEC00000u
+
+static inline uint32_t ioapic_read(uint32_t reg)
+{
+    mmio_write32(IOAPIC_BASE, reg);
+    return mmio_read32(IOAPIC_BASE + 0x10);
+}
+static inline void ioapic_write(uint32_t reg, uint32_t v)
+{
+    mmio_write32(IOAPIC_BASE, reg);
+    mmio_write32(IOAPIC_BASE + 0x10, v);
+}
+/* Redirection entries the IOAPIC has (version register bits 23:16, plus one). */
+static inline uint32_t ioapic_entries(void) { return ((ioapic_read(1) >> 16) & 0xFF) + 1; }
+/* Routes input `gsi` to `vector` on the CPU with APIC ID apic_id (physical destination, fixed delivery),
+ * unmasked; level: level-triggered (else edge); active_low: polarity low (ACPI's default for PCI lines). */
+static inline void ioapic_route(uint32_t gsi, uint8_t vector, uint32_t apic_id, int level, int active_low)
+{
+    ioapic_write(0x11 + 2 * gsi, apic_id << 24);
+    ioapic_write(0x10 + 2 * gsi, vector | (active_low ? 1u << 13 : 0) | (level ? 1u << 15 : 0));
+}
+static inline void ioapic_mask(uint32_t gsi) { ioapic_write(0x10 + 2 * gsi, 1u << 16); }
+
 /* ---- 8259: remap to 0x20/0x28 and mask everything ---------------------- */
 
 static inline void pic_mask_all(void)

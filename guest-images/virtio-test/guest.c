@@ -19,6 +19,7 @@
 #include "x86.h"
 #include "pci.h"
 #include "virtio.h"
+#include "idt.h"
 
 #define MB_BOOT_MAGIC 0x2BADB002u
 #define MAX_FUNCS 64
@@ -29,29 +30,7 @@ static int nfuncs;
 
 /* ---- interrupts -------------------------------------------------------- */
 
-struct idt_gate {
-    uint16_t off_lo, sel;
-    uint8_t zero, type;
-    uint16_t off_hi;
-} __attribute__((packed));
-
-static struct idt_gate idt[256];
-extern const uint8_t isr_stubs[]; /* 256 stubs, 16 bytes apart (start.S) */
 static volatile uint32_t other_irqs, last_other, watchdog_ticks;
-
-static void idt_init(void)
-{
-    for (int i = 0; i < 256; i++) {
-        uint32_t a = (uint32_t)isr_stubs + 16u * (uint32_t)i;
-        idt[i].off_lo = (uint16_t)a;
-        idt[i].sel = 0x08;
-        idt[i].zero = 0;
-        idt[i].type = 0x8E; /* present, DPL 0, 32-bit interrupt gate */
-        idt[i].off_hi = (uint16_t)(a >> 16);
-    }
-    struct { uint16_t limit; uint32_t base; } __attribute__((packed)) idtr = { sizeof(idt) - 1, (uint32_t)idt };
-    __asm__ volatile("lidt %0" : : "m"(idtr));
-}
 
 /* frame: [0..7] pushal, [8] vector, then (error code,) eip, cs, eflags. */
 void isr_dispatch(uint32_t *frame)

@@ -1,0 +1,60 @@
+using System.Buffers.Binary;
+
+namespace Vmm.Tests.TestKit;
+
+/// <summary>What guest-images/vfio-gpu-test writes into the test GPU's BAR2 and BAR0 SRAM (mirrors its guest.c),
+/// so tests can check the host side (ivshmem's backing file under QEMU, the test GPU server's memfd and report
+/// under vmm). All dwords little-endian; every other byte of BAR2 stays as it was (zero in a fresh memfd or
+/// sparse file).</summary>
+public static class VfioGpuTestGuest
+{
+    public const ulong GiB = 1UL << 30;
+    /// <summary>Bytes of each block the guest writes through its BAR mappings.</summary>
+    public const int Block = 64;
+    /// <summary>Where COPY_TO_BAR2 puts 4096 bytes of <see cref="BufferPattern"/> (full flow only).</summary>
+    public const ulong CopyToBar2Offset = 0x1000;
+    /// <summary>Where the second COPY_TO_BAR2 puts 64 bytes of <see cref="BufferPattern"/> (full flow only).</summary>
+    public const ulong CopyToBar2HighOffset = 4 * GiB + 0x1000;
+    public const uint SramOffset = 0x10000;
+
+    /// <summary>The dword the guest writes at BAR2 offset <paramref name="offset"/>: the offset's high half is in
+    /// it, so a write that lost bit 32+ of its address shows up as a wrong value.</summary>
+    public static uint Bar2Pattern(ulong offset) => (uint)offset ^ ((uint)(offset >> 32) << 24) ^ 0x6B000000u;
+
+    /// <summary>Dword i of the guest's DMA source buffer.</summary>
+    public static uint BufferPattern(uint i) => 0xC0DE0000u ^ unchecked(i * 0x9E3779B1u);
+
+    public static uint SramPattern(uint bar0Offset) => bar0Offset ^ 0x52A30000u;
+
+    /// <summary>The four 64-byte BAR2 blocks of <see cref="Bar2Pattern"/>: offset 0, 4 GiB - 4096, across the
+    /// 4 GiB line, and the last 64 bytes.</summary>
+    public static ulong[] Bar2Blocks(ulong bar2Size) => [0, 4 * GiB - 4096, 4 * GiB - Block / 2, bar2Size - Block];
+
+    /// <summary>The BAR0 SRAM blocks (64 bytes of <see cref="SramPattern"/> each), by BAR0 offset.</summary>
+    public static uint[] SramBlocks(uint bar0Size) => [SramOffset, bar0Size - Block];
+
+    /// <summary>BAR2 bytes [offset, offset + length) after a passing run. <paramref name="fullFlow"/>: the
+    /// GPU run with DMA (adds the COPY_TO_BAR2 data); false: `tests=bar-only` (the ivshmem cross-check).</summary>
+    public static byte[] ExpectedBar2(ulong bar2Size, ulong offset, int length, bool fullFlow)
+    {
+        var bytes = new byte[length];
+        void Put(ulong at, uint value)
+        {
+            if (at >= offset && at + 4 <= offset + (ulong)length)
+                BinaryPrimitives.WriteUInt32LittleEndian(bytes.AsSpan((int)(at - offset)), value);
+        }
+        foreach (ulong b in Bar2Blocks(bar2Size))
+        {
+            for (ulong i = 0; i < Block; i += 4)
+                Put(b + i, Bar2Pattern(b + i));
+        }
+        if (fullFlow)
+        {
+            for (uint i = 0; i < 1024; i++)
+                Put(CopyToBar2Offset + 4 * i, BufferPattern(i));
+            for (uint i = 0; i < Block / 4; i++)
+                Put(CopyToBar2HighOffset + 4 * i, BufferPattern(i));
+        }
+        return bytes;
+    }
+}
