@@ -46,6 +46,20 @@ public static unsafe partial class FdCalls
         return Ioctl(fd, request, bytes.AsSpan());
     }
 
+    /// <summary>IOMMU_IOAS_IOVA_RANGES: <paramref name="query"/>.allowed_iovas is pointed at <paramref name="ranges"/>
+    /// for the call. -EMSGSIZE (with num_iovas set to the count needed) when the span is too short.</summary>
+    public static int IoasIovaRanges(int fd, ref iommu_ioas_iova_ranges query, Span<iommu_iova_range> ranges)
+    {
+        fixed (iommu_iova_range* p = ranges)
+        {
+            query.allowed_iovas = (ulong)p;
+            query.num_iovas = (uint)ranges.Length;
+            int r = Ioctl(fd, IommufdConstants.IOMMU_IOAS_IOVA_RANGES, ref query);
+            query.allowed_iovas = 0;
+            return r;
+        }
+    }
+
     /// <summary>mmap(MAP_SHARED) of [<paramref name="offset"/>, +<paramref name="length"/>) of <paramref name="fd"/>:
     /// 0 and the address, or a negative errno.</summary>
     public static int MapShared(int fd, long offset, ulong length, bool writable, out nint address)
@@ -79,6 +93,20 @@ public static unsafe partial class FdCalls
         hard = limits[1];
         return 0;
     }
+
+    public const int R_OK = 4, W_OK = 2;
+
+    /// <summary>access(2) with <paramref name="mode"/> (R_OK | W_OK ...): 0 or a negative errno (EACCES, ENOENT).</summary>
+    public static int Access(string path, int mode)
+    {
+        byte[] bytes = new byte[System.Text.Encoding.UTF8.GetByteCount(path) + 1];
+        System.Text.Encoding.UTF8.GetBytes(path, bytes);
+        fixed (byte* p = bytes)
+            return access(p, mode) == 0 ? 0 : -Marshal.GetLastPInvokeError();
+    }
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int access(byte* path, int mode);
 
     [LibraryImport("libc", SetLastError = true)]
     private static partial int getrlimit(int resource, ulong* rlim);
