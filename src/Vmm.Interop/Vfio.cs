@@ -162,6 +162,7 @@ public struct vfio_irq_set
     public uint count;
 }
 
+/// <summary>24 bytes: 4 bytes of tail padding after <c>cap_offset</c> (named <c>pad</c> in newer headers).</summary>
 [StructLayout(LayoutKind.Sequential)]
 public struct vfio_iommu_type1_info
 {
@@ -169,7 +170,6 @@ public struct vfio_iommu_type1_info
     public uint flags;
     public ulong iova_pgsizes;
     public uint cap_offset;
-    public uint pad;
 }
 
 [StructLayout(LayoutKind.Sequential)]
