@@ -14,16 +14,13 @@ public sealed class KernelVfioDevice : IVfioDevice
     private int _fd;
     private readonly uint _flags;
     private readonly VfioParsedRegion?[] _regions;
-    private readonly IDisposable? _owned;
-
-    /// <param name="owned">Disposed with the device after its fd is closed (nothing for now; kept for a per-device
-    /// group reference).</param>
-    internal KernelVfioDevice(string name, int fd, IVfioDmaSpace dma, IDisposable? owned = null)
+    /// <summary>Takes ownership of <paramref name="fd"/> and reads VFIO_DEVICE_GET_INFO (the caller closes the fd
+    /// when this throws).</summary>
+    internal KernelVfioDevice(string name, int fd, IVfioDmaSpace dma)
     {
         Name = name;
         _fd = fd;
         Dma = dma;
-        _owned = owned;
         var info = new vfio_device_info { argsz = 20 };
         int r = FdCalls.Ioctl(fd, VFIO_DEVICE_GET_INFO, ref info);
         if (r < 0)
@@ -165,7 +162,6 @@ public sealed class KernelVfioDevice : IVfioDevice
         if (_fd >= 0)
             Sys.Close(_fd);
         _fd = -1;
-        _owned?.Dispose();
     }
 
     private sealed class Mapping(nint address, ulong size) : IVfioMapping
