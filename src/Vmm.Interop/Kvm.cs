@@ -106,6 +106,19 @@ public static class KvmConstants
     public const uint KVM_MP_STATE_HALTED = 3;
 
     public const uint KVM_PIT_SPEAKER_DUMMY = 1;
+
+    // KVM device API (the KVM VFIO pseudo device: KVM learns which VFIO groups/cdevs the VM uses, for cache
+    // coherency (NoSnoop) and vendor drivers that need the kvm pointer, e.g. NVIDIA vGPU, Intel GVT-g).
+    public const int KVM_CAP_DEVICE_CTRL = 89;
+    public const uint KVM_CREATE_DEVICE = 0xC00CAEE0;          // _IOWR(KVMIO, 0xe0, struct kvm_create_device)
+    public const uint KVM_SET_DEVICE_ATTR = 0x4018AEE1;        // _IOW(KVMIO, 0xe1, struct kvm_device_attr)
+    public const uint KVM_HAS_DEVICE_ATTR = 0x4018AEE3;        // _IOW(KVMIO, 0xe3, struct kvm_device_attr)
+    public const uint KVM_DEV_TYPE_VFIO = 4;
+    // Linux 6.6 renamed these KVM_DEV_VFIO_FILE, KVM_DEV_VFIO_FILE_ADD and KVM_DEV_VFIO_FILE_DEL (same values) when
+    // they began to accept a VFIO device cdev fd as well as a group fd; the installed 6.1 headers have these names.
+    public const uint KVM_DEV_VFIO_GROUP = 1;
+    public const ulong KVM_DEV_VFIO_GROUP_ADD = 1;
+    public const ulong KVM_DEV_VFIO_GROUP_DEL = 2;
 }
 
 /// <summary>Byte offsets into the mmapped <c>struct kvm_run</c>. The exit path reads these through a span,
@@ -319,4 +332,22 @@ public unsafe struct kvm_msi
     public uint flags;
     public uint devid;
     public fixed byte pad[12];
+}
+
+[StructLayout(LayoutKind.Sequential)]
+public struct kvm_create_device
+{
+    public uint type;
+    public uint fd;
+    public uint flags;
+}
+
+/// <summary>KVM_SET/GET/HAS_DEVICE_ATTR; <c>addr</c> is a user pointer to the attribute's value.</summary>
+[StructLayout(LayoutKind.Sequential)]
+public struct kvm_device_attr
+{
+    public uint flags;
+    public uint group;
+    public ulong attr;
+    public ulong addr;
 }

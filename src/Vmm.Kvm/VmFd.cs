@@ -131,6 +131,14 @@ public sealed unsafe class VmFd : IDisposable
         return Sys.Ioctl(_fd, KVM_SIGNAL_MSI, &m) >= 0;
     }
 
+    /// <summary>KVM_CREATE_DEVICE: an in-kernel device of type <paramref name="type"/> (KVM_DEV_TYPE_*).</summary>
+    public KvmDeviceFd CreateDevice(uint type)
+    {
+        var d = new kvm_create_device { type = type };
+        KvmSystem.Check(Sys.Ioctl(_fd, KVM_CREATE_DEVICE, &d), "KVM_CREATE_DEVICE", $"type {type}");
+        return new KvmDeviceFd((int)d.fd, type);
+    }
+
     /// <summary>KVM_CREATE_VCPU with the given APIC id, and the mmapped <c>kvm_run</c> page of it.</summary>
     public VcpuFd CreateVcpu(int id)
     {
