@@ -25,7 +25,7 @@ public static class PciCapabilityWalker
         ushort status = BinaryPrimitives.ReadUInt16LittleEndian(config[PciConfigSpace.Status..]);
         if ((status & PciConfigSpace.StatusCapabilities) == 0)
             return list;
-        Span<bool> seen = stackalloc bool[PciConfigSpace.LegacySize];
+        var seen = new bool[PciConfigSpace.LegacySize];
         int at = config[PciConfigSpace.CapabilitiesPointer];
         while (at != 0)
         {
@@ -54,7 +54,7 @@ public static class PciCapabilityWalker
         var list = new List<PciCapabilityEntry>();
         if (config.Length < PciConfigSpace.Size)
             return list;
-        Span<bool> seen = stackalloc bool[(PciConfigSpace.Size - PciConfigSpace.LegacySize) / 4];
+        var seen = new bool[(PciConfigSpace.Size - PciConfigSpace.LegacySize) / 4];
         int at = PciConfigSpace.LegacySize;
         while (at != 0)
         {
