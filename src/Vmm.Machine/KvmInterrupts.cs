@@ -18,6 +18,8 @@ internal sealed class KvmMsiController(VmFd vm) : IMsiController, IDisposable
     private readonly List<Vector> _vectors = [];
     private uint _nextGsi = FirstMsiGsi;
 
+    private VmFd Vm => vm;
+
     public IMsiVector CreateVector(string owner, int index)
     {
         lock (_lock)
@@ -95,6 +97,35 @@ internal sealed class KvmMsiController(VmFd vm) : IMsiController, IDisposable
         }
 
         public void Trigger() => EventFd.Signal();
+
+        private bool _masked;
+
+        /// <summary>Masking deassigns the irqfd: the eventfd keeps counting, and KVM_IRQFD on unmask injects a
+        /// signal that arrived meanwhile (KVM checks the eventfd when an irqfd is assigned).</summary>
+        public void SetMasked(bool masked)
+        {
+            lock (owner._lock)
+            {
+                if (masked == _masked)
+                    return;
+                if (masked)
+                    owner.Vm.DeassignIrqfd(EventFd.Fd, Gsi);
+                else
+                    owner.Vm.AssignIrqfd(EventFd.Fd, Gsi);
+                _masked = masked;
+            }
+        }
+
+        public bool IsPending
+        {
+            get
+            {
+                Span<int> fds = stackalloc int[1];
+                fds[0] = EventFd.Fd;
+                Span<bool> ready = stackalloc bool[1];
+                return Volatile.Read(ref _masked) && EventFd.Poll(fds, ready, 0) > 0 && ready[0];
+            }
+        }
     }
 }
 

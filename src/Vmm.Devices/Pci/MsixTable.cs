@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using Vmm.Interop;
 
 namespace Vmm.Devices.Pci;
 
@@ -11,6 +12,18 @@ public interface IMsiVector
 
     /// <summary>Sends the configured message. Allocation-free; callable from any thread.</summary>
     void Trigger();
+
+    /// <summary>The eventfd whose signal is the interrupt (the irqfd). A passed-through device signals it itself
+    /// (VFIO SET_IRQS), so no code of ours runs per interrupt.</summary>
+    EventFd EventFd { get; }
+
+    /// <summary>Masked: the eventfd is detached from the interrupt (irqfd deassigned), so signals accumulate in it;
+    /// unmasked: attached again, and the kernel delivers what accumulated. Vectors start unmasked.</summary>
+    void SetMasked(bool masked);
+
+    /// <summary>The eventfd has been signalled and not delivered (only while masked): a passed-through vector's
+    /// pending bit. Does not consume the signal.</summary>
+    bool IsPending { get; }
 }
 
 /// <summary>Hands out MSI vectors for a device (one per MSI-X table entry).</summary>
@@ -21,7 +34,10 @@ public interface IMsiController
 
 /// <summary>The MSI-X capability, table and pending-bit array of one function (PCI Local Bus 3.0 §6.8.2).
 /// The table and PBA live in a BAR; masking (per vector and function-wide) holds messages back as pending
-/// bits and sends them when unmasked, as the spec requires.</summary>
+/// bits and sends them when unmasked, as the spec requires.
+/// In passthrough mode (a VFIO device) the device signals the vectors' eventfds itself: masking detaches a vector's
+/// eventfd from its interrupt (<see cref="IMsiVector.SetMasked"/>) so signals wait in it, and the PBA reads
+/// <see cref="IMsiVector.IsPending"/>; <see cref="Signal"/> is not used.</summary>
 public sealed class MsixTable
 {
     public const int EntrySize = 16;
@@ -34,19 +50,34 @@ public sealed class MsixTable
     private readonly byte[] _table;
     private readonly ulong[] _pending;
     private readonly bool[] _stale;
+    // Passthrough mode: the mask state each vector was last given (SetMasked), so only changes reach KVM.
+    private readonly bool[]? _maskApplied;
     private readonly Lock _lock = new();
 
     /// <summary>Adds the MSI-X capability for <paramref name="count"/> vectors whose table is at
     /// <paramref name="tableOffset"/> and PBA at <paramref name="pbaOffset"/> of BAR <paramref name="bar"/>.</summary>
     public MsixTable(PciConfigSpace config, int count, int bar, uint tableOffset, uint pbaOffset, IMsiController controller, string owner)
+        : this(config, count, bar, tableOffset, bar, pbaOffset, controller, owner, passthrough: false, capabilityOffset: 0)
+    {
+    }
+
+    /// <summary>The general form: table and PBA may sit in different BARs; with <paramref name="passthrough"/> the
+    /// vectors are driven by a device (see the class summary); a non-zero <paramref name="capabilityOffset"/> puts the
+    /// capability there (its next pointer is the caller's) instead of appending it to the list.</summary>
+    public MsixTable(PciConfigSpace config, int count, int tableBar, uint tableOffset, int pbaBar, uint pbaOffset,
+        IMsiController controller, string owner, bool passthrough, int capabilityOffset)
     {
         if (count is < 1 or > 2048)
             throw new PciConfigException($"MSI-X: {count} vectors (1-2048 allowed)");
         if ((tableOffset & 7) != 0 || (pbaOffset & 7) != 0)
             throw new PciConfigException("MSI-X: table and PBA offsets must be 8-byte aligned");
+        if ((uint)tableBar > 5 || (uint)pbaBar > 5)
+            throw new PciConfigException($"MSI-X: table BAR{tableBar} / PBA BAR{pbaBar} (0-5 allowed)");
         _config = config;
         Count = count;
-        Bar = bar;
+        Bar = tableBar;
+        PbaBar = pbaBar;
+        Passthrough = passthrough;
         TableOffset = tableOffset;
         PbaOffset = pbaOffset;
         _table = new byte[count * EntrySize];
@@ -60,15 +91,44 @@ public sealed class MsixTable
             _vectors[i] = controller.CreateVector(owner, i);
         Span<byte> body = stackalloc byte[10];
         BinaryPrimitives.WriteUInt16LittleEndian(body, (ushort)(count - 1));
-        BinaryPrimitives.WriteUInt32LittleEndian(body[2..], tableOffset | (uint)bar);
-        BinaryPrimitives.WriteUInt32LittleEndian(body[6..], pbaOffset | (uint)bar);
+        BinaryPrimitives.WriteUInt32LittleEndian(body[2..], tableOffset | (uint)tableBar);
+        BinaryPrimitives.WriteUInt32LittleEndian(body[6..], pbaOffset | (uint)pbaBar);
         Span<byte> writable = stackalloc byte[10];
+        writable.Clear();
         BinaryPrimitives.WriteUInt16LittleEndian(writable, ControlEnable | ControlFunctionMask);
-        _capability = config.AddCapability(PciConfigSpace.CapabilityMsix, body, writable);
+        if (capabilityOffset != 0)
+        {
+            config.PlaceCapability(capabilityOffset, PciConfigSpace.CapabilityMsix, body, writable);
+            _capability = capabilityOffset;
+        }
+        else
+            _capability = config.AddCapability(PciConfigSpace.CapabilityMsix, body, writable);
+        if (passthrough)
+        {
+            _maskApplied = new bool[count];
+            lock (_lock)
+            {
+                for (int i = 0; i < count; i++)
+                    ApplyMaskLocked(i); // every entry starts masked and MSI-X off: detach them all
+            }
+        }
     }
 
     public int Count { get; }
+
+    /// <summary>The BAR holding the table.</summary>
     public int Bar { get; }
+
+    /// <summary>The BAR holding the PBA (usually <see cref="Bar"/>).</summary>
+    public int PbaBar { get; }
+
+    public bool Passthrough { get; }
+
+    /// <summary>The capability's offset in configuration space.</summary>
+    public int CapabilityOffset => _capability;
+
+    /// <summary>Vector <paramref name="index"/>'s eventfd and routing.</summary>
+    public IMsiVector Vector(int index) => _vectors[index];
     public uint TableOffset { get; }
     public uint PbaOffset { get; }
     public int TableLength => Count * EntrySize;
@@ -89,14 +149,16 @@ public sealed class MsixTable
         lock (_lock)
         {
             for (int i = 0; i < Count; i++)
-                DeliverPendingLocked(i);
+                UpdateVectorLocked(i);
         }
     }
 
     public bool IsVectorMasked(int vector) =>
         (BinaryPrimitives.ReadUInt32LittleEndian(_table.AsSpan(vector * EntrySize + 12)) & VectorMasked) != 0;
 
-    public bool IsPending(int vector) => (_pending[vector / 64] & (1UL << (vector % 64))) != 0;
+    public bool IsPending(int vector) => _maskApplied is { } applied
+        ? applied[vector] && _vectors[vector].IsPending
+        : (_pending[vector / 64] & (1UL << (vector % 64))) != 0;
 
     /// <summary>Sends vector <paramref name="vector"/>, or records it pending while masked or MSI-X is off.
     /// Returns false for an out-of-range vector (e.g. the guest's VIRTIO_MSI_NO_VECTOR).</summary>
@@ -139,7 +201,7 @@ public sealed class MsixTable
             data.CopyTo(_table.AsSpan((int)offset));
             if ((int)offset % EntrySize < 12 || data.Length == 8 && (int)offset % EntrySize == 8)
                 _stale[vector] = true; // address or data changed: reroute before the next send
-            DeliverPendingLocked(vector);
+            UpdateVectorLocked(vector);
         }
     }
 
@@ -150,6 +212,18 @@ public sealed class MsixTable
             if (offset + (ulong)data.Length > (ulong)PbaLength || !Aligned(offset, data.Length))
             {
                 data.Fill(0xFF);
+                return;
+            }
+            if (_maskApplied is not null)
+            {
+                for (int i = 0; i < data.Length; i++)
+                {
+                    int first = ((int)offset + i) * 8;
+                    byte bits = 0;
+                    for (int b = 0; b < 8 && first + b < Count; b++)
+                        bits |= (byte)(IsPending(first + b) ? 1 << b : 0);
+                    data[i] = bits;
+                }
                 return;
             }
             Span<byte> bytes = stackalloc byte[8];
@@ -175,10 +249,38 @@ public sealed class MsixTable
             }
             Array.Clear(_pending);
             _config.Set16(_capability + 2, (ushort)(Count - 1));
+            for (int i = 0; i < Count; i++)
+                UpdateVectorLocked(i);
         }
     }
 
     private static bool Aligned(ulong offset, int length) => (length == 4 || length == 8) && offset % (ulong)length == 0;
+
+    private void UpdateVectorLocked(int vector)
+    {
+        if (_maskApplied is not null)
+            ApplyMaskLocked(vector);
+        else
+            DeliverPendingLocked(vector);
+    }
+
+    /// <summary>Passthrough: routes a vector that is about to be (or stays) unmasked to its current message, then
+    /// attaches or detaches its eventfd; attaching delivers a signal that waited while masked.</summary>
+    private void ApplyMaskLocked(int vector)
+    {
+        bool masked = !Enabled || FunctionMasked || IsVectorMasked(vector);
+        if (!masked && _stale[vector])
+        {
+            var entry = _table.AsSpan(vector * EntrySize);
+            _vectors[vector].Configure(BinaryPrimitives.ReadUInt64LittleEndian(entry), BinaryPrimitives.ReadUInt32LittleEndian(entry[8..]));
+            _stale[vector] = false;
+        }
+        if (masked != _maskApplied![vector])
+        {
+            _vectors[vector].SetMasked(masked);
+            _maskApplied[vector] = masked;
+        }
+    }
 
     private void DeliverPendingLocked(int vector)
     {

@@ -33,8 +33,13 @@ public sealed class PciConfigSpace
     // Type 0 header offsets.
     public const int VendorId = 0x00, DeviceId = 0x02, Command = 0x04, Status = 0x06, RevisionId = 0x08,
         ProgIf = 0x09, SubClass = 0x0A, ClassCode = 0x0B, HeaderType = 0x0E, Bar0 = 0x10,
-        SubsystemVendorId = 0x2C, SubsystemId = 0x2E, CapabilitiesPointer = 0x34, InterruptLine = 0x3C,
-        InterruptPin = 0x3D;
+        SubsystemVendorId = 0x2C, SubsystemId = 0x2E, ExpansionRom = 0x30, CapabilitiesPointer = 0x34,
+        InterruptLine = 0x3C, InterruptPin = 0x3D;
+
+    /// <summary>The expansion ROM BAR (register 0x30) counts as BAR index 6 in <see cref="Bars"/>,
+    /// <see cref="BarAddress"/>, <see cref="SetBarAddress"/> and <see cref="PciFunction.BarRead"/>.</summary>
+    public const int RomBarIndex = 6;
+    private const uint RomEnable = 1, RomAddressMask = 0xFFFF_F800;
 
     public const ushort CommandIoSpace = 1 << 0, CommandMemorySpace = 1 << 1, CommandBusMaster = 1 << 2,
         CommandInterruptDisable = 1 << 10;
@@ -45,7 +50,7 @@ public sealed class PciConfigSpace
     private readonly byte[] _bytes = new byte[Size];
     private readonly byte[] _writable = new byte[Size];
     private readonly byte[] _writeOneToClear = new byte[Size];
-    private readonly PciBar?[] _bars = new PciBar?[6];
+    private readonly PciBar?[] _bars = new PciBar?[7]; // BAR0-5 and the expansion ROM
     private int _lastCapability;
     private int _nextCapabilityOffset = 0x40;
 
@@ -75,6 +80,12 @@ public sealed class PciConfigSpace
 
     public bool InterruptDisabled => (CommandRegister & CommandInterruptDisable) != 0;
 
+    /// <summary>The expansion ROM's enable bit: the ROM decodes only with it and memory decode both on.</summary>
+    public bool RomEnabled => (Get32(ExpansionRom) & RomEnable) != 0;
+
+    /// <summary>Whether BAR <paramref name="index"/> decodes when memory decode is on (the ROM also needs its enable bit).</summary>
+    public bool BarEnabled(int index) => index != RomBarIndex || RomEnabled;
+
     /// <summary>Declares BAR <paramref name="index"/> (a 64-bit BAR also takes index + 1).</summary>
     public PciBar AddBar(int index, ulong size, PciBarKind kind, bool prefetchable = false)
     {
@@ -102,10 +113,27 @@ public sealed class PciConfigSpace
         return bar;
     }
 
+    /// <summary>Declares the expansion ROM BAR (PCI 3.0 §6.2.5.2): <paramref name="size"/> a power of two of at least
+    /// 2 KiB; address bits and the enable bit are writable, so sizing probes read back the size mask.</summary>
+    public PciBar AddRomBar(ulong size)
+    {
+        if (size < 2048 || (size & (size - 1)) != 0 || size > 1UL << 31)
+            throw new PciConfigException($"expansion ROM: size 0x{size:x} is not a power of two from 2 KiB to 2 GiB");
+        if (_bars[RomBarIndex] is not null)
+            throw new PciConfigException("expansion ROM: already declared");
+        var bar = new PciBar(RomBarIndex, size, PciBarKind.Memory32, Prefetchable: false);
+        _bars[RomBarIndex] = bar;
+        Set32(ExpansionRom, 0);
+        SetWritable(ExpansionRom, 4, ((uint)~(size - 1) & RomAddressMask) | RomEnable);
+        return bar;
+    }
+
     /// <summary>The guest-physical address BAR <paramref name="index"/> is programmed to.</summary>
     public ulong BarAddress(int index)
     {
         var bar = _bars[index] ?? throw new PciConfigException($"BAR{index} is not implemented");
+        if (index == RomBarIndex)
+            return Get32(ExpansionRom) & RomAddressMask;
         ulong low = Get32(Bar0 + 4 * index) & ~0xFu;
         return bar.Kind == PciBarKind.Memory64 ? low | ((ulong)Get32(Bar0 + 4 * index + 4) << 32) : low;
     }
@@ -119,6 +147,11 @@ public sealed class PciConfigSpace
         // Checked before anything is written: a refused address must leave the BAR as it was.
         if (bar.Kind == PciBarKind.Memory32 && address >> 32 != 0)
             throw new PciConfigException($"BAR{index}: 0x{address:x} is above 4 GiB for a 32-bit BAR");
+        if (index == RomBarIndex)
+        {
+            Set32(ExpansionRom, (Get32(ExpansionRom) & RomEnable) | (uint)address);
+            return;
+        }
         int offset = Bar0 + 4 * index;
         Set32(offset, (Get32(offset) & 0xFu) | (uint)address);
         if (bar.Kind == PciBarKind.Memory64)
@@ -152,6 +185,19 @@ public sealed class PciConfigSpace
         return offset;
     }
 
+    /// <summary>Writes a capability at a fixed <paramref name="offset"/> without linking it: for functions that lay
+    /// out the chain themselves (a passed-through device keeps its own offsets). The next pointer is left as is.</summary>
+    public void PlaceCapability(int offset, byte id, ReadOnlySpan<byte> body, ReadOnlySpan<byte> writableBody = default)
+    {
+        if (offset < 0x40 || offset + 2 + body.Length > Size || (offset < LegacySize && offset + 2 + body.Length > LegacySize))
+            throw new PciConfigException($"capability 0x{id:x2} ({body.Length + 2} bytes) does not fit at 0x{offset:x}");
+        _bytes[offset] = id;
+        body.CopyTo(_bytes.AsSpan(offset + 2));
+        _writable.AsSpan(offset + 2, body.Length).Clear();
+        if (!writableBody.IsEmpty)
+            writableBody.CopyTo(_writable.AsSpan(offset + 2));
+    }
+
     /// <summary>The offset of the first capability with <paramref name="id"/>, or 0.</summary>
     public int FindCapability(byte id)
     {
@@ -181,8 +227,9 @@ public sealed class PciConfigSpace
         }
     }
 
-    /// <summary>True when [offset, offset+length) touches a BAR register.</summary>
-    public static bool TouchesBars(int offset, int length) => offset < Bar0 + 24 && offset + length > Bar0;
+    /// <summary>True when [offset, offset+length) touches a BAR register or the expansion ROM BAR.</summary>
+    public static bool TouchesBars(int offset, int length) =>
+        offset < Bar0 + 24 && offset + length > Bar0 || offset < ExpansionRom + 4 && offset + length > ExpansionRom;
 
     public static bool TouchesCommand(int offset, int length) => offset < Command + 2 && offset + length > Command;
 

@@ -54,7 +54,8 @@ public sealed class PciRootBus
 
     /// <summary>Adds <paramref name="function"/> in the first free slot (or <paramref name="slot"/>) and places its
     /// BARs (largest first, naturally aligned): 32-bit BARs and non-prefetchable 64-bit BARs in the 32-bit window,
-    /// prefetchable 64-bit BARs above RAM.</summary>
+    /// prefetchable 64-bit BARs above RAM; an expansion ROM (index 6) in the 32-bit window, decoding only while its
+    /// enable bit is set.</summary>
     public int Add(PciFunction function, int slot = -1)
     {
         lock (_configLock)
@@ -127,6 +128,8 @@ public sealed class PciRootBus
                 continue;
             foreach (var bar in f.Config.Bars)
             {
+                if (!f.Config.BarEnabled(bar.Index))
+                    continue;
                 ulong start = f.Config.BarAddress(bar.Index);
                 // A BAR being sized holds all-ones; it decodes nowhere until it gets an address again.
                 if (start == 0 || start + bar.Size < start || !InWindows(start, bar.Size))

@@ -4,7 +4,8 @@ using Vmm.Interop;
 
 namespace Vmm.Tests.TestKit;
 
-/// <summary>An MSI controller whose vectors log every Configure and Trigger, in order, into one list.</summary>
+/// <summary>An MSI controller whose vectors log every Configure, Trigger and SetMasked, in order, into one list.
+/// Each vector owns a real eventfd (what a passed-through device signals); it is pending while masked and signalled.</summary>
 public sealed class RecordingMsiController : IMsiController
 {
     public List<string> Log { get; } = [];
@@ -20,6 +21,8 @@ public sealed class RecordingMsiController : IMsiController
     public sealed class RecordingMsiVector(RecordingMsiController controller, int index) : IMsiVector
     {
         public int Index { get; } = index;
+        public EventFd EventFd { get; } = new();
+        public bool Masked { get; private set; }
         public int Triggers { get; private set; }
         public (ulong Address, uint Data)? Message { get; private set; }
 
@@ -35,6 +38,23 @@ public sealed class RecordingMsiController : IMsiController
             Triggers++;
             lock (controller.Log)
                 controller.Log.Add($"trigger {Index}");
+        }
+
+        public void SetMasked(bool masked)
+        {
+            Masked = masked;
+            lock (controller.Log)
+                controller.Log.Add($"{(masked ? "mask" : "unmask")} {Index}");
+        }
+
+        public bool IsPending
+        {
+            get
+            {
+                Span<int> fds = [EventFd.Fd];
+                Span<bool> ready = [false];
+                return Masked && EventFd.Poll(fds, ready, 0) > 0;
+            }
         }
     }
 }

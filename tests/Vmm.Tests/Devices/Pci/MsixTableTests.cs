@@ -280,3 +280,84 @@ public class MsixTableTests
         Assert.Contains(why, e.Message);
     }
 }
+
+/// <summary>Passthrough mode: a device signals the vectors' eventfds itself; the table drives routing and masking.</summary>
+public class MsixTablePassthroughTests
+{
+    private const ushort Enable = 0x8000, FunctionMask = 0x4000;
+
+    private readonly PciConfigSpace _config = new(0x10DE, 0x20B2, 0x03, 0x02);
+    private readonly RecordingMsiController _msi = new();
+    private readonly MsixTable _table;
+
+    public MsixTablePassthroughTests() =>
+        _table = new MsixTable(_config, 3, tableBar: 0, tableOffset: 0xB9_0000, pbaBar: 2, pbaOffset: 0x100, _msi, "gpu",
+            passthrough: true, capabilityOffset: 0xB4);
+
+    private void SetControl(ushort value)
+    {
+        Span<byte> b = stackalloc byte[2];
+        BinaryPrimitives.WriteUInt16LittleEndian(b, value);
+        _config.Write(0xB6, b);
+        _table.ControlWritten();
+    }
+
+    private void Write32(int vector, int field, uint value)
+    {
+        Span<byte> b = stackalloc byte[4];
+        BinaryPrimitives.WriteUInt32LittleEndian(b, value);
+        _table.WriteTable((ulong)(vector * 16 + field), b);
+    }
+
+    private byte Pba()
+    {
+        Span<byte> b = stackalloc byte[8];
+        _table.ReadPba(0, b);
+        return b[0];
+    }
+
+    [Fact]
+    public void The_capability_sits_at_the_given_offset_with_separate_table_and_PBA_BARs_and_every_vector_starts_detached()
+    {
+        Assert.Equal(0x11, _config.Get8(0xB4));
+        Assert.Equal(0u, _config.Get8(PciConfigSpace.CapabilitiesPointer)); // placed, not linked: the caller links
+        Assert.Equal(0xB9_0000u | 0, _config.Get32(0xB8));
+        Assert.Equal(0x100u | 2, _config.Get32(0xBC));
+        Assert.Equal((0, 2), (_table.Bar, _table.PbaBar));
+        Assert.Equal(["mask 0", "mask 1", "mask 2"], _msi.Log);
+    }
+
+    [Fact]
+    public void Unmasking_routes_the_vector_before_attaching_it_and_every_mask_source_detaches_it()
+    {
+        SetControl(Enable);
+        Write32(1, 0, 0xFEE0_1000);
+        Write32(1, 8, 0x41);
+        Assert.Equal(["mask 0", "mask 1", "mask 2"], _msi.Log);       // still masked: no routing yet
+        Write32(1, 12, 0);
+        Assert.Equal(["configure 1 0xfee01000 0x41", "unmask 1"], _msi.Log[3..]);
+        SetControl(Enable | FunctionMask);
+        Assert.Equal("mask 1", _msi.Log[^1]);
+        SetControl(Enable);
+        Assert.Equal("unmask 1", _msi.Log[^1]);                        // same message: no new route
+        SetControl(0);
+        Assert.Equal("mask 1", _msi.Log[^1]);
+        Assert.Equal(0, _msi.Vectors.Sum(v => v.Triggers));             // vmm never sends for the device
+    }
+
+    [Fact]
+    public void The_PBA_shows_signals_waiting_in_masked_vectors_and_reset_masks_everything()
+    {
+        SetControl(Enable);
+        Write32(0, 12, 0);
+        _msi.Vectors[0].EventFd.Signal();
+        _msi.Vectors[2].EventFd.Signal();
+        Assert.Equal(0b100, Pba());
+        Assert.True(_table.IsPending(2));
+        Assert.False(_table.IsPending(0));
+        _table.Reset();
+        Assert.True(_msi.Vectors[0].Masked);
+        Assert.False(_table.Enabled);
+        Assert.Equal(0b101, Pba());
+    }
+}

@@ -185,6 +185,49 @@ public class PciConfigSpaceTests
         Assert.Contains("does not fit", e.Message);
     }
 
+    [Fact]
+    public void The_expansion_ROM_BAR_answers_sizing_decodes_only_when_enabled_and_keeps_its_enable_bit_when_placed()
+    {
+        var c = NewSpace();
+        Assert.Equal(0u, Read32(c, 0x30));
+        var rom = c.AddRomBar(0x10000);
+        Assert.Equal((PciConfigSpace.RomBarIndex, 0x10000ul, PciBarKind.Memory32), (rom.Index, rom.Size, rom.Kind));
+        Assert.Contains(rom, c.Bars);
+        Write32(c, 0x30, 0xFFFF_FFFE);             // sizing probe, enable bit clear
+        Assert.Equal(0xFFFF_0000u, Read32(c, 0x30));
+        Assert.False(c.RomEnabled);
+        Assert.False(c.BarEnabled(PciConfigSpace.RomBarIndex));
+        Write32(c, 0x30, 0xC004_07FF);             // reserved bits 10:1 and the low address bits stay 0
+        Assert.Equal(0xC004_0001u, Read32(c, 0x30));
+        Assert.True(c.RomEnabled);
+        c.SetBarAddress(PciConfigSpace.RomBarIndex, 0xD000_0000);
+        Assert.Equal(0xD000_0001u, Read32(c, 0x30));
+        Assert.Equal(0xD000_0000ul, c.BarAddress(PciConfigSpace.RomBarIndex));
+        Assert.True(c.BarEnabled(0)); // ordinary BARs have no enable bit of their own
+    }
+
+    [Theory]
+    [InlineData(0x400ul)]
+    [InlineData(0x3000ul)]
+    [InlineData(1ul << 32)]
+    public void Bad_ROM_sizes_are_refused(ulong size)
+    {
+        var e = Assert.Throws<PciConfigException>(() => NewSpace().AddRomBar(size));
+        Assert.Contains("expansion ROM", e.Message);
+    }
+
+    [Fact]
+    public void A_capability_placed_at_a_fixed_offset_keeps_its_next_pointer_and_gets_its_write_mask()
+    {
+        var c = NewSpace();
+        c.Set8(0x81, 0x90);
+        c.PlaceCapability(0x80, 0x05, [0x80, 0x00, 0x11, 0x22], [0x01, 0x00, 0xFF, 0x00]);
+        Assert.Equal(0x0080_9005u, Read32(c, 0x80));
+        Write32(c, 0x82, 0xFFFF_FFFF);
+        Assert.Equal(0x22FF_0081u, Read32(c, 0x82));
+        Assert.Throws<PciConfigException>(() => c.PlaceCapability(0xFC, 0x05, new byte[8]));
+    }
+
     [Theory]
     [InlineData(0x0C, 4, false)]
     [InlineData(0x10, 1, true)]
@@ -192,7 +235,11 @@ public class PciConfigSpaceTests
     [InlineData(0x24, 4, true)]
     [InlineData(0x27, 1, true)]
     [InlineData(0x28, 4, false)]
-    public void TouchesBars_covers_exactly_the_six_BAR_registers(int offset, int length, bool touches) =>
+    [InlineData(0x2C, 4, false)]
+    [InlineData(0x30, 4, true)]
+    [InlineData(0x33, 1, true)]
+    [InlineData(0x34, 4, false)]
+    public void TouchesBars_covers_exactly_the_six_BAR_registers_and_the_ROM_BAR(int offset, int length, bool touches) =>
         Assert.Equal(touches, PciConfigSpace.TouchesBars(offset, length));
 
     [Theory]

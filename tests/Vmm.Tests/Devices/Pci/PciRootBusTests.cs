@@ -425,6 +425,29 @@ public class PciRootBusTests
     }
 
     [Fact]
+    public void An_expansion_ROM_is_placed_in_the_32_bit_window_and_decodes_only_with_its_enable_bit()
+    {
+        var f = AddFunction(c =>
+        {
+            c.AddBar(0, 0x1000, PciBarKind.Memory32);
+            c.AddRomBar(0x8000);
+        });
+        ulong rom = f.Config.BarAddress(PciConfigSpace.RomBarIndex);
+        Assert.InRange(rom, MemoryLayout.PciMmio32Start, MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size - 0x8000);
+        Assert.Equal(0ul, rom % 0x8000);
+        Cf8Write(f.Slot, 0x04, PciConfigSpace.CommandMemorySpace, 2);
+        Assert.Equal([(0, (ulong?)f.Config.BarAddress(0))], f.Mapped);
+        Assert.Equal(0xFFFF_FFFFu, MmioRead(rom + 0x10)); // decode on, ROM not enabled
+        Cf8Write(f.Slot, 0x30, (uint)rom | 1);
+        Assert.Equal((PciConfigSpace.RomBarIndex, (ulong?)rom), f.Mapped[^1]);
+        Assert.Equal(0x1010_1010u, MmioRead(rom + 0x10));
+        Assert.Equal("r4 bar6+0x10", f.Accesses[^1]);
+        Cf8Write(f.Slot, 0x30, 0xFFFF_F800);              // sizing (enable clear): decodes nowhere
+        Assert.Equal((PciConfigSpace.RomBarIndex, (ulong?)null), f.Mapped[^1]);
+        Assert.Equal(0xFFFF_8000u, Cf8Read(f.Slot, 0x30));
+    }
+
+    [Fact]
     public void A_64_bit_BAR_decodes_through_the_64_bit_window()
     {
         var f = AddFunction(c => c.AddBar(0, 4 * GiB, PciBarKind.Memory64, prefetchable: true));
