@@ -67,7 +67,7 @@ public sealed record MachineConfig
             throw new ConfigException($"{devices} PCI devices requested; the root bus has 31 free slots");
         foreach (var group in Nets.GroupBy(n => n.Tap).Where(g => g.Count() > 1))
             throw new ConfigException($"--net tap={group.Key} is given {group.Count()} times; each interface needs its own tap");
-        foreach (var group in Devices.GroupBy(d => (d.Kind, d.Kind == PassthroughKind.Vfio ? Path.GetFullPath(d.Path) : d.Path)).Where(g => g.Count() > 1))
+        foreach (var group in Devices.GroupBy(d => (d.Kind, d.Kind == PassthroughKind.Vfio ? Path.TrimEndingDirectorySeparator(Path.GetFullPath(d.Path)) : d.Path)).Where(g => g.Count() > 1))
             throw new ConfigException($"--device {group.First()} is given {group.Count()} times; a device can be passed through once");
         foreach (var group in Disks.GroupBy(d => Path.GetFullPath(d.Path)).Where(g => g.Count() > 1 && g.Any(d => !d.ReadOnly)))
             throw new ConfigException($"--disk path={group.First().Path} is attached {group.Count()} times and writable: that corrupts the image");

@@ -5,6 +5,8 @@ using Vmm.Devices;
 using Vmm.Devices.Legacy;
 using Vmm.Devices.Pci;
 using Vmm.Devices.Virtio;
+using Vmm.Devices.Vfio;
+using Vmm.Devices.Vfio.Kernel;
 using Vmm.Devices.Virtio.Net;
 using Vmm.Kvm;
 using Vmm.Memory;
@@ -59,13 +61,12 @@ public sealed class VirtualMachine : IVmControl, IDisposable
                 _log.Warn(warning);
             _kvm = KvmSystem.Open(config.KvmPath);
             CheckCapabilities();
-            // In the BIOS area the memory map leaves out, where every loader's guest finds it.
-            AcpiTables.Write(_memory, config.Cpus);
             _vm = _kvm!.CreateVm();
             SetUpArchitecture();
             uint slot = 0;
             foreach (var region in _memory.Regions)
                 _vm.SetUserMemoryRegion(slot++, region.Start.Value, region.Size, region.HostAddress);
+            _ramSlots = slot;
 
             IoBus = new Bus("I/O port");
             MmioBus = new Bus("MMIO");
@@ -84,7 +85,11 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             }
             IoBus.Insert(new CmosRtc(below4G, _memory.Size - below4G), CmosRtc.Port, 2);
             IoBus.Insert(new AcpiPmDevice(this), AcpiPorts.BlockStart, AcpiPorts.BlockLength);
-            SetUpPci();
+            var window64 = SetUpPci();
+            // In the BIOS area the memory map leaves out, where every loader's guest finds it; the DSDT describes
+            // the 64-bit window as grown for the devices' BARs.
+            AcpiTables.Write(_memory, config.Cpus, window64);
+            int physicalAddressBits = CheckPhysicalAddressWidth(window64.Start + window64.Size);
 
             KickSignal.EnsureInstalled();
             var dispatcher = new ExitDispatcher(IoBus, MmioBus);
@@ -95,7 +100,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
                 for (int i = 0; i < config.Cpus; i++)
                 {
                     vcpus.Add(new Vcpu(_vm.CreateVcpu(i), this, dispatcher, _memory));
-                    vcpus[^1].ConfigureCpuid(cpuid, config.Cpus);
+                    vcpus[^1].ConfigureCpuid(cpuid, config.Cpus, physicalAddressBits);
                     vcpus[^1].SetInitialMsrs();
                 }
             }
@@ -120,6 +125,12 @@ public sealed class VirtualMachine : IVmControl, IDisposable
     public Bus IoBus { get; } = null!;
     public PciRootBus Pci { get; private set; } = null!;
     private readonly List<VirtioPciFunction> _virtio = [];
+    private readonly List<VfioPciFunction> _passthrough = [];
+    private GuestRamDma? _dma;
+    private KvmBarMapper? _barMapper;
+    private KernelVfio? _kernelVfio;
+    private KvmVfioDevice? _kvmVfio;
+    private uint _ramSlots;
     private KvmMsiController? _msi;
     private VirtioConsole? _virtioConsole;
     public Bus MmioBus { get; } = null!;
@@ -171,46 +182,163 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         }
     }
 
-    /// <summary>The PCI root bus (always there: guests probe it) and the virtio devices the config asks for.</summary>
-    private void SetUpPci()
+    /// <summary>The PCI root bus (always there: guests probe it), the virtio devices and the passed-through devices
+    /// the config asks for. The 64-bit window grows to hold every 64-bit BAR (several GPUs with BARs of hundreds of
+    /// GiB); it is returned for the DSDT and the CPUID address width.</summary>
+    private (ulong Start, ulong Size) SetUpPci()
     {
-        var (window64, window64Size) = MemoryLayout.Pci64Window(_memory.Size);
-        Pci = new PciRootBus(window64, window64Size);
+        var functions = new List<PciFunction>();
+        if (_config.HasPciDevices)
+        {
+            // MSI-X routes and irqfds need KVM_SET_GSI_ROUTING / KVM_IRQFD; notifications use KVM_IOEVENTFD.
+            var missing = new[] { (KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"), (KVM_CAP_IRQFD, "KVM_CAP_IRQFD"), (KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD") }
+                .Where(c => _vm.CheckExtension(c.Item1) <= 0).Select(c => c.Item2).ToList();
+            if (missing.Count > 0)
+                throw new KvmUnavailableException($"PCI devices need {string.Join(", ", missing)}, which this KVM lacks");
+            _msi = new KvmMsiController(_vm);
+            var ioEvents = new KvmIoEventRegistrar(_vm);
+            var created = CreateVirtioDevices();
+            for (int i = 0; i < created.Count; i++)
+            {
+                try
+                {
+                    _virtio.Add(new VirtioPciFunction(created[i], _memory, _msi, ioEvents));
+                }
+                catch
+                {
+                    foreach (var d in created.Skip(i))
+                        d.Dispose();
+                    throw;
+                }
+            }
+            functions.AddRange(_virtio);
+            // Passed-through devices take the slots after the virtio devices (slot 0 is the host bridge).
+            foreach (var device in _config.Devices)
+                functions.Add(CreatePassthroughFunction(device, slot: functions.Count + 1));
+        }
+        var window = MemoryLayout.Pci64Window(_memory.Size,
+            functions.SelectMany(f => f.Config.Bars).Where(b => b.Kind == PciBarKind.Memory64).Select(b => b.Size));
+        Pci = new PciRootBus(window.Start, window.Size);
         IoBus.Insert(Pci.ConfigIo, PciRootBus.ConfigIoPort, PciRootBus.ConfigIoLength);
         MmioBus.Insert(Pci.Ecam, MemoryLayout.PciEcamBase, MemoryLayout.PciEcamSize);
         MmioBus.Insert(Pci.Mmio32Window, MemoryLayout.PciMmio32Start, MemoryLayout.PciMmio32Size);
-        MmioBus.Insert(Pci.Mmio64Window, window64, window64Size);
-        if (!_config.HasPciDevices)
-            return;
-        // MSI-X routes and irqfds need KVM_SET_GSI_ROUTING / KVM_IRQFD; notifications use KVM_IOEVENTFD.
-        var missing = new[] { (KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"), (KVM_CAP_IRQFD, "KVM_CAP_IRQFD"), (KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD") }
-            .Where(c => _vm.CheckExtension(c.Item1) <= 0).Select(c => c.Item2).ToList();
-        if (missing.Count > 0)
-            throw new KvmUnavailableException($"virtio devices need {string.Join(", ", missing)}, which this KVM lacks");
-        _msi = new KvmMsiController(_vm);
-        var ioEvents = new KvmIoEventRegistrar(_vm);
+        MmioBus.Insert(Pci.Mmio64Window, window.Start, window.Size);
+        if (functions.Count == 0)
+            return window;
         var intx = new SharedInterruptLine[4];
         for (int i = 0; i < intx.Length; i++)
             intx[i] = new SharedInterruptLine(new KvmIrqLine(_vm, MemoryLayout.PciIntxFirstGsi + (uint)i));
-        var created = CreateVirtioDevices();
-        for (int i = 0; i < created.Count; i++)
+        for (int i = 0; i < functions.Count; i++)
         {
-            var device = created[i];
-            VirtioPciFunction function;
+            var function = functions[i];
+            int slot = Pci.Add(function, i + 1);
+            if (function is VirtioPciFunction virtio)
+                virtio.ConnectIntx(intx[MemoryLayout.PciIntxGsi(slot, 0) - MemoryLayout.PciIntxFirstGsi].Connect());
+            string bars = string.Join(", ", function.Config.Bars.Select(b => $"BAR{b.Index} 0x{function.Config.BarAddress(b.Index):x} (0x{b.Size:x})"));
+            _log.Info($"PCI 00:{slot:x2}.0: {function.Name}: {bars}");
+        }
+        if (window.Size != MemoryLayout.Pci64DefaultSize)
+            _log.Info($"64-bit PCI window grown to 0x{window.Start:x}-0x{window.Start + window.Size - 1:x} for the devices' BARs");
+        return window;
+    }
+
+    /// <summary>The guest-physical address width the machine needs (the 64-bit window's end); refuses a machine the
+    /// host's KVM cannot map (CPUID 0x80000008 EAX[23:16], GuestPhysBits, where KVM reports it; 48 bits otherwise,
+    /// the 4-level two-dimensional paging limit).</summary>
+    private int CheckPhysicalAddressWidth(ulong end)
+    {
+        int needed = MemoryLayout.PhysicalAddressBits(end);
+        var leaf = _kvm!.GetSupportedCpuid().FirstOrDefault(e => e.function == 0x8000_0008);
+        int guestPhysBits = (int)(leaf.eax >> 16) & 0xFF;
+        int limit = guestPhysBits != 0 ? guestPhysBits : 48;
+        if (needed > limit)
+            throw new ConfigException($"the devices' BARs need guest-physical addresses up to 0x{end - 1:x} ({needed} bits), " +
+                $"but this host's KVM maps only {limit}-bit guest-physical addresses: pass fewer devices through");
+        return needed;
+    }
+
+    /// <summary>Opens one <c>--device</c>, maps all guest RAM for its DMA and builds the PCI function the guest sees.
+    /// Failures are configuration errors naming the option and saying what to do.</summary>
+    private VfioPciFunction CreatePassthroughFunction(PassthroughConfig config, int slot)
+    {
+        var device = OpenPassthroughDevice(config);
+        try
+        {
+            if (!device.IsPci)
+                throw new ConfigException($"--device {config}: {device.Name} is not a PCI device (vmm passes through PCI devices only)");
+            if (_barMapper is null)
+            {
+                int slots = _vm.CheckExtension(KVM_CAP_NR_MEMSLOTS);
+                _barMapper = new KvmBarMapper(_vm, _log, _ramSlots, slots > 0 ? slots : 32);
+            }
+            _dma ??= new GuestRamDma(_memory, _log);
             try
             {
-                function = new VirtioPciFunction(device, _memory, _msi, ioEvents);
+                _dma.MapAll(device.Dma, device.Name);
             }
-            catch
+            catch (VfioException e)
             {
-                foreach (var d in created.Skip(i))
-                    d.Dispose();
-                throw;
+                throw new ConfigException($"--device {config}: mapping guest RAM for the device's DMA failed: {e.Message}");
             }
-            _virtio.Add(function);
-            int slot = Pci.Add(function);
-            function.ConnectIntx(intx[MemoryLayout.PciIntxGsi(slot, 0) - MemoryLayout.PciIntxFirstGsi].Connect());
-            _log.Info($"PCI 00:{slot:x2}.0: {device.Name}, BAR0 at 0x{function.Config.BarAddress(0):x}");
+            if (config.PeerToPeer)
+                _barMapper.AddPeerToPeerSpace(device.Dma);
+            Span<byte> pin = stackalloc byte[1];
+            device.ReadRegion(VfioRegionIndex.Config, PciConfigSpace.InterruptPin, pin);
+            var intx = pin[0] is >= 1 and <= 4 ? new KvmIntxIrqfdLine(_vm, MemoryLayout.PciIntxGsi(slot, pin[0] - 1)) : null;
+            var function = new VfioPciFunction(device, _msi!, _barMapper, intx, message => _log.Info($"{device.Name}: {message}"));
+            _passthrough.Add(function); // owns the device from here on
+            return function;
+        }
+        catch (Exception e) when (e is not ConfigException)
+        {
+            device.Dispose();
+            if (e is VfioException or PciConfigException)
+                throw new ConfigException($"--device {config}: {e.Message}");
+            throw;
+        }
+        catch
+        {
+            device.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>A host device through the kernel: the sysfs plan first (a wrong driver, a non-viable group or a
+    /// missing IOMMU is explained before anything is opened), then the cdev on iommufd or the group/container, with
+    /// its file added to KVM's VFIO device (KVM needs it for coherent DMA and, on the cdev path, before binding).</summary>
+    private KernelVfioDevice OpenKernelVfio(string path)
+    {
+        var plan = new VfioHost().Plan(path);
+        _kvmVfio ??= new KvmVfioDevice(_vm);
+        _kernelVfio ??= new KernelVfio(fd => _kvmVfio.AddFile(fd));
+        var device = _kernelVfio.Open(plan);
+        _log.Info($"{plan.Name}: VFIO {plan.Backend}, IOMMU group {plan.IommuGroup}, driver {plan.Driver}");
+        // Every distinct container/IOAS pins all guest RAM once, against RLIMIT_MEMLOCK: refuse before pinning.
+        try
+        {
+            VfioHost.MemlockCheck(_memory.Size * (ulong)_kernelVfio.DmaSpaces.Count);
+        }
+        catch
+        {
+            device.Dispose();
+            throw;
+        }
+        return device;
+    }
+
+    private IVfioDevice OpenPassthroughDevice(PassthroughConfig config)
+    {
+        try
+        {
+            return config.Kind switch
+            {
+                PassthroughKind.VfioUser => throw new VfioException("vfio-user is not wired yet"),
+                _ => OpenKernelVfio(config.Path),
+            };
+        }
+        catch (VfioException e)
+        {
+            throw new ConfigException($"--device {config}: {e.Message}");
         }
     }
 
@@ -332,6 +460,13 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         // Device threads stop before the memory they serve goes away.
         foreach (var f in _virtio)
             f.Dispose();
+        // Passed-through devices: DMA unmapped while the device connections are still open (a vfio-user unmap is a
+        // message), then interrupts off, BAR slots gone and the devices closed.
+        _dma?.Dispose();
+        foreach (var f in _passthrough)
+            f.Dispose();
+        _kernelVfio?.Dispose();
+        _kvmVfio?.Dispose();
         _msi?.Dispose();
         _console?.Dispose();
         _memory?.Dispose();

@@ -68,7 +68,11 @@ public sealed class PciRootBus
                 throw new PciConfigException($"PCI slot {slot} is taken by {_slots[slot]!.Name}");
             foreach (var bar in function.Config.Bars.OrderByDescending(b => b.Size))
             {
-                bool high = bar.Kind == PciBarKind.Memory64 && bar.Prefetchable;
+                // Prefetchable 64-bit BARs go above RAM. A non-prefetchable 64-bit BAR stays below 4 GiB (guests with
+                // 32-bit drivers expect that) unless the 32-bit window lacks room: on the root bus, with no bridge
+                // in between, it may decode anywhere.
+                bool high = bar.Kind == PciBarKind.Memory64 && (bar.Prefetchable || !Fits(_next32, bar.Size,
+                    MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size));
                 ref ulong next = ref high ? ref _next64 : ref _next32;
                 ulong limit = high ? _window64Start + _window64Size : MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size;
                 ulong address = (next + bar.Size - 1) & ~(bar.Size - 1);
@@ -85,6 +89,12 @@ public sealed class PciRootBus
             _slots[slot] = function;
             return slot;
         }
+    }
+
+    private static bool Fits(ulong next, ulong size, ulong limit)
+    {
+        ulong address = (next + size - 1) & ~(size - 1);
+        return address >= next && address + size >= address && address + size <= limit;
     }
 
     public PciFunction? this[int slot] => _slots[slot];

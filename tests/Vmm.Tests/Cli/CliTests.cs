@@ -53,6 +53,11 @@ public class CliTests
     [InlineData(new[] { "boot" }, "unknown command 'boot'")]
     [InlineData(new[] { "--on-reboot", "halt" }, "--on-reboot must be exit or restart, not 'halt'")]
     [InlineData(new[] { "demo", "--kernel", "k" }, "'demo' boots the built-in guest")]
+    [InlineData(new[] { "--device", "gpu" }, "--device: 'gpu' is not key=value")]
+    [InlineData(new[] { "--device", "p2p=on" }, "--device needs exactly one of vfio=")]
+    [InlineData(new[] { "--device", "vfio=/a,vfio-user=/b" }, "--device needs exactly one of vfio=")]
+    [InlineData(new[] { "--device", "vfio=" }, "--device: vfio= needs a path")]
+    [InlineData(new[] { "--device", "vfio=/a,p2p=maybe" }, "--device: p2p must be on or off")]
     public void Bad_command_lines_name_the_option(string[] args, string message)
     {
         var e = Assert.Throws<UsageException>(() => Options.Parse(args));
@@ -70,6 +75,10 @@ public class CliTests
     [InlineData("--stats")]
     [InlineData("--no-irqchip")]
     [InlineData("--on-reboot")]
+    [InlineData("--device vfio=/sys/bus/pci/devices/")]
+    [InlineData("--device vfio=/sys/bus/mdev/devices/")]
+    [InlineData("--device vfio-user=")]
+    [InlineData("p2p=on")]
     [InlineData("--help")]
     public void Help_documents_every_option(string option) => Assert.Contains(option, Options.HelpText);
 
@@ -173,5 +182,26 @@ public class CliTests
         Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.PowerOff, "off"), restart));
         Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.DebugExit, "exit"), restart));
         Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.Reset, "reset"), Options.Parse(["--kernel", "k"])));
+    }
+
+    [Fact]
+    public void Device_options_name_the_backend_path_and_peer_to_peer()
+    {
+        var o = Options.Parse(["run", "--kernel", "k", "--device", "vfio=/sys/bus/pci/devices/0000:41:00.0",
+            "--device", "vfio-user=/run/gpu.sock,p2p=on"]);
+        Assert.Equal([new PassthroughConfig(PassthroughKind.Vfio, "/sys/bus/pci/devices/0000:41:00.0"),
+            new PassthroughConfig(PassthroughKind.VfioUser, "/run/gpu.sock", PeerToPeer: true)], o.Devices);
+    }
+
+    [Fact]
+    public void The_same_device_twice_is_a_configuration_error()
+    {
+        var config = new MachineConfig
+        {
+            Kernel = new Vmm.Boot.BootFile("k", []),
+            Devices = [new(PassthroughKind.Vfio, "/sys/bus/pci/devices/0000:41:00.0"), new(PassthroughKind.Vfio, "/sys/bus/pci/devices/0000:41:00.0/")],
+        };
+        var e = Assert.Throws<ConfigException>(config.Validate);
+        Assert.Contains("--device vfio=/sys/bus/pci/devices/0000:41:00.0 is given 2 times", e.Message);
     }
 }

@@ -248,6 +248,18 @@ public class PciRootBusTests
     }
 
     [Fact]
+    public void A_64_bit_non_prefetchable_BAR_that_does_not_fit_below_4_GiB_goes_to_the_64_bit_window()
+    {
+        var f = AddFunction(c =>
+        {
+            c.AddBar(0, 256 * MiB, PciBarKind.Memory32);
+            c.AddBar(2, GiB, PciBarKind.Memory64); // larger than the whole 32-bit window
+        });
+        Assert.Equal(4 * GiB, f.Config.BarAddress(2));
+        Assert.Equal(MemoryLayout.PciMmio32Start, f.Config.BarAddress(0));
+    }
+
+    [Fact]
     public void A_32_bit_BAR_is_sized_and_restored_through_CF8()
     {
         var f = AddFunction(c => c.AddBar(0, 0x8000, PciBarKind.Memory32, prefetchable: true));
