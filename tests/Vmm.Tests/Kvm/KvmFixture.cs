@@ -34,6 +34,9 @@ public sealed class KvmFixture
             ["vmlinuz"] = File.ReadAllBytes(StockKernel()),
             ["initramfs.cpio.gz"] = BusyboxInitramfs(),
             ["virtio-initramfs.cpio.gz"] = VirtioInitramfs(),
+            ["vfio-gpu-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "vfio-gpu-test.elf")),
+            ["vfio-user-gpu"] = File.ReadAllBytes(Environment.GetEnvironmentVariable("VMM_TEST_GPU") ?? PublishTestGpu()),
+            ["gpu-initramfs.cpio.gz"] = GpuInitramfs(),
         };
         Results = VmmRunner.RunAll(vmm, files,
         [
@@ -77,10 +80,80 @@ public sealed class KvmFixture
                 "--memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init pci=nomsi' --disk path=lx2.img,serial=linux-disk --net tap=tap0,mac=52:54:00:12:34:56 " +
                 "--rng --console virtio --log-level info; rc=$?; echo; echo \"@@SECTOR1000 $(dd if=lx2.img bs=512 skip=1000 count=1 2>/dev/null | head -c 16)\"; exit $rc"),
             new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
+            // The vfio-user test GPU (tests/Vmm.TestGpu, its own process) passed through to the GPU test guest.
+            new("vfio-user-gpu", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
+                "--log-level info --stats; rc=$?; " + GpuReports(1)),
+            new("vfio-user-gpu-msi", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
+                "--cmdline irq=msi; rc=$?; " + GpuReports(1)),
+            new("vfio-user-gpu-intx", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
+                "--cmdline irq=intx; rc=$?; " + GpuReports(1)),
+            // Four GPUs with 128 GiB BAR2s each (sparse memfds), the way four A100 80 GB look: Linux must find all of them
+            // inside the host bridge's 64-bit window and reach the last byte of the fourth BAR2.
+            new("linux-4-gpus", [], Shell: GpuServers(4, "128G") + "./vmm run --kernel vmlinuz --initrd gpu-initramfs.cpio.gz --memory 256M " +
+                "--cmdline 'console=ttyS0 panic=-1 rdinit=/init' --device vfio-user=gpu1.sock --device vfio-user=gpu2.sock " +
+                "--device vfio-user=gpu3.sock --device vfio-user=gpu4.sock --log-level info; rc=$?; " + GpuReports(4)),
+            new("vfio-user-no-server", ["run", "--kernel", "vfio-gpu-test.elf", "--device", "vfio-user=no-such.sock"]),
+            new("vfio-no-device", ["run", "--kernel", "vfio-gpu-test.elf", "--device", "vfio=/sys/bus/pci/devices/0000:7f:1f.7"]),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),
         ]);
+    }
+
+    /// <summary>Starts <paramref name="count"/> test GPU servers (gpuN.sock, reports in gpuN.report) and waits for
+    /// their sockets.</summary>
+    private static string GpuServers(int count, string bar2Size) =>
+        $"chmod +x vfio-user-gpu && for i in $(seq 1 {count}); do ./vfio-user-gpu --socket gpu$i.sock --bar2-size {bar2Size} " +
+        "--report gpu$i.report >gpu$i.out 2>&1 & done; " +
+        $"n=0; while [ $(ls gpu*.sock 2>/dev/null | wc -l) -lt {count} ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done; ";
+
+    /// <summary>Waits for the servers (they exit when vmm disconnects) and prints their reports.</summary>
+    private static string GpuReports(int count) =>
+        $"wait; for i in $(seq 1 {count}); do echo \"@@REPORT $i\"; cat gpu$i.report; echo \"@@SERVER $i\"; cat gpu$i.out; done; exit $rc";
+
+    public const string GpuInitMarker = "vmm-linux-gpu:";
+
+    /// <summary>A busybox initramfs whose /init lists the test GPUs Linux found (IDs and the resources it accepted for
+    /// BAR0 and BAR2), enables each, writes and reads the first and last dword of its BAR2 through /dev/mem, prints
+    /// what the kernel said about BARs and the host bridge windows, and powers off.</summary>
+    private static byte[] GpuInitramfs()
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-gpu-initramfs-").FullName;
+        try
+        {
+            string root = Path.Combine(dir, "root");
+            Directory.CreateDirectory(Path.Combine(root, "bin"));
+            File.Copy("/bin/busybox", Path.Combine(root, "bin", "busybox"));
+            string m = GpuInitMarker;
+            File.WriteAllText(Path.Combine(root, "init"), $$"""
+                #!/bin/busybox sh
+                B=/bin/busybox
+                $B mkdir -p /proc /sys /dev
+                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+                for d in /sys/bus/pci/devices/*; do
+                  [ "$($B cat $d/vendor):$($B cat $d/device)" = "0x1b36:0x7001" ] || continue
+                  n=$($B basename $d)
+                  bar0=$($B sed -n 1p $d/resource); bar2=$($B sed -n 3p $d/resource)
+                  echo "{{m}} gpu $n class $($B cat $d/class) bar0 $bar0 bar2 $bar2"
+                  echo 1 > $d/enable
+                  start=$(echo $bar2 | $B cut -d' ' -f1); end=$(echo $bar2 | $B cut -d' ' -f2)
+                  last=$(( end - 3 ))
+                  $B devmem $start 32 0x600d0001; $B devmem $(printf 0x%x $last) 32 0x600d0002
+                  echo "{{m}} gpu $n bar2 first $($B devmem $start 32) last $($B devmem $(printf 0x%x $last) 32)"
+                done
+                $B dmesg | $B grep -iE 'BAR|root bus resource|PCI0|no space|failed to assign|can.t claim' | while read l; do echo "{{m}} dmesg $l"; done
+                echo "{{m}} done"
+                $B poweroff -f
+
+                """);
+            Repo.MustRun("chmod", "755", Path.Combine(root, "init"));
+            Repo.MustRun("bash", "-c", $"cd '{root}' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
+            return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
     }
 
     public const string LinuxCommandLine = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 vmm.test=linux-boot";
@@ -164,6 +237,13 @@ public sealed class KvmFixture
         return Directory.GetFiles(cache, "vmlinuz", SearchOption.AllDirectories)
             .OrderByDescending(File.GetLastWriteTimeUtc).FirstOrDefault()
             ?? throw new InvalidOperationException($"no vmlinuz under {cache} after run-in-vm.sh --prepare");
+    }
+
+    private static string PublishTestGpu()
+    {
+        string output = Repo.PathTo("artifacts", "test-gpu");
+        Repo.MustRun("dotnet", "publish", Repo.PathTo("tests", "Vmm.TestGpu"), "-c", "Release", "-o", output, "--nologo");
+        return Path.Combine(output, "vfio-user-gpu");
     }
 
     private static string PublishVmm()
