@@ -129,7 +129,7 @@ public sealed unsafe class UnixSocket : IDisposable
                     cmsghdr* c = LibC.CMSG_FIRSTHDR(&msg);
                     c->cmsg_level = LibC.SOL_SOCKET;
                     c->cmsg_type = LibC.SCM_RIGHTS;
-                    c->cmsg_len = (socklen_t)(uint)LibC.CMSG_LEN(sizeof(int) * fds.Length);
+                    c->cmsg_len = (socklen_t)(uint)CmsgLen(sizeof(int) * fds.Length);
                     fds.CopyTo(new Span<int>(LibC.CMSG_DATA(c), fds.Length));
                 }
                 long n = LibC.sendmsg(_fd, &msg, LibC.MSG_NOSIGNAL);
@@ -215,7 +215,7 @@ public sealed unsafe class UnixSocket : IDisposable
         {
             if (c->cmsg_level != LibC.SOL_SOCKET || c->cmsg_type != LibC.SCM_RIGHTS)
                 continue;
-            int count = ((int)(uint)c->cmsg_len - LibC.CMSG_LEN(0)) / sizeof(int);
+            int count = ((int)(uint)c->cmsg_len - CmsgLen(0)) / sizeof(int);
             int* data = (int*)LibC.CMSG_DATA(c);
             for (int i = 0; i < count; i++)
                 fds.Add(data[i]);
@@ -236,6 +236,10 @@ public sealed unsafe class UnixSocket : IDisposable
     }
 
     private const int EISCONN = 106;
+
+    /// <summary>CMSG_LEN: the aligned header plus the data, not padded. Tmds.LibC's CMSG_LEN pads the data too, which
+    /// makes the kernel read one descriptor too many for an odd count (measured: 1 fd sent arrived as 2).</summary>
+    private static int CmsgLen(int dataLength) => LibC.CMSG_ALIGN(sizeof(cmsghdr)) + dataLength;
 
     private static UnixSocket Create()
     {
