@@ -73,7 +73,14 @@ internal sealed class GpuServer : IClientDma, IDisposable
             }
             catch (SyscallException e) when (e.ErrorNumber is Errno.EPIPE or Errno.ECONNRESET)
             {
-                return true;
+                return true; // the client went away in the middle of an exchange
+            }
+            catch (Exception e) when (e is SyscallException or VfioUserProtocolException)
+            {
+                // The stream broke while the server talked to the client (a DMA_READ/WRITE exchange): no way to resync.
+                Errors++;
+                Console.Error.WriteLine($"vfio-user-gpu: {e.Message}");
+                return false;
             }
             finally
             {
@@ -112,7 +119,7 @@ internal sealed class GpuServer : IClientDma, IDisposable
                 _ => Errno.EOPNOTSUPP,
             };
         }
-        catch (Exception e) when (e is ArgumentException or InvalidOperationException or IndexOutOfRangeException or OverflowException)
+        catch (Exception e) when (e is not SyscallException and not VfioUserProtocolException and not OutOfMemoryException)
         {
             // A bug or an input this server did not foresee: an error reply, never a crash.
             Console.Error.WriteLine($"vfio-user-gpu: {CommandName(h.cmd)}: {e.Message}");

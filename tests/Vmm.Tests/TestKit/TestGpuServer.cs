@@ -25,11 +25,14 @@ public sealed class TestGpuServer : IDisposable
     public string ReportPath { get; }
     public Process Process => _process;
 
-    /// <summary>vfio-user-gpu.dll of the current build.</summary>
+    /// <summary>vfio-user-gpu.dll of the current build, or the native binary named by VMM_TEST_GPU (to run these
+    /// tests against the NativeAOT publish output).</summary>
     public static string ServerDll { get; } = FindServer();
 
     private static string FindServer()
     {
+        if (Environment.GetEnvironmentVariable("VMM_TEST_GPU") is { Length: > 0 } native)
+            return File.Exists(native) ? native : throw new InvalidOperationException($"VMM_TEST_GPU={native} does not exist");
         string next = Path.Combine(AppContext.BaseDirectory, "vfio-user-gpu.dll");
         if (File.Exists(next) && File.Exists(Path.ChangeExtension(next, ".runtimeconfig.json")))
             return next;
@@ -47,13 +50,16 @@ public sealed class TestGpuServer : IDisposable
     {
         string dir = Directory.CreateTempSubdirectory("vfio-user-").FullName;
         string socket = Path.Combine(dir, "gpu.sock"), report = Path.Combine(dir, "report.txt");
-        var psi = new ProcessStartInfo("dotnet")
+        bool native = !ServerDll.EndsWith(".dll", StringComparison.Ordinal);
+        var psi = new ProcessStartInfo(native ? ServerDll : "dotnet")
         {
             RedirectStandardOutput = true,
             RedirectStandardError = true,
             UseShellExecute = false,
         };
-        foreach (string a in new[] { ServerDll, "--socket", socket, "--report", report })
+        if (!native)
+            psi.ArgumentList.Add(ServerDll);
+        foreach (string a in new[] { "--socket", socket, "--report", report })
             psi.ArgumentList.Add(a);
         if (bar2Size is not null)
         {
