@@ -25,7 +25,7 @@ public static class Errno
 {
     public const int EPERM = 1, ENOENT = 2, EINTR = 4, EIO = 5, ENXIO = 6, E2BIG = 7, EBADF = 9, EAGAIN = 11,
         ENOMEM = 12, EACCES = 13, EFAULT = 14, EBUSY = 16, EEXIST = 17, ENODEV = 19, EINVAL = 22, ENOTTY = 25, ENOSPC = 28,
-        ENOSYS = 38, EOPNOTSUPP = 95;
+        EPIPE = 32, ENOSYS = 38, EMSGSIZE = 90, EOPNOTSUPP = 95, ECONNRESET = 104, ETIMEDOUT = 110;
 
     /// <summary>The calling thread's errno after a failed libc call.</summary>
     public static int Last => LibC.errno;
@@ -35,7 +35,8 @@ public static class Errno
         EPERM => "EPERM", ENOENT => "ENOENT", EINTR => "EINTR", EIO => "EIO", ENXIO => "ENXIO", E2BIG => "E2BIG",
         EBADF => "EBADF", EAGAIN => "EAGAIN", ENOMEM => "ENOMEM", EACCES => "EACCES", EFAULT => "EFAULT",
         EBUSY => "EBUSY", EEXIST => "EEXIST", ENODEV => "ENODEV", EINVAL => "EINVAL", ENOTTY => "ENOTTY", ENOSPC => "ENOSPC",
-        ENOSYS => "ENOSYS", EOPNOTSUPP => "EOPNOTSUPP", _ => "errno " + errno,
+        EPIPE => "EPIPE", ENOSYS => "ENOSYS", EMSGSIZE => "EMSGSIZE", EOPNOTSUPP => "EOPNOTSUPP", ECONNRESET => "ECONNRESET",
+        ETIMEDOUT => "ETIMEDOUT", _ => "errno " + errno,
     };
 
     /// <summary>"Permission denied (EACCES)".</summary>

@@ -1,0 +1,412 @@
+using System.Buffers.Binary;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Text;
+using System.Text.Json;
+
+namespace Vmm.Interop;
+
+/// <summary>The vfio-user wire format (QEMU docs/interop/vfio-user.rst, "vfio-user protocol specification"):
+/// every message is a 16-byte header and a command-specific payload on an AF_UNIX stream, in host byte order;
+/// file descriptors travel as SCM_RIGHTS. The payloads reuse the kernel's vfio structs where the spec says so.
+/// Shared by vmm's client and the test GPU server. The structs are nested here so their C names cannot clash
+/// with the kernel VFIO structs in this namespace.</summary>
+public static class VfioUser
+{
+    public const int HeaderSize = 16;
+
+    /// <summary>Protocol version both sides speak (the spec's current 0.1).</summary>
+    public const ushort Major = 0, Minor = 1;
+
+    /// <summary>The spec's defaults when a peer's capabilities leave them out.</summary>
+    public const int DefaultMaxMsgFds = 1;
+    public const uint DefaultMaxDataXferSize = 1024 * 1024;
+
+    // Header flags: bits 0-3 the type, bit 4 no-reply, bit 5 error.
+    public const uint VFIO_USER_F_TYPE_COMMAND = 0, VFIO_USER_F_TYPE_REPLY = 1, VFIO_USER_F_TYPE_MASK = 0xF;
+    public const uint VFIO_USER_F_NO_REPLY = 0x10, VFIO_USER_F_ERROR = 0x20;
+
+    // <linux/vfio.h> values the payloads carry.
+    public const uint VFIO_DEVICE_FLAGS_RESET = 1, VFIO_DEVICE_FLAGS_PCI = 2;
+    public const uint VFIO_REGION_INFO_FLAG_READ = 1, VFIO_REGION_INFO_FLAG_WRITE = 2, VFIO_REGION_INFO_FLAG_MMAP = 4,
+        VFIO_REGION_INFO_FLAG_CAPS = 8;
+    public const ushort VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1, VFIO_REGION_INFO_CAP_TYPE = 2, VFIO_REGION_INFO_CAP_MSIX_MAPPABLE = 3;
+    public const uint VFIO_IRQ_INFO_EVENTFD = 1, VFIO_IRQ_INFO_MASKABLE = 2, VFIO_IRQ_INFO_AUTOMASKED = 4, VFIO_IRQ_INFO_NORESIZE = 8;
+    public const uint VFIO_IRQ_SET_DATA_NONE = 1, VFIO_IRQ_SET_DATA_BOOL = 2, VFIO_IRQ_SET_DATA_EVENTFD = 4,
+        VFIO_IRQ_SET_ACTION_MASK = 8, VFIO_IRQ_SET_ACTION_UNMASK = 0x10, VFIO_IRQ_SET_ACTION_TRIGGER = 0x20;
+    public const uint VFIO_IRQ_SET_DATA_TYPE_MASK = 7, VFIO_IRQ_SET_ACTION_TYPE_MASK = 0x38;
+
+    // DMA_MAP flags (bit 0 readable, bit 1 writeable).
+    public const uint VFIO_USER_F_DMA_REGION_READ = 1, VFIO_USER_F_DMA_REGION_WRITE = 2;
+
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_user_header
+    {
+        public ushort msg_id;
+        public ushort cmd;
+        public uint msg_size;
+        public uint flags;
+        public uint error_no;
+
+        public readonly bool IsReply => (flags & VFIO_USER_F_TYPE_MASK) == VFIO_USER_F_TYPE_REPLY;
+        public readonly bool IsCommand => (flags & VFIO_USER_F_TYPE_MASK) == VFIO_USER_F_TYPE_COMMAND;
+        public readonly bool IsError => (flags & VFIO_USER_F_ERROR) != 0;
+        public readonly bool NoReply => (flags & VFIO_USER_F_NO_REPLY) != 0;
+    }
+
+    /// <summary>VERSION payload; NUL-terminated JSON capabilities follow.</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_user_version
+    {
+        public ushort major;
+        public ushort minor;
+    }
+
+    /// <summary>DMA_MAP: [address, +size) of the client's DMA space is [fd@offset, +size) (fd in SCM_RIGHTS; none:
+    /// the server must use DMA_READ/DMA_WRITE). 32 bytes.</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_user_dma_map
+    {
+        public uint argsz;
+        public uint flags;
+        public ulong offset;
+        public ulong address;
+        public ulong size;
+    }
+
+    /// <summary>DMA_UNMAP: exactly a range given to DMA_MAP. 24 bytes; the reply echoes it.</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_user_dma_unmap
+    {
+        public uint argsz;
+        public uint flags;
+        public ulong address;
+        public ulong size;
+    }
+
+    /// <summary>DEVICE_GET_INFO request and reply (vfio_device_info without cap_offset). 16 bytes.</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_user_device_info
+    {
+        public uint argsz;
+        public uint flags;
+        public uint num_regions;
+        public uint num_irqs;
+    }
+
+    /// <summary>DEVICE_GET_REGION_INFO request and reply (struct vfio_region_info, 32 bytes); capabilities follow in
+    /// the reply at cap_offset (from the start of this struct). <c>offset</c> is the mmap offset in the fd the reply
+    /// carries when the region is mmappable; sparse areas are relative to it.</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_region_info
+    {
+        public uint argsz;
+        public uint flags;
+        public uint index;
+        public uint cap_offset;
+        public ulong size;
+        public ulong offset;
+    }
+
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_info_cap_header
+    {
+        public ushort id;
+        public ushort version;
+        public uint next;
+    }
+
+    /// <summary>VFIO_REGION_INFO_CAP_SPARSE_MMAP: the header, nr_areas, a reserved word, then nr_areas areas.</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_region_info_cap_sparse_mmap
+    {
+        public vfio_info_cap_header header;
+        public uint nr_areas;
+        public uint reserved;
+    }
+
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_region_sparse_mmap_area
+    {
+        public ulong offset;
+        public ulong size;
+    }
+
+    /// <summary>DEVICE_GET_IRQ_INFO request and reply. 16 bytes.</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_irq_info
+    {
+        public uint argsz;
+        public uint flags;
+        public uint index;
+        public uint count;
+    }
+
+    /// <summary>DEVICE_SET_IRQS (20 bytes, then DATA_BOOL bytes; eventfds travel in SCM_RIGHTS, none = deassign).</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_irq_set
+    {
+        public uint argsz;
+        public uint flags;
+        public uint index;
+        public uint start;
+        public uint count;
+    }
+
+    /// <summary>REGION_READ/REGION_WRITE request and reply (16 bytes; the data follows for a write request and a
+    /// read reply).</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_user_region_access
+    {
+        public ulong offset;
+        public uint region;
+        public uint count;
+    }
+
+    /// <summary>DMA_READ/DMA_WRITE (server → client) request and reply (16 bytes; data follows for a write request
+    /// and a read reply).</summary>
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    public struct vfio_user_dma_region_access
+    {
+        public ulong address;
+        public ulong count;
+    }
+
+    /// <summary>Copies a struct out of a payload; false when the payload is too short.</summary>
+    public static bool TryRead<T>(ReadOnlySpan<byte> payload, int offset, out T value) where T : unmanaged
+    {
+        if (offset < 0 || offset > payload.Length || payload.Length - offset < Unsafe.SizeOf<T>())
+        {
+            value = default;
+            return false;
+        }
+        value = MemoryMarshal.Read<T>(payload[offset..]);
+        return true;
+    }
+
+    public static void Write<T>(Span<byte> destination, in T value) where T : unmanaged =>
+        MemoryMarshal.Write(destination, in value);
+
+    /// <summary>The struct's bytes, for building a payload.</summary>
+    public static byte[] ToBytes<T>(in T value) where T : unmanaged
+    {
+        var bytes = new byte[Unsafe.SizeOf<T>()];
+        MemoryMarshal.Write(bytes, in value);
+        return bytes;
+    }
+
+    public static string CommandName(ushort command) => command switch
+    {
+        (ushort)VfioUserCommand.Version => "VFIO_USER_VERSION",
+        (ushort)VfioUserCommand.DmaMap => "VFIO_USER_DMA_MAP",
+        (ushort)VfioUserCommand.DmaUnmap => "VFIO_USER_DMA_UNMAP",
+        (ushort)VfioUserCommand.DeviceGetInfo => "VFIO_USER_DEVICE_GET_INFO",
+        (ushort)VfioUserCommand.DeviceGetRegionInfo => "VFIO_USER_DEVICE_GET_REGION_INFO",
+        (ushort)VfioUserCommand.DeviceGetRegionIoFds => "VFIO_USER_DEVICE_GET_REGION_IO_FDS",
+        (ushort)VfioUserCommand.DeviceGetIrqInfo => "VFIO_USER_DEVICE_GET_IRQ_INFO",
+        (ushort)VfioUserCommand.DeviceSetIrqs => "VFIO_USER_DEVICE_SET_IRQS",
+        (ushort)VfioUserCommand.RegionRead => "VFIO_USER_REGION_READ",
+        (ushort)VfioUserCommand.RegionWrite => "VFIO_USER_REGION_WRITE",
+        (ushort)VfioUserCommand.DmaRead => "VFIO_USER_DMA_READ",
+        (ushort)VfioUserCommand.DmaWrite => "VFIO_USER_DMA_WRITE",
+        (ushort)VfioUserCommand.DeviceReset => "VFIO_USER_DEVICE_RESET",
+        _ => $"vfio-user command {command}",
+    };
+
+    /// <summary>The VERSION payload: major, minor and <c>{"capabilities":{...}}</c> with a NUL. Migration is
+    /// left out (neither side supports it).</summary>
+    public static byte[] VersionPayload(int maxMsgFds, uint maxDataXferSize)
+    {
+        string json = $"{{\"capabilities\":{{\"max_msg_fds\":{maxMsgFds},\"max_data_xfer_size\":{maxDataXferSize}}}}}";
+        var payload = new byte[4 + Encoding.UTF8.GetByteCount(json) + 1];
+        BinaryPrimitives.WriteUInt16LittleEndian(payload, Major);
+        BinaryPrimitives.WriteUInt16LittleEndian(payload.AsSpan(2), Minor);
+        Encoding.UTF8.GetBytes(json, payload.AsSpan(4));
+        return payload;
+    }
+
+    /// <summary>Parses a VERSION payload (request or reply). Missing capabilities take the spec's defaults;
+    /// malformed JSON or out-of-range numbers give an error text instead.</summary>
+    public static bool TryParseVersion(ReadOnlySpan<byte> payload, out VfioUserVersionInfo version, out string? error)
+    {
+        version = default;
+        error = null;
+        if (!TryRead(payload, 0, out vfio_user_version v))
+        {
+            error = $"payload is {payload.Length} bytes, less than the 4-byte version header";
+            return false;
+        }
+        int maxMsgFds = DefaultMaxMsgFds;
+        uint maxXfer = DefaultMaxDataXferSize;
+        var json = payload[4..];
+        int nul = json.IndexOf((byte)0);
+        if (nul >= 0)
+            json = json[..nul];
+        if (!json.IsEmpty)
+        {
+            try
+            {
+                using var doc = JsonDocument.Parse(json.ToArray(), new JsonDocumentOptions { MaxDepth = 8 });
+                if (doc.RootElement.ValueKind != JsonValueKind.Object)
+                    throw new FormatException("the version data is not a JSON object");
+                if (doc.RootElement.TryGetProperty("capabilities", out var caps))
+                {
+                    if (caps.ValueKind != JsonValueKind.Object)
+                        throw new FormatException("\"capabilities\" is not an object");
+                    if (caps.TryGetProperty("max_msg_fds", out var fds))
+                    {
+                        if (!fds.TryGetInt32(out maxMsgFds) || maxMsgFds < 0)
+                            throw new FormatException($"max_msg_fds {fds.GetRawText()} is not a non-negative 32-bit number");
+                    }
+                    if (caps.TryGetProperty("max_data_xfer_size", out var xfer))
+                    {
+                        if (!xfer.TryGetUInt32(out maxXfer) || maxXfer == 0)
+                            throw new FormatException($"max_data_xfer_size {xfer.GetRawText()} is not a positive 32-bit number");
+                    }
+                }
+            }
+            catch (Exception e) when (e is JsonException or FormatException or InvalidOperationException)
+            {
+                error = "bad capabilities JSON: " + e.Message;
+                return false;
+            }
+        }
+        version = new VfioUserVersionInfo(v.major, v.minor, maxMsgFds, maxXfer);
+        return true;
+    }
+}
+
+/// <summary>vfio-user command numbers (the spec's command table).</summary>
+public enum VfioUserCommand : ushort
+{
+    Version = 1,
+    DmaMap = 2,
+    DmaUnmap = 3,
+    DeviceGetInfo = 4,
+    DeviceGetRegionInfo = 5,
+    DeviceGetRegionIoFds = 6,
+    DeviceGetIrqInfo = 7,
+    DeviceSetIrqs = 8,
+    RegionRead = 9,
+    RegionWrite = 10,
+    DmaRead = 11,
+    DmaWrite = 12,
+    DeviceReset = 13,
+}
+
+/// <summary>What a VERSION message says.</summary>
+public readonly record struct VfioUserVersionInfo(ushort Major, ushort Minor, int MaxMsgFds, uint MaxDataXferSize);
+
+/// <summary>One received message. <see cref="Fds"/> came with it (SCM_RIGHTS) and belong to whoever handles it:
+/// <see cref="CloseFds"/> closes the ones nobody took (set to -1 when taken).</summary>
+public sealed class VfioUserMessage(VfioUser.vfio_user_header header, byte[] payload, int[] fds)
+{
+    public VfioUser.vfio_user_header Header { get; } = header;
+    public byte[] Payload { get; } = payload;
+    public int[] Fds { get; } = fds;
+
+    public ushort Command => Header.cmd;
+
+    /// <summary>Takes ownership of the fd at <paramref name="index"/> (-1 when there is none).</summary>
+    public int TakeFd(int index)
+    {
+        if (index < 0 || index >= Fds.Length)
+            return -1;
+        int fd = Fds[index];
+        Fds[index] = -1;
+        return fd;
+    }
+
+    public void CloseFds()
+    {
+        for (int i = 0; i < Fds.Length; i++)
+        {
+            Sys.Close(Fds[i]);
+            Fds[i] = -1;
+        }
+    }
+}
+
+/// <summary>The message stream was broken by the peer (a header that cannot be a message, or a size beyond what
+/// this side accepts). <see cref="InSync"/> says whether the stream is still usable (the oversized payload was
+/// read and dropped).</summary>
+public sealed class VfioUserProtocolException(string message, VfioUser.vfio_user_header header, bool inSync) : Exception(message)
+{
+    public VfioUser.vfio_user_header Header { get; } = header;
+    public bool InSync { get; } = inSync;
+}
+
+/// <summary>vfio-user framing over a <see cref="UnixSocket"/>: whole messages out, whole messages in, with the
+/// size checked against a cap before anything is allocated. Not thread-safe: one sender and one receiver at a
+/// time (the client serializes with a lock, the server is single-threaded).</summary>
+public sealed class VfioUserChannel(UnixSocket socket, uint maxMessageSize) : IDisposable
+{
+    public UnixSocket Socket { get; } = socket;
+
+    /// <summary>The largest message (header included) <see cref="Receive"/> accepts.</summary>
+    public uint MaxMessageSize { get; set; } = maxMessageSize;
+
+    public void Send(ushort msgId, ushort command, uint flags, uint errorNo, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default)
+    {
+        var buffer = new byte[VfioUser.HeaderSize + payload.Length];
+        var header = new VfioUser.vfio_user_header
+        {
+            msg_id = msgId,
+            cmd = command,
+            msg_size = (uint)buffer.Length,
+            flags = flags,
+            error_no = errorNo,
+        };
+        VfioUser.Write(buffer, header);
+        payload.CopyTo(buffer.AsSpan(VfioUser.HeaderSize));
+        Socket.Send(buffer, fds);
+    }
+
+    /// <summary>A reply to <paramref name="request"/>: same id and command, the reply type, optionally the error bit.</summary>
+    public void Reply(in VfioUser.vfio_user_header request, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default) =>
+        Send(request.msg_id, request.cmd, VfioUser.VFIO_USER_F_TYPE_REPLY, 0, payload, fds);
+
+    /// <summary>An error reply: header only (the spec: "the reply message must only include the reply header").</summary>
+    public void ReplyError(in VfioUser.vfio_user_header request, int errno) =>
+        Send(request.msg_id, request.cmd, VfioUser.VFIO_USER_F_TYPE_REPLY | VfioUser.VFIO_USER_F_ERROR, (uint)errno, default);
+
+    /// <summary>The next message, or null when the peer closed the connection between messages. A message shorter
+    /// than its header or larger than <see cref="MaxMessageSize"/> throws <see cref="VfioUserProtocolException"/>;
+    /// with <paramref name="discardOversized"/> the oversized payload is read and dropped first, so the stream
+    /// stays in sync. Socket errors (a receive timeout: EAGAIN) throw <see cref="SyscallException"/>.</summary>
+    public VfioUserMessage? Receive(bool discardOversized)
+    {
+        var fds = new List<int>();
+        try
+        {
+            Span<byte> headerBytes = stackalloc byte[VfioUser.HeaderSize];
+            if (!Socket.ReceiveExactly(headerBytes, fds))
+                return null;
+            var header = MemoryMarshal.Read<VfioUser.vfio_user_header>(headerBytes);
+            if (header.msg_size < VfioUser.HeaderSize)
+                throw new VfioUserProtocolException(
+                    $"{VfioUser.CommandName(header.cmd)} message (id {header.msg_id}) says it is {header.msg_size} bytes, less than its {VfioUser.HeaderSize}-byte header",
+                    header, inSync: false);
+            if (header.msg_size > MaxMessageSize)
+            {
+                bool inSync = discardOversized && Socket.Discard(header.msg_size - VfioUser.HeaderSize);
+                throw new VfioUserProtocolException(
+                    $"{VfioUser.CommandName(header.cmd)} message (id {header.msg_id}) is {header.msg_size} bytes, more than the {MaxMessageSize} accepted",
+                    header, inSync);
+            }
+            var payload = new byte[header.msg_size - VfioUser.HeaderSize];
+            if (payload.Length > 0 && !Socket.ReceiveExactly(payload, fds))
+                throw new SyscallException("recvmsg", Errno.ECONNRESET, $"connection closed inside a {header.msg_size}-byte message");
+            var message = new VfioUserMessage(header, payload, [.. fds]);
+            fds.Clear();
+            return message;
+        }
+        finally
+        {
+            foreach (int fd in fds)
+                Sys.Close(fd);
+        }
+    }
+
+    public void Dispose() => Socket.Dispose();
+}
