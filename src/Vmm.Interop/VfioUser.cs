@@ -94,64 +94,10 @@ public static class VfioUser
         public uint num_irqs;
     }
 
-    /// <summary>DEVICE_GET_REGION_INFO request and reply (struct vfio_region_info, 32 bytes); capabilities follow in
-    /// the reply at cap_offset (from the start of this struct). <c>offset</c> is the mmap offset in the fd the reply
-    /// carries when the region is mmappable; sparse areas are relative to it.</summary>
-    [StructLayout(LayoutKind.Sequential, Pack = 1)]
-    public struct vfio_region_info
-    {
-        public uint argsz;
-        public uint flags;
-        public uint index;
-        public uint cap_offset;
-        public ulong size;
-        public ulong offset;
-    }
-
-    [StructLayout(LayoutKind.Sequential, Pack = 1)]
-    public struct vfio_info_cap_header
-    {
-        public ushort id;
-        public ushort version;
-        public uint next;
-    }
-
-    /// <summary>VFIO_REGION_INFO_CAP_SPARSE_MMAP: the header, nr_areas, a reserved word, then nr_areas areas.</summary>
-    [StructLayout(LayoutKind.Sequential, Pack = 1)]
-    public struct vfio_region_info_cap_sparse_mmap
-    {
-        public vfio_info_cap_header header;
-        public uint nr_areas;
-        public uint reserved;
-    }
-
-    [StructLayout(LayoutKind.Sequential, Pack = 1)]
-    public struct vfio_region_sparse_mmap_area
-    {
-        public ulong offset;
-        public ulong size;
-    }
-
-    /// <summary>DEVICE_GET_IRQ_INFO request and reply. 16 bytes.</summary>
-    [StructLayout(LayoutKind.Sequential, Pack = 1)]
-    public struct vfio_irq_info
-    {
-        public uint argsz;
-        public uint flags;
-        public uint index;
-        public uint count;
-    }
-
-    /// <summary>DEVICE_SET_IRQS (20 bytes, then DATA_BOOL bytes; eventfds travel in SCM_RIGHTS, none = deassign).</summary>
-    [StructLayout(LayoutKind.Sequential, Pack = 1)]
-    public struct vfio_irq_set
-    {
-        public uint argsz;
-        public uint flags;
-        public uint index;
-        public uint start;
-        public uint count;
-    }
+    // DEVICE_GET_REGION_INFO, GET_IRQ_INFO and SET_IRQS carry the kernel's own structs (Vfio.cs): vfio_region_info
+    // (capabilities at cap_offset from its start; offset = the mmap offset in the fd the reply carries, sparse areas
+    // relative to it), vfio_info_cap_header, vfio_region_info_cap_sparse_mmap + areas, vfio_irq_info, and
+    // vfio_irq_set (its eventfds travel in SCM_RIGHTS, none = deassign).
 
     /// <summary>REGION_READ/REGION_WRITE request and reply (16 bytes; the data follows for a write request and a
     /// read reply).</summary>

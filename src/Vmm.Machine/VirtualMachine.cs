@@ -7,6 +7,7 @@ using Vmm.Devices.Pci;
 using Vmm.Devices.Virtio;
 using Vmm.Devices.Vfio;
 using Vmm.Devices.Vfio.Kernel;
+using Vmm.Devices.Vfio.User;
 using Vmm.Devices.Virtio.Net;
 using Vmm.Kvm;
 using Vmm.Memory;
@@ -332,7 +333,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         {
             return config.Kind switch
             {
-                PassthroughKind.VfioUser => throw new VfioException("vfio-user is not wired yet"),
+                PassthroughKind.VfioUser => VfioUserClient.Connect(config.Path, new VfioUserClientOptions { DmaMemory = _memory }),
                 _ => OpenKernelVfio(config.Path),
             };
         }

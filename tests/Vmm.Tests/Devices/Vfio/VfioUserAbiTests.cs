@@ -14,8 +14,8 @@ public class VfioUserAbiTests
 {
     private static readonly Type[] KernelStructs =
     [
-        typeof(VfioUser.vfio_region_info), typeof(VfioUser.vfio_info_cap_header), typeof(VfioUser.vfio_region_info_cap_sparse_mmap),
-        typeof(VfioUser.vfio_region_sparse_mmap_area), typeof(VfioUser.vfio_irq_info), typeof(VfioUser.vfio_irq_set),
+        typeof(vfio_region_info), typeof(vfio_info_cap_header), typeof(vfio_region_info_cap_sparse_mmap),
+        typeof(vfio_region_sparse_mmap_area), typeof(vfio_irq_info), typeof(vfio_irq_set),
     ];
 
     [Fact]
