@@ -82,7 +82,7 @@ public sealed class KvmFixture
             new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
             // The vfio-user test GPU (tests/Vmm.TestGpu, its own process) passed through to the GPU test guest.
             new("vfio-user-gpu", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
-                "--log-level info --stats; rc=$?; " + GpuReports(1)),
+                "--log-level debug --stats; rc=$?; " + GpuReports(1)),
             new("vfio-user-gpu-msi", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
                 "--cmdline irq=msi; rc=$?; " + GpuReports(1)),
             new("vfio-user-gpu-intx", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
@@ -94,6 +94,8 @@ public sealed class KvmFixture
                 "--device vfio-user=gpu3.sock --device vfio-user=gpu4.sock --log-level info; rc=$?; " + GpuReports(4)),
             new("vfio-user-no-server", ["run", "--kernel", "vfio-gpu-test.elf", "--device", "vfio-user=no-such.sock"]),
             new("vfio-no-device", ["run", "--kernel", "vfio-gpu-test.elf", "--device", "vfio=/sys/bus/pci/devices/0000:7f:1f.7"]),
+            // A real PCI device of the (nested) host, which has no IOMMU and no VFIO.
+            new("vfio-no-iommu", ["run", "--kernel", "vfio-gpu-test.elf", "--device", "vfio=/sys/bus/pci/devices/0000:00:01.0"]),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),

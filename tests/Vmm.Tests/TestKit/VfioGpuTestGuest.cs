@@ -57,4 +57,22 @@ public static class VfioGpuTestGuest
         }
         return bytes;
     }
+
+    /// <summary>The test GPU server's <c>bar2_fnv</c> report value (FNV-1a 64 over the first 64 KiB, then the last
+    /// 64 KiB of BAR2) for a BAR2 of <paramref name="bar2Size"/> bytes holding <paramref name="contents"/>
+    /// (offset → bytes; everything else zero).</summary>
+    public static string Bar2Fnv(ulong bar2Size, Func<ulong, int, byte[]> contents)
+    {
+        const int Window = 64 << 10;
+        ulong h = Fnv1a(0xcbf29ce484222325, contents(0, Window));
+        h = Fnv1a(h, contents(bar2Size - Window, Window));
+        return h.ToString("x16", System.Globalization.CultureInfo.InvariantCulture);
+    }
+
+    public static ulong Fnv1a(ulong h, ReadOnlySpan<byte> data)
+    {
+        foreach (byte b in data)
+            h = (h ^ b) * 0x100000001b3;
+        return h;
+    }
 }
