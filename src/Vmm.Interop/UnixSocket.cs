@@ -1,3 +1,4 @@
+using System.Text;
 using Tmds.Linux;
 
 namespace Vmm.Interop;
@@ -21,19 +22,24 @@ public sealed unsafe class UnixSocket : IDisposable
 
     public int Fd => _fd;
 
-    /// <summary>Creates <paramref name="path"/> (removing a stale socket file first) and listens on it.</summary>
+    /// <summary>Creates <paramref name="path"/> (replacing a stale socket file) and listens on it. The socket is bound
+    /// under a temporary name and renamed once it listens, so whoever waits for the file to appear can connect at
+    /// once (between bind and listen a connect is refused).</summary>
     public static UnixSocket Listen(string path, int backlog = 1)
     {
         var socket = Create();
+        string bound = Encoding.UTF8.GetByteCount(path) < 107 ? path + "~" : path;
         try
         {
-            if (File.Exists(path) && (File.GetAttributes(path) & FileAttributes.Directory) == 0)
-                File.Delete(path);
-            var address = Address(path);
+            if (File.Exists(bound))
+                File.Delete(bound);
+            var address = Address(bound);
             if (LibC.bind(socket._fd, (sockaddr*)&address, (uint)sizeof(sockaddr_un)) < 0)
-                throw new SyscallException("bind", Errno.Last, path);
+                throw new SyscallException("bind", Errno.Last, bound);
             if (LibC.listen(socket._fd, backlog) < 0)
-                throw new SyscallException("listen", Errno.Last, path);
+                throw new SyscallException("listen", Errno.Last, bound);
+            if (bound != path)
+                File.Move(bound, path, overwrite: true);
             return socket;
         }
         catch
@@ -252,12 +258,12 @@ public sealed unsafe class UnixSocket : IDisposable
     private static sockaddr_un Address(string path)
     {
         var address = new sockaddr_un { sun_family = LibC.AF_UNIX };
-        int length = System.Text.Encoding.UTF8.GetByteCount(path);
+        int length = Encoding.UTF8.GetByteCount(path);
         // sun_path is 108 bytes including the terminating NUL.
         if (length == 0 || length > 107)
             throw new ArgumentException($"a unix socket path must be 1 to 107 bytes long: '{path}'", nameof(path));
         byte* sunPath = (byte*)&address + 2;
-        System.Text.Encoding.UTF8.GetBytes(path, new Span<byte>(sunPath, 108));
+        Encoding.UTF8.GetBytes(path, new Span<byte>(sunPath, 108));
         sunPath[length] = 0;
         return address;
     }

@@ -65,7 +65,7 @@ try
     server.Dispose();
     return clean ? 0 : 1;
 }
-catch (SyscallException e)
+catch (Exception e) when (e is SyscallException or IOException or UnauthorizedAccessException or ArgumentException)
 {
     Console.Error.WriteLine($"vfio-user-gpu: {e.Message}");
     Report();
