@@ -36,7 +36,7 @@ internal sealed class KvmBarMapper : IGuestMemoryMapper
         }
     }
 
-    public IDisposable Map(ulong guestAddress, ulong size, nint hostAddress, string name)
+    public IDisposable Map(ulong guestAddress, ulong size, nint hostAddress, string name, int fd = -1, long fileOffset = 0)
     {
         lock (_lock)
         {
@@ -50,7 +50,7 @@ internal sealed class KvmBarMapper : IGuestMemoryMapper
             {
                 try
                 {
-                    space.Map(guestAddress, size, hostAddress, -1, 0, writable: true);
+                    space.Map(guestAddress, size, hostAddress, fd, fileOffset, writable: true);
                     mapped.Add(space);
                 }
                 catch (VfioException e)

@@ -232,7 +232,17 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         for (int i = 0; i < functions.Count; i++)
         {
             var function = functions[i];
-            int slot = Pci.Add(function, i + 1);
+            int slot;
+            try
+            {
+                slot = Pci.Add(function, i + 1);
+            }
+            catch (PciConfigException e)
+            {
+                throw new ConfigException($"{e.Message}. 32-bit BARs and expansion ROMs must lie below 4 GiB, in the 32-bit PCI window " +
+                    $"0x{MemoryLayout.PciMmio32Start:x}-0x{MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size - 1:x} that all devices share: " +
+                    "pass fewer devices with large 32-bit BARs through");
+            }
             if (function is VirtioPciFunction virtio)
                 virtio.ConnectIntx(intx[MemoryLayout.PciIntxGsi(slot, 0) - MemoryLayout.PciIntxFirstGsi].Connect());
             string bars = string.Join(", ", function.Config.Bars.Select(b => $"BAR{b.Index} 0x{function.Config.BarAddress(b.Index):x} (0x{b.Size:x})"));

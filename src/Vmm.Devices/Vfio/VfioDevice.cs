@@ -64,6 +64,12 @@ public interface IVfioMapping : IDisposable
 {
     nint HostAddress { get; }
     ulong Size { get; }
+
+    /// <summary>The file behind the mapping and the offset of <see cref="HostAddress"/> in it, for handing the same
+    /// memory to another process (a vfio-user server's DMA_MAP, for peer-to-peer DMA); -1 when the mapping cannot be
+    /// shared that way (a kernel VFIO device fd means nothing to another process).</summary>
+    int FileDescriptor => -1;
+    long FileOffset => 0;
 }
 
 /// <summary>An address space the device DMAs through: a type1 container, an iommufd IOAS, or a vfio-user

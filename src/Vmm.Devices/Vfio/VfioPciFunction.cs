@@ -646,7 +646,8 @@ public sealed class VfioPciFunction : PciFunction, IDisposable
             try
             {
                 b.Slots.Add(_mapper.Map(guestBase + offset, size, mapping.HostAddress + (nint)(offset - areaStart),
-                    $"{_device.Name} BAR{bar}+0x{offset:x}"));
+                    $"{_device.Name} BAR{bar}+0x{offset:x}", mapping.FileDescriptor,
+                    mapping.FileDescriptor < 0 ? 0 : mapping.FileOffset + (long)(offset - areaStart)));
             }
             catch (Exception e)
             {

@@ -7,8 +7,10 @@ namespace Vmm.Devices.Vfio;
 public interface IGuestMemoryMapper
 {
     /// <summary>Maps [<paramref name="hostAddress"/>, +<paramref name="size"/>) at <paramref name="guestAddress"/>
-    /// (both page aligned). <paramref name="name"/> is for messages ("0000:01:00.0 BAR1").</summary>
-    IDisposable Map(ulong guestAddress, ulong size, nint hostAddress, string name);
+    /// (both page aligned). <paramref name="name"/> is for messages ("0000:01:00.0 BAR1"). <paramref name="fd"/> at
+    /// <paramref name="fileOffset"/> is the same memory as a file (-1: none), for peer-to-peer DMA maps that pass
+    /// memory by file descriptor.</summary>
+    IDisposable Map(ulong guestAddress, ulong size, nint hostAddress, string name, int fd = -1, long fileOffset = 0);
 }
 
 /// <summary>A device's level-triggered INTx pin in the kernel: KVM_IRQFD on the pin's GSI with

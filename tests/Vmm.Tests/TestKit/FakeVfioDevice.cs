@@ -195,7 +195,7 @@ public sealed class RecordingGuestMemoryMapper : IGuestMemoryMapper
     public List<string> Log { get; } = [];
     public List<(ulong Guest, ulong Size, nint Host, string Name)> Live { get; } = [];
 
-    public IDisposable Map(ulong guestAddress, ulong size, nint hostAddress, string name)
+    public IDisposable Map(ulong guestAddress, ulong size, nint hostAddress, string name, int fd = -1, long fileOffset = 0)
     {
         Assert.True(guestAddress % 4096 == 0 && size % 4096 == 0 && hostAddress % 4096 == 0,
             $"slot 0x{guestAddress:x}/0x{size:x} at host 0x{hostAddress:x} is not page aligned");

@@ -180,7 +180,8 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
             throw new VfioException($"{Name}: region {index} has no usable mmap file descriptor or offset");
         try
         {
-            return new Mapping(FileMapping.Map(fd, (long)fileOffset, size, info.Writable, $"{Name} region {index} 0x{offset:x}+0x{size:x}"));
+            return new Mapping(FileMapping.Map(fd, (long)fileOffset, size, info.Writable, $"{Name} region {index} 0x{offset:x}+0x{size:x}"),
+                fd, (long)fileOffset);
         }
         catch (SyscallException e)
         {
@@ -563,10 +564,14 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
         return new VfioException(reason);
     }
 
-    private sealed class Mapping(FileMapping mapping) : IVfioMapping
+    /// <summary>A region mmapped from the server's fd; the fd (kept open by the client) can be passed on for
+    /// peer-to-peer DMA while the client lives.</summary>
+    private sealed class Mapping(FileMapping mapping, int fd, long fileOffset) : IVfioMapping
     {
         public nint HostAddress => mapping.Address;
         public ulong Size => mapping.Size;
+        public int FileDescriptor => fd;
+        public long FileOffset => fileOffset;
         public void Dispose() => mapping.Dispose();
     }
 }
