@@ -113,6 +113,28 @@ public sealed class KvmFixture
     private static string GpuReports(int count) =>
         $"wait; for i in $(seq 1 {count}); do echo \"@@REPORT $i\"; cat gpu$i.report; echo \"@@SERVER $i\"; cat gpu$i.out; done; exit $rc";
 
+    /// <summary>A gzipped newc cpio with a static busybox at /bin/busybox, <paramref name="init"/> as /init, and
+    /// whatever <paramref name="addFiles"/> puts under the root directory it is given.</summary>
+    private static byte[] BusyboxInitramfs(string init, Action<string>? addFiles = null)
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-initramfs-").FullName;
+        try
+        {
+            string root = Path.Combine(dir, "root");
+            Directory.CreateDirectory(Path.Combine(root, "bin"));
+            File.Copy("/bin/busybox", Path.Combine(root, "bin", "busybox"));
+            addFiles?.Invoke(root);
+            File.WriteAllText(Path.Combine(root, "init"), init);
+            Repo.MustRun("chmod", "755", Path.Combine(root, "init"));
+            Repo.MustRun("bash", "-c", $"cd '{root}' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
+            return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
     public const string GpuInitMarker = "vmm-linux-gpu:";
 
     /// <summary>A busybox initramfs whose /init lists the test GPUs Linux found (IDs and the resources it accepted for
@@ -120,14 +142,8 @@ public sealed class KvmFixture
     /// what the kernel said about BARs and the host bridge windows, and powers off.</summary>
     private static byte[] GpuInitramfs()
     {
-        string dir = Directory.CreateTempSubdirectory("vmm-gpu-initramfs-").FullName;
-        try
-        {
-            string root = Path.Combine(dir, "root");
-            Directory.CreateDirectory(Path.Combine(root, "bin"));
-            File.Copy("/bin/busybox", Path.Combine(root, "bin", "busybox"));
-            string m = GpuInitMarker;
-            File.WriteAllText(Path.Combine(root, "init"), $$"""
+        string m = GpuInitMarker;
+        return BusyboxInitramfs($$"""
                 #!/bin/busybox sh
                 B=/bin/busybox
                 $B mkdir -p /proc /sys /dev
@@ -148,14 +164,6 @@ public sealed class KvmFixture
                 $B poweroff -f
 
                 """);
-            Repo.MustRun("chmod", "755", Path.Combine(root, "init"));
-            Repo.MustRun("bash", "-c", $"cd '{root}' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
-            return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
-        }
-        finally
-        {
-            Directory.Delete(dir, recursive: true);
-        }
     }
 
     public const string LinuxCommandLine = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 vmm.test=linux-boot";
@@ -164,24 +172,8 @@ public sealed class KvmFixture
 
     /// <summary>/init (a busybox shell script that prints a marker and powers off) and a static busybox
     /// (Debian busybox-static), packed with cpio as the kernel wants it.</summary>
-    private static byte[] BusyboxInitramfs()
-    {
-        string dir = Directory.CreateTempSubdirectory("vmm-initramfs-").FullName;
-        try
-        {
-            Directory.CreateDirectory(Path.Combine(dir, "root", "bin"));
-            File.Copy("/bin/busybox", Path.Combine(dir, "root", "bin", "busybox"));
-            File.WriteAllText(Path.Combine(dir, "root", "init"),
-                $"#!/bin/busybox sh\n/bin/busybox echo '{InitramfsMarker}'\n/bin/busybox poweroff -f\n");
-            Repo.MustRun("chmod", "755", Path.Combine(dir, "root", "init"));
-            Repo.MustRun("bash", "-c", $"cd '{dir}/root' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
-            return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
-        }
-        finally
-        {
-            Directory.Delete(dir, recursive: true);
-        }
-    }
+    private static byte[] BusyboxInitramfs() =>
+        BusyboxInitramfs($"#!/bin/busybox sh\n/bin/busybox echo '{InitramfsMarker}'\n/bin/busybox poweroff -f\n");
 
     public const string VirtioInitMarker = "vmm-linux-virtio:";
 
@@ -191,17 +183,8 @@ public sealed class KvmFixture
     private static byte[] VirtioInitramfs()
     {
         string modules = Path.Combine(Path.GetDirectoryName(StockKernel())!, "virtio-modules");
-        string dir = Directory.CreateTempSubdirectory("vmm-virtio-initramfs-").FullName;
-        try
-        {
-            string root = Path.Combine(dir, "root");
-            Directory.CreateDirectory(Path.Combine(root, "bin"));
-            Directory.CreateDirectory(Path.Combine(root, "lib", "modules"));
-            File.Copy("/bin/busybox", Path.Combine(root, "bin", "busybox"));
-            foreach (var f in Directory.GetFiles(modules))
-                File.Copy(f, Path.Combine(root, "lib", "modules", Path.GetFileName(f)));
-            string m = VirtioInitMarker;
-            File.WriteAllText(Path.Combine(root, "init"), $$"""
+        string m = VirtioInitMarker;
+        return BusyboxInitramfs($$"""
                 #!/bin/busybox sh
                 B=/bin/busybox
                 $B mkdir -p /proc /sys /dev
@@ -219,15 +202,12 @@ public sealed class KvmFixture
                 echo "{{m}} done"
                 $B poweroff -f
 
-                """);
-            Repo.MustRun("chmod", "755", Path.Combine(root, "init"));
-            Repo.MustRun("bash", "-c", $"cd '{root}' && find . | cpio -o -H newc --quiet | gzip -1 > '{dir}/initramfs.cpio.gz'");
-            return File.ReadAllBytes(Path.Combine(dir, "initramfs.cpio.gz"));
-        }
-        finally
+                """, root =>
         {
-            Directory.Delete(dir, recursive: true);
-        }
+            Directory.CreateDirectory(Path.Combine(root, "lib", "modules"));
+            foreach (var f in Directory.GetFiles(modules))
+                File.Copy(f, Path.Combine(root, "lib", "modules", Path.GetFileName(f)));
+        });
     }
 
     /// <summary>The Debian cloud kernel tools/nested-kvm fetches (apt-get download) and caches.</summary>
