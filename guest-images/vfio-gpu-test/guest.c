@@ -56,6 +56,7 @@ static struct dma_buf buf1 __attribute__((aligned(4096))), buf2 __attribute__((a
 
 static char cmdline[512];
 static struct pci_func funcs[MAX_FUNCS];
+static int n_funcs;
 static const struct pci_func *gpu;
 static uintptr_t bar0;
 static uint32_t bar0_size;
@@ -64,6 +65,8 @@ static uint32_t apic_id;
 static enum { IRQ_MSIX, IRQ_MSI, IRQ_INTX, IRQ_POLL } irq_mode;
 static uint32_t intx_gsi = ~0u; /* from intx-gsi=, else the swizzle */
 static uint32_t dma_vec; /* LAPIC vector the DMA completion arrives on */
+static struct pci_msix msix; /* irq=msix: the capability as found (table mapped) */
+static const char *dma_hint; /* appended to a dma_ok failure with DMA_STATUS 0x80000001 (bad IOVA) */
 static const char *step = "start";
 
 static volatile uint32_t irq_count[256];
@@ -141,6 +144,21 @@ static uint32_t parse_hex(const char *s, const char **end)
     return v;
 }
 
+/* Is `word` a whole space-separated token of the command line? */
+static int has_token(const char *cmd, const char *word)
+{
+    for (const char *p = cmd; *p; p++) {
+        if (p != cmd && p[-1] != ' ')
+            continue;
+        const char *a = p, *w = word;
+        while (*w && *a == *w)
+            a++, w++;
+        if (!*w && (*a == ' ' || *a == 0))
+            return 1;
+    }
+    return 0;
+}
+
 /* Is `word` an item of the comma-separated list that ends at a space or the end? */
 static int list_has(const char *list, const char *word)
 {
@@ -213,7 +231,7 @@ static uint32_t want_bar2_pattern(uint64_t off, uint64_t base) { (void)base; ret
 static void step_find(uint32_t vendor, uint32_t device, int generic)
 {
     step = "find";
-    int n = pci_enumerate(funcs, MAX_FUNCS);
+    int n = n_funcs = pci_enumerate(funcs, MAX_FUNCS);
     for (int i = 0; i < n && !gpu; i++)
         if (funcs[i].vendor == vendor && funcs[i].device == device)
             gpu = &funcs[i];
@@ -348,6 +366,7 @@ static void step_irq(void)
         step = "msix";
         struct pci_msix m;
         int reachable = pci_msix_find(gpu, &m);
+        msix = m;
         print("vfio-gpu: msi-x cap at 0x%x: %u entries, table 0x%x, pba 0x%x (bir in bits 2:0)\n", m.cap, m.size,
               m.table_reg, m.pba_reg);
         if (!m.cap)
@@ -428,8 +447,9 @@ static void dma_ok(const char *what, uint32_t cmd, uint64_t src, uint64_t dst, u
     uint32_t st = dma_start(cmd, src, dst, len, pattern);
     uint32_t count = reg_read(REG_DMA_COUNT);
     if (st != DMA_DONE)
-        fail("%s (cmd %u src 0x%X dst 0x%X len 0x%x): DMA_STATUS 0x%x, want 1 (DMA_COUNT %u, IRQ_COUNT %u)", what, cmd,
-             src, dst, len, st, count, reg_read(REG_IRQ_COUNT));
+        fail("%s (cmd %u src 0x%X dst 0x%X len 0x%x): DMA_STATUS 0x%x, want 1 (DMA_COUNT %u, IRQ_COUNT %u)%s%s", what,
+             cmd, src, dst, len, st, count, reg_read(REG_IRQ_COUNT), dma_hint && st == DMA_ERR(1) ? "; " : "",
+             dma_hint && st == DMA_ERR(1) ? dma_hint : "");
     if (count != count0 + 1)
         fail("%s: DMA_COUNT went from %u to %u, want one more", what, count0, count);
     if (irq_mode != IRQ_POLL && !wait_irq(dma_vec, seen, 1000))
@@ -536,6 +556,208 @@ static void step_errors(void)
     ok();
 }
 
+/* ---- MSI-X masking ----------------------------------------------------------------- */
+
+/* vmm emulates the table and PBA of a passed-through function: masking (entry or function) detaches the vector's
+ * KVM irqfd so the device's signal waits in the eventfd, the PBA bit reads set while it waits, and unmasking
+ * attaches it again so KVM delivers the message once (PCI Local Bus 3.0 §6.8.2.9). */
+#define MSIX_CTRL_ENABLE 0x8000u
+#define MSIX_CTRL_FUNCTION_MASK 0x4000u
+#define MSIX_ENTRY_MASKED 1u
+#define MASK_FILL_PATTERN 0x3A5C0FF1u
+
+static uint32_t pba_read(void) { return reg_read(msix.pba_reg & ~7u); }
+static volatile uint32_t *msix_vector_control(uint32_t entry)
+{
+    return (volatile uint32_t *)(msix.table + 16 * entry + 12);
+}
+static uint32_t lapic_irr_has(uint32_t vec) { return lapic_read(LAPIC_IRR + 0x10 * (vec / 32)) >> (vec % 32) & 1; }
+
+/* Sets or clears the function mask (MSI-X control bit 14) or DMA_MSIX_ENTRY's mask (vector control bit 0), read back. */
+static void msix_mask(int function_mask, int on)
+{
+    if (function_mask) {
+        uint16_t c = pci_read16(gpu, msix.cap + 2u);
+        pci_write16(gpu, msix.cap + 2u, (uint16_t)(on ? c | MSIX_CTRL_FUNCTION_MASK : c & ~MSIX_CTRL_FUNCTION_MASK));
+        uint16_t got = pci_read16(gpu, msix.cap + 2u);
+        if ((got & (MSIX_CTRL_ENABLE | MSIX_CTRL_FUNCTION_MASK)) != (MSIX_CTRL_ENABLE | (on ? MSIX_CTRL_FUNCTION_MASK : 0)))
+            fail("message control 0x%x after %s the function mask (was 0x%x): want enable (bit 15) on, bit 14 %s", got,
+                 on ? "setting" : "clearing", c, on ? "on" : "off");
+    } else {
+        volatile uint32_t *vc = msix_vector_control(DMA_MSIX_ENTRY);
+        *vc = on ? MSIX_ENTRY_MASKED : 0;
+        uint32_t got = *vc;
+        if ((got & MSIX_ENTRY_MASKED) != (on ? MSIX_ENTRY_MASKED : 0))
+            fail("entry %u vector control reads 0x%x after writing %u", DMA_MSIX_ENTRY, got, on ? 1 : 0);
+    }
+}
+
+/* One round: mask, a FILL whose completion must wait (no interrupt, PBA bit set), unmask, exactly one interrupt
+ * and the PBA bit clear. */
+static void msix_mask_round(int function_mask)
+{
+    const char *how = function_mask ? "function mask (control bit 14)" : "entry mask (entry 3 vector control bit 0)";
+    const uint32_t bit = 1u << DMA_MSIX_ENTRY;
+    uint32_t seen = irq_count[dma_vec];
+
+    msix_mask(function_mask, 1);
+    uint32_t pba = pba_read();
+    if (pba & bit)
+        fail("%s: PBA 0x%x has bit %u set before any DMA (a stale signal?)", how, pba, DMA_MSIX_ENTRY);
+
+    for (uint32_t i = 0; i < 64; i++)
+        buf2.d[i] = 0;
+    uint32_t count0 = reg_read(REG_DMA_COUNT), irqs0 = reg_read(REG_IRQ_COUNT);
+    uint32_t st = dma_start(CMD_FILL, 0, iova(buf2.d), 256, MASK_FILL_PATTERN);
+    uint32_t count = reg_read(REG_DMA_COUNT), irqs = reg_read(REG_IRQ_COUNT);
+    if (st != DMA_DONE || count != count0 + 1)
+        fail("%s: FILL 256 bytes at IOVA 0x%x: DMA_STATUS 0x%x (want 1), DMA_COUNT %u -> %u", how, iova(buf2.d), st,
+             count0, count);
+    for (uint32_t i = 0; i < 64; i++)
+        check_dword("FILL while masked", &buf2, i, MASK_FILL_PATTERN);
+    check_dword("FILL while masked (length)", &buf2, 64, 0);
+    if (irqs != irqs0 + 1)
+        fail("%s: IRQ_COUNT %u -> %u after the FILL: the device did not raise its interrupt (want one more)", how,
+             irqs0, irqs);
+
+    /* 20 ms with interrupts on (sti; hlt): a masked vector must not fire. */
+    if (wait_irq(dma_vec, seen, 20))
+        fail("%s: interrupt on vector 0x%x arrived while masked (guest count %u -> %u, IRQ_COUNT %u, PBA 0x%x)", how,
+             dma_vec, seen, irq_count[dma_vec], reg_read(REG_IRQ_COUNT), pba_read());
+    pba = pba_read();
+    if (!(pba & bit))
+        fail("%s: PBA 0x%x lacks bit %u 20 ms after the device signalled (IRQ_COUNT %u -> %u, LAPIC IRR bit %u, "
+             "guest count %u)", how, pba, DMA_MSIX_ENTRY, irqs0, irqs, lapic_irr_has(dma_vec), irq_count[dma_vec]);
+    if (lapic_irr_has(dma_vec))
+        fail("%s: LAPIC IRR has vector 0x%x while masked (PBA 0x%x)", how, dma_vec, pba);
+    print("vfio-gpu: %s: FILL done, IRQ_COUNT %u -> %u, no interrupt in 20 ms, PBA 0x%x\n", how, irqs0, irqs, pba);
+
+    msix_mask(function_mask, 0);
+    if (!wait_irq(dma_vec, seen, 1000))
+        fail("%s: no interrupt on vector 0x%x within 1 s of unmasking (PBA 0x%x, LAPIC IRR bit %u, IRQ_COUNT %u, "
+             "watchdog ticks %u)", how, dma_vec, pba_read(), lapic_irr_has(dma_vec), reg_read(REG_IRQ_COUNT),
+             watchdog_ticks);
+    wait_irq(dma_vec, seen + 1, 10); /* a second delivery would arrive here */
+    pba = pba_read();
+    if (irq_count[dma_vec] != seen + 1)
+        fail("%s: %u interrupts on vector 0x%x after unmasking, want exactly 1 (PBA 0x%x)", how,
+             irq_count[dma_vec] - seen, dma_vec, pba);
+    if (pba & bit)
+        fail("%s: PBA 0x%x still has bit %u after the interrupt was delivered", how, pba, DMA_MSIX_ENTRY);
+    print("vfio-gpu: %s: unmasked, 1 interrupt on vector 0x%x, PBA 0x%x\n", how, dma_vec, pba);
+}
+
+static void step_msix_mask(void)
+{
+    step = "msix-mask";
+    wait_irq(0, irq_count[0], 5); /* settle: nothing left over from the DMA steps may count as a masked delivery */
+    msix_mask_round(0);
+    msix_mask_round(1);
+    ok();
+}
+
+/* ---- peer-to-peer DMA (cmdline `p2p`) ---------------------------------------------- */
+
+/* GPU1 (the first test GPU) DMAs to and from GPU2's BAR2 at IOVA = GPU2's BAR2 guest physical address, which vmm
+ * maps in GPU1's DMA space with --device vfio-user=...,p2p=on.  What lands in GPU2's BAR2 (offsets in it):
+ * [0x4000, 0x5000) p2p_pattern (written by the guest, read by GPU1); [size - 0xC000 - 64, size - 0xC000) and
+ * [size - 0xB000, size - 0xB000 + 64) GUARD; [size - 0xC000, size - 0xB000) dword i = p2p_ram_pattern(i) (GPU1's
+ * COPY from guest RAM). */
+#define P2P_LEN 4096u
+#define P2P_SRC_OFF 0x4000ull
+#define P2P_DST_FROM_END 0xC000ull
+
+static uint32_t p2p_pattern(uint64_t off) { return (uint32_t)off ^ ((uint32_t)(off >> 32) << 24) ^ 0x2D000000u; }
+static uint32_t p2p_ram_pattern(uint32_t i) { return 0x5EE20000u ^ (i * 0x85EBCA6Bu); }
+
+static volatile uint32_t *phys_map(const char *what, uint64_t phys, uint32_t len)
+{
+    uintptr_t va = paging_map(phys, len);
+    if (!va)
+        fail("cannot map %s at phys 0x%X (%u bytes; physical address width %u bits)", what, phys, len,
+             paging_phys_bits());
+    return (volatile uint32_t *)va;
+}
+
+static void step_p2p(void)
+{
+    step = "p2p";
+    /* Settle: interrupts raised for the failed DMAs of dma-errors (tolerated there) must not count as GPU1's. */
+    if (irq_mode != IRQ_POLL)
+        wait_irq(0, irq_count[0], 10);
+    const struct pci_func *peer = 0;
+    int n_gpus = 0;
+    for (int i = 0; i < n_funcs; i++)
+        if (funcs[i].vendor == GPU_VENDOR && funcs[i].device == GPU_DEVICE && n_gpus++ == 1)
+            peer = &funcs[i];
+    if (gpu->vendor != GPU_VENDOR || gpu->device != GPU_DEVICE || !peer) {
+        for (int i = 0; i < n_funcs; i++)
+            print("vfio-gpu: pci 00:%02x.%u %04x:%04x\n", funcs[i].dev, funcs[i].fn, funcs[i].vendor, funcs[i].device);
+        fail("p2p needs two %04x:%04x functions on bus 0 (the first drives DMA, the second's BAR2 is the peer), found "
+             "%u; start vmm with two --device vfio-user=", GPU_VENDOR, GPU_DEVICE, (uint32_t)n_gpus);
+    }
+    const struct pci_bar *pb0 = &peer->bar[0], *pb2 = &peer->bar[2];
+    print("vfio-gpu: p2p: GPU1 00:%02x.%u drives DMA; GPU2 00:%02x.%u bar0 0x%X size 0x%X, bar2 0x%X size 0x%X\n",
+          gpu->dev, gpu->fn, peer->dev, peer->fn, pb0->base, pb0->size, pb2->base, pb2->size);
+    if (pb0->is_io || pb0->is_64 || pb0->size < 0x1000 || pb0->base == 0 || pb0->base + pb0->size > 1ull << 32)
+        fail("GPU2 BAR0 must be 32-bit memory below 4 GiB (is_io %u is_64 %u)", pb0->is_io, pb0->is_64);
+    if (pb2->is_io || !pb2->is_64 || pb2->size < 0x10000 || pb2->base < 4 * GIB ||
+        (paging_phys_bits() < 64 && pb2->base + pb2->size > 1ull << paging_phys_bits()))
+        fail("GPU2 BAR2 must be 64-bit memory of at least 64 KiB above 4 GiB within the %u-bit physical width "
+             "(is_io %u is_64 %u)", paging_phys_bits(), pb2->is_io, pb2->is_64);
+    pci_enable(peer, 0);
+    uint16_t cmd = pci_read16(peer, PCI_COMMAND);
+    if ((cmd & (PCI_CMD_MEM | PCI_CMD_MASTER)) != (PCI_CMD_MEM | PCI_CMD_MASTER))
+        fail("GPU2 command register 0x%x lacks memory space (bit 1) or bus master (bit 2)", cmd);
+    uint32_t peer_bar0 = (uint32_t)pb0->base;
+    uint32_t id = mmio_read32(peer_bar0 + REG_ID);
+    uint64_t size = mmio_read32(peer_bar0 + REG_BAR2_SIZE_LO) | (uint64_t)mmio_read32(peer_bar0 + REG_BAR2_SIZE_HI) << 32;
+    if (id != GPU_ID || size != pb2->size)
+        fail("GPU2 registers: ID 0x%x (want 0x%x), BAR2_SIZE 0x%X (the BAR sized as 0x%X)", id, GPU_ID, size, pb2->size);
+
+    /* GPU2 BAR2 -> guest RAM: the guest writes the pattern through its mapping, GPU1 copies it from the BAR's IOVA. */
+    uint64_t src = pb2->base + P2P_SRC_OFF;
+    volatile uint32_t *p = phys_map("GPU2 BAR2", src, P2P_LEN);
+    for (uint32_t i = 0; i < P2P_LEN / 4; i++)
+        p[i] = p2p_pattern(P2P_SRC_OFF + 4 * i);
+    fill_buf(&buf2, 0);
+    dma_hint = "GPU1 cannot reach GPU2's BAR2 at that IOVA: vmm must map the peer's BARs into GPU1's DMA space at "
+               "IOVA = guest physical address (--device vfio-user=GPU1.sock,p2p=on)";
+    print("vfio-gpu: p2p: GPU1 COPY 0x%x bytes from GPU2 BAR2 offset 0x%X (IOVA 0x%X) to RAM IOVA 0x%x\n", P2P_LEN,
+          P2P_SRC_OFF, src, iova(buf2.d));
+    dma_ok("p2p COPY GPU2 BAR2 -> RAM", CMD_COPY, src, iova(buf2.d), P2P_LEN, 0);
+    for (uint32_t i = 0; i < BUF_DWORDS; i++)
+        check_dword("p2p COPY GPU2 BAR2 -> RAM", &buf2, i, i < P2P_LEN / 4 ? p2p_pattern(P2P_SRC_OFF + 4 * i) : 0);
+    check_guard("p2p COPY GPU2 BAR2 -> RAM, past the end", &buf2);
+
+    /* Guest RAM -> GPU2 BAR2: GPU1 copies into the BAR's IOVA (above 4 GiB into the BAR when it is over 4 GiB),
+     * the guest reads it back through its mapping; 64 guard bytes either side stay. */
+    uint64_t dst_off = pb2->size - P2P_DST_FROM_END, dst = pb2->base + dst_off;
+    fill_buf(&buf1, p2p_ram_pattern);
+    p = phys_map("GPU2 BAR2", dst - BLOCK, P2P_LEN + 2 * BLOCK);
+    for (uint32_t i = 0; i < (P2P_LEN + 2 * BLOCK) / 4; i++)
+        p[i] = GUARD;
+    print("vfio-gpu: p2p: GPU1 COPY 0x%x bytes from RAM IOVA 0x%x to GPU2 BAR2 offset 0x%X (IOVA 0x%X)\n", P2P_LEN,
+          iova(buf1.d), dst_off, dst);
+    dma_ok("p2p COPY RAM -> GPU2 BAR2", CMD_COPY, iova(buf1.d), dst, P2P_LEN, 0);
+    dma_hint = 0;
+    p = phys_map("GPU2 BAR2", dst - BLOCK, P2P_LEN + 2 * BLOCK);
+    for (uint32_t i = 0; i < (P2P_LEN + 2 * BLOCK) / 4; i++) {
+        uint32_t k = i - BLOCK / 4; /* dword index in the copy (wraps for the guard before it) */
+        uint32_t got = p[i], want = k < P2P_LEN / 4 ? p2p_ram_pattern(k) : GUARD;
+        if (got != want)
+            fail("p2p COPY RAM -> GPU2 BAR2: GPU2 BAR2 offset 0x%X (phys 0x%X) reads 0x%x, want 0x%x (%s)",
+                 dst_off - BLOCK + 4 * i, dst - BLOCK + 4 * i, got, want, k < P2P_LEN / 4 ? "copied" : "guard");
+    }
+    /* The first copy's source is still there: the second went where it was sent. */
+    p = phys_map("GPU2 BAR2", src, P2P_LEN);
+    for (uint32_t i = 0; i < P2P_LEN / 4; i++)
+        if (p[i] != p2p_pattern(P2P_SRC_OFF + 4 * i))
+            fail("GPU2 BAR2 offset 0x%X reads 0x%x after the second copy, want 0x%x", P2P_SRC_OFF + 4 * i, p[i],
+                 p2p_pattern(P2P_SRC_OFF + 4 * i));
+    ok();
+}
+
 /* ---- main ------------------------------------------------------------------------ */
 
 struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline; };
@@ -568,8 +790,9 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
     int t_regs = !tests || list_has(tests, "regs"), t_sram = !tests || list_has(tests, "sram");
     int t_bar2 = !tests || generic || list_has(tests, "bar2"), t_dma = !tests || list_has(tests, "dma");
     int t_errors = !tests || list_has(tests, "errors");
+    int t_p2p = has_token(cmdline, "p2p") || (tests && list_has(tests, "p2p")); /* never by default */
     if (generic)
-        t_regs = t_sram = t_dma = t_errors = 0;
+        t_regs = t_sram = t_dma = t_errors = t_p2p = 0;
     const char *irq = find_arg(cmdline, "irq=");
     irq_mode = !irq || list_has(irq, "msix") ? IRQ_MSIX : list_has(irq, "msi") ? IRQ_MSI
              : list_has(irq, "intx") ? IRQ_INTX : list_has(irq, "poll") ? IRQ_POLL
@@ -580,9 +803,9 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
         for (; *gsi >= '0' && *gsi <= '9'; gsi++)
             intx_gsi = intx_gsi * 10 + (uint32_t)(*gsi - '0');
     }
-    print("vfio-gpu: device %04x:%04x tests:%s%s%s%s%s%s irq %s\n", vendor, device, generic ? " bar-only" : "",
+    print("vfio-gpu: device %04x:%04x tests:%s%s%s%s%s%s%s irq %s\n", vendor, device, generic ? " bar-only" : "",
           t_regs ? " regs" : "", t_sram ? " sram" : "", t_bar2 ? " bar2" : "", t_dma ? " dma" : "",
-          t_errors ? " errors" : "", irq_mode == IRQ_MSIX ? "msix" : irq_mode == IRQ_MSI ? "msi" : irq_mode == IRQ_INTX ? "intx" : "poll");
+          t_errors ? " errors" : "", t_p2p ? " p2p" : "", irq_mode == IRQ_MSIX ? "msix" : irq_mode == IRQ_MSI ? "msi" : irq_mode == IRQ_INTX ? "intx" : "poll");
 
     idt_init();
     pic_mask_all();
@@ -598,22 +821,26 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
         step_sram();
     if (t_bar2)
         step_bar2();
-    if (t_dma || t_errors)
+    if (t_dma || t_errors || t_p2p)
         step_irq();
     if (t_dma)
         step_dma();
+    if (t_dma && irq_mode == IRQ_MSIX)
+        step_msix_mask();
     if (t_errors)
         step_errors();
+    if (t_p2p)
+        step_p2p();
 
     step = "interrupts";
     /* Settle: an interrupt the device raised for a failed DMA (the spec leaves that open) arrives here. */
-    if (irq_mode != IRQ_POLL && (t_dma || t_errors))
+    if (irq_mode != IRQ_POLL && (t_dma || t_errors || t_p2p))
         wait_irq(0, irq_count[0], 10);
     uint32_t others = 0, last = 0;
     for (uint32_t v = 32; v < 256; v++)
         if (irq_count[v] && v != dma_vec)
             others += irq_count[v], last = v;
-    if (t_dma || t_errors)
+    if (t_dma || t_errors || t_p2p)
         print("vfio-gpu: DMA_COUNT %u IRQ_COUNT %u, interrupts on vector 0x%x: %u\n", reg_read(REG_DMA_COUNT),
               reg_read(REG_IRQ_COUNT), dma_vec, irq_count[dma_vec]);
     if (others)

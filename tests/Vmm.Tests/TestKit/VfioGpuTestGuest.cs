@@ -58,6 +58,41 @@ public static class VfioGpuTestGuest
         return bytes;
     }
 
+    /// <summary>p2p (cmdline `p2p`): where the guest writes 4096 bytes of <see cref="P2pPattern"/> into GPU2's BAR2
+    /// for GPU1 to copy from.</summary>
+    public const ulong P2pSourceOffset = 0x4000;
+    /// <summary>p2p: GPU1 copies 4096 bytes of <see cref="P2pRamPattern"/> to GPU2's BAR2 at size minus this, with
+    /// 64 bytes of <see cref="Guard"/> written by the guest either side.</summary>
+    public const ulong P2pDestinationFromEnd = 0xC000;
+    public const uint Guard = 0xDEADBEEFu;
+
+    public static uint P2pPattern(ulong offset) => (uint)offset ^ ((uint)(offset >> 32) << 24) ^ 0x2D000000u;
+
+    public static uint P2pRamPattern(uint i) => 0x5EE20000u ^ unchecked(i * 0x85EBCA6Bu);
+
+    /// <summary>GPU2's BAR2 bytes [offset, offset + length) after a passing `p2p` run (GPU2 is only the peer: the
+    /// guest runs nothing else on it).</summary>
+    public static byte[] ExpectedPeerBar2(ulong bar2Size, ulong offset, int length)
+    {
+        var bytes = new byte[length];
+        void Put(ulong at, uint value)
+        {
+            if (at >= offset && at + 4 <= offset + (ulong)length)
+                BinaryPrimitives.WriteUInt32LittleEndian(bytes.AsSpan((int)(at - offset)), value);
+        }
+        for (uint i = 0; i < 1024; i++)
+            Put(P2pSourceOffset + 4 * i, P2pPattern(P2pSourceOffset + 4 * i));
+        ulong destination = bar2Size - P2pDestinationFromEnd;
+        for (uint i = 0; i < Block / 4; i++)
+        {
+            Put(destination - Block + 4 * i, Guard);
+            Put(destination + 4096 + 4 * i, Guard);
+        }
+        for (uint i = 0; i < 1024; i++)
+            Put(destination + 4 * i, P2pRamPattern(i));
+        return bytes;
+    }
+
     /// <summary>The test GPU server's <c>bar2_fnv</c> report value (FNV-1a 64 over the first 64 KiB, then the last
     /// 64 KiB of BAR2) for a BAR2 of <paramref name="bar2Size"/> bytes holding <paramref name="contents"/>
     /// (offset → bytes; everything else zero).</summary>
