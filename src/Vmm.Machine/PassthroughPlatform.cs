@@ -15,6 +15,7 @@ internal sealed class KvmBarMapper : IGuestMemoryMapper
     private readonly Lock _lock = new();
     private readonly SortedSet<uint> _free = [];
     private readonly List<IVfioDmaSpace> _peerToPeer = [];
+    private readonly List<Slot> _live = [];
 
     /// <param name="firstSlot">The first slot not used by guest RAM.</param>
     /// <param name="slotCount">KVM_CAP_NR_MEMSLOTS.</param>
@@ -59,25 +60,46 @@ internal sealed class KvmBarMapper : IGuestMemoryMapper
                 }
             }
             _log.Debug($"{name}: KVM slot {slot} maps 0x{size:x} bytes at 0x{guestAddress:x}");
-            return new Slot(this, slot, guestAddress, size, mapped, name);
+            var handle = new Slot(this, slot, guestAddress, size, mapped, name);
+            _live.Add(handle);
+            return handle;
         }
+    }
+
+    /// <summary>Teardown, before any device closes: removes every BAR from the peer-to-peer DMA spaces (a vfio-user
+    /// unmap is a message to a server that must still be connected) and maps no more.</summary>
+    public void StopPeerToPeer()
+    {
+        lock (_lock)
+        {
+            foreach (var s in _live)
+                UnmapPeerToPeerLocked(s);
+            _peerToPeer.Clear();
+        }
+    }
+
+    private void UnmapPeerToPeerLocked(Slot s)
+    {
+        foreach (var space in s.PeerToPeer)
+        {
+            try
+            {
+                space.Unmap(s.GuestAddress, s.Size);
+            }
+            catch (VfioException e)
+            {
+                _log.Warn($"{s.Name}: peer-to-peer DMA unmap at 0x{s.GuestAddress:x} failed: {e.Message}");
+            }
+        }
+        s.PeerToPeer.Clear();
     }
 
     private void Unmap(Slot s)
     {
         lock (_lock)
         {
-            foreach (var space in s.PeerToPeer)
-            {
-                try
-                {
-                    space.Unmap(s.GuestAddress, s.Size);
-                }
-                catch (VfioException e)
-                {
-                    _log.Warn($"{s.Name}: peer-to-peer DMA unmap at 0x{s.GuestAddress:x} failed: {e.Message}");
-                }
-            }
+            _live.Remove(s);
+            UnmapPeerToPeerLocked(s);
             // Deleting a slot only fails for a slot KVM does not know, which would be our bug; report, keep going.
             try
             {

@@ -473,6 +473,7 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             f.Dispose();
         // Passed-through devices: DMA unmapped while the device connections are still open (a vfio-user unmap is a
         // message), then interrupts off, BAR slots gone and the devices closed.
+        _barMapper?.StopPeerToPeer();
         _dma?.Dispose();
         foreach (var f in _passthrough)
             f.Dispose();

@@ -83,6 +83,9 @@ public sealed class KvmFixture
             // The vfio-user test GPU (tests/Vmm.TestGpu, its own process) passed through to the GPU test guest.
             new("vfio-user-gpu", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
                 "--log-level debug --stats; rc=$?; " + GpuReports(1)),
+            // Two GPUs, the first with peer-to-peer DMA: it copies from and to the second one's BAR2 by guest address.
+            new("vfio-user-gpu-p2p", [], Shell: GpuServers(2, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock,p2p=on " +
+                "--device vfio-user=gpu2.sock --cmdline p2p --log-level info; rc=$?; " + GpuReports(2)),
             new("vfio-user-gpu-msi", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
                 "--cmdline irq=msi; rc=$?; " + GpuReports(1)),
             new("vfio-user-gpu-intx", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +

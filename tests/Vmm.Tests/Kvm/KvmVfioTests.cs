@@ -69,6 +69,23 @@ public class KvmVfioTests(KvmFixture kvm)
     }
 
     [Fact]
+    public void With_p2p_on_one_GPU_DMAs_from_and_to_the_other_GPUs_BAR_by_guest_physical_address()
+    {
+        var r = R("vfio-user-gpu-p2p");
+        Assert.True(r.ExitCode == 1, Show(r));
+        Assert.Contains("vfio-gpu: p2p ok", r.Stdout);
+        Assert.Contains("vfio-gpu: all ok", r.Stdout);
+        Assert.DoesNotContain("FAIL", r.Stdout);
+        Assert.DoesNotContain("warning", r.Stderr); // teardown unmaps the peer BARs before any server disconnects
+        var (gpu1, gpu2) = (Report(r, 1), Report(r, 2));
+        // GPU1 ran the usual nine DMA commands plus the two peer copies; GPU2 only served its BAR2 as memory.
+        Assert.Equal(("11", "6", "0"), (gpu1["dma_ops"], gpu1["errors"], gpu2["dma_ops"]));
+        // GPU1's copy into GPU2's BAR2 (by IOVA = its guest address) is in GPU2's memfd, next to the guest's own writes.
+        Assert.Equal(VfioGpuTestGuest.Bar2Fnv(8 * GiB, (offset, length) => VfioGpuTestGuest.ExpectedPeerBar2(8 * GiB, offset, length)),
+            gpu2["bar2_fnv"]);
+    }
+
+    [Fact]
     public void The_test_GPU_works_with_MSI()
     {
         var r = R("vfio-user-gpu-msi");
