@@ -112,21 +112,33 @@ public sealed unsafe class UnixSocket : IDisposable
 
     /// <summary>Sends all of <paramref name="data"/> (looping over short writes); <paramref name="fds"/> go with the
     /// first byte. MSG_NOSIGNAL: a peer that went away gives EPIPE, not SIGPIPE.</summary>
-    public void Send(ReadOnlySpan<byte> data, ReadOnlySpan<int> fds = default)
+    public void Send(ReadOnlySpan<byte> data, ReadOnlySpan<int> fds = default) => Send(data, default, default, fds);
+
+    /// <summary>Sends <paramref name="first"/>, <paramref name="second"/> and <paramref name="third"/> back to back, as
+    /// if they were one buffer: one sendmsg with an iovec each (looping over short writes), so a message header and
+    /// its payload go out without being copied together and without allocating. Empty parts are skipped;
+    /// <paramref name="fds"/> go with the first byte. MSG_NOSIGNAL: a peer that went away gives EPIPE, not SIGPIPE.</summary>
+    public void Send(ReadOnlySpan<byte> first, ReadOnlySpan<byte> second, ReadOnlySpan<byte> third, ReadOnlySpan<int> fds = default)
     {
-        if (data.IsEmpty)
-            throw new ArgumentException("a stream socket cannot carry descriptors without data", nameof(data));
+        long total = (long)first.Length + second.Length + third.Length;
+        if (total == 0)
+            throw new ArgumentException("a stream socket cannot carry descriptors without data", nameof(first));
         if (fds.Length > 253)
             throw new ArgumentException("at most 253 descriptors per message (SCM_MAX_FD)", nameof(fds));
         int controlLength = fds.IsEmpty ? 0 : LibC.CMSG_SPACE(sizeof(int) * fds.Length);
         byte* control = stackalloc byte[controlLength];
-        int sent = 0;
-        fixed (byte* p = data)
+        iovec* iov = stackalloc iovec[3];
+        long sent = 0;
+        fixed (byte* p0 = first, p1 = second, p2 = third)
         {
-            while (sent < data.Length)
+            while (sent < total)
             {
-                var iov = new iovec { iov_base = p + sent, iov_len = (size_t)(ulong)(data.Length - sent) };
-                var msg = new msghdr { msg_iov = &iov, msg_iovlen = 1 };
+                int count = 0;
+                long skip = sent;
+                AddPart(iov, ref count, p0, first.Length, ref skip);
+                AddPart(iov, ref count, p1, second.Length, ref skip);
+                AddPart(iov, ref count, p2, third.Length, ref skip);
+                var msg = new msghdr { msg_iov = iov, msg_iovlen = count };
                 if (sent == 0 && controlLength > 0)
                 {
                     new Span<byte>(control, controlLength).Clear();
@@ -145,9 +157,22 @@ public sealed unsafe class UnixSocket : IDisposable
                         continue;
                     throw new SyscallException("sendmsg", Errno.Last);
                 }
-                sent += (int)n;
+                sent += n;
             }
         }
+    }
+
+    /// <summary>Adds what is left of one part after <paramref name="skip"/> bytes already sent (nothing when the part
+    /// was sent whole; then <paramref name="skip"/> shrinks by its length).</summary>
+    private static void AddPart(iovec* iov, ref int count, byte* start, int length, ref long skip)
+    {
+        if (skip >= length)
+        {
+            skip -= length;
+            return;
+        }
+        iov[count++] = new iovec { iov_base = start + skip, iov_len = (size_t)(ulong)(length - skip) };
+        skip = 0;
     }
 
     /// <summary>Fills <paramref name="buffer"/> completely, collecting any descriptors that arrive into

@@ -284,51 +284,86 @@ public sealed class VfioUserProtocolException(string message, VfioUser.vfio_user
 
 /// <summary>vfio-user framing over a <see cref="UnixSocket"/>: whole messages out, whole messages in, with the
 /// size checked against a cap before anything is allocated. Not thread-safe: one sender and one receiver at a
-/// time (the client serializes with a lock, the server is single-threaded).</summary>
+/// time (the client serializes with a lock, the server is single-threaded).
+/// Sending never allocates (the header is built on the stack and goes out with the payload in one gathered write);
+/// <see cref="ReceiveInPlace"/> reads into a payload buffer the channel keeps, so a client's steady stream of small
+/// requests and replies (region accesses from vCPU threads) allocates nothing.</summary>
 public sealed class VfioUserChannel(UnixSocket socket, uint maxMessageSize) : IDisposable
 {
+    /// <summary>The receive buffer starts at this size and doubles as needed (up to the largest accepted payload).</summary>
+    private const int InitialPayloadBuffer = 256;
+
+    private byte[] _payload = new byte[InitialPayloadBuffer];
+    private int _payloadLength;
+    private readonly List<int> _fds = new(UnixSocket.MaxReceivedFds);
+
     public UnixSocket Socket { get; } = socket;
 
     /// <summary>The largest message (header included) <see cref="Receive"/> accepts.</summary>
     public uint MaxMessageSize { get; set; } = maxMessageSize;
 
-    public void Send(ushort msgId, ushort command, uint flags, uint errorNo, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default)
+    public void Send(ushort msgId, ushort command, uint flags, uint errorNo, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default) =>
+        SendParts(msgId, command, flags, errorNo, payload, default, fds);
+
+    /// <summary>Sends one message whose payload is <paramref name="payloadHead"/> followed by
+    /// <paramref name="payloadData"/> (a request struct and the data it carries, which then needs no copying).</summary>
+    public void SendParts(ushort msgId, ushort command, uint flags, uint errorNo, ReadOnlySpan<byte> payloadHead,
+        ReadOnlySpan<byte> payloadData, ReadOnlySpan<int> fds = default)
     {
-        var buffer = new byte[VfioUser.HeaderSize + payload.Length];
-        var header = new VfioUser.vfio_user_header
+        Span<byte> header = stackalloc byte[VfioUser.HeaderSize];
+        VfioUser.Write(header, new VfioUser.vfio_user_header
         {
             msg_id = msgId,
             cmd = command,
-            msg_size = (uint)buffer.Length,
+            // Two spans of at most int.MaxValue bytes each and the header fit in a uint.
+            msg_size = (uint)(VfioUser.HeaderSize + (long)payloadHead.Length + payloadData.Length),
             flags = flags,
             error_no = errorNo,
-        };
-        VfioUser.Write(buffer, header);
-        payload.CopyTo(buffer.AsSpan(VfioUser.HeaderSize));
-        Socket.Send(buffer, fds);
+        });
+        Socket.Send(header, payloadHead, payloadData, fds);
     }
 
     /// <summary>A reply to <paramref name="request"/>: same id and command, the reply type, optionally the error bit.</summary>
     public void Reply(in VfioUser.vfio_user_header request, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds = default) =>
         Send(request.msg_id, request.cmd, VfioUser.VFIO_USER_F_TYPE_REPLY, 0, payload, fds);
 
+    /// <summary>A reply whose payload is <paramref name="payloadHead"/> followed by <paramref name="payloadData"/>.</summary>
+    public void ReplyParts(in VfioUser.vfio_user_header request, ReadOnlySpan<byte> payloadHead, ReadOnlySpan<byte> payloadData) =>
+        SendParts(request.msg_id, request.cmd, VfioUser.VFIO_USER_F_TYPE_REPLY, 0, payloadHead, payloadData);
+
     /// <summary>An error reply: header only (the spec: "the reply message must only include the reply header").</summary>
     public void ReplyError(in VfioUser.vfio_user_header request, int errno) =>
         Send(request.msg_id, request.cmd, VfioUser.VFIO_USER_F_TYPE_REPLY | VfioUser.VFIO_USER_F_ERROR, (uint)errno, default);
 
-    /// <summary>The next message, or null when the peer closed the connection between messages. A message shorter
-    /// than its header or larger than <see cref="MaxMessageSize"/> throws <see cref="VfioUserProtocolException"/>;
-    /// with <paramref name="discardOversized"/> the oversized payload is read and dropped first, so the stream
-    /// stays in sync. Socket errors (a receive timeout: EAGAIN) throw <see cref="SyscallException"/>.</summary>
+    /// <summary>The next message as an object of its own, or null when the peer closed the connection between
+    /// messages. Errors as for <see cref="ReceiveInPlace"/>.</summary>
     public VfioUserMessage? Receive(bool discardOversized)
     {
-        var fds = new List<int>();
+        if (!ReceiveInPlace(discardOversized, out var header))
+            return null;
+        return new VfioUserMessage(header, ReceivedPayload.ToArray(), TakeReceivedFds());
+    }
+
+    /// <summary>Receives the next message into buffers the channel keeps: its payload is <see cref="ReceivedPayload"/>
+    /// and its descriptors <see cref="ReceivedFdCount"/>/<see cref="TakeReceivedFds"/>, both valid until the next
+    /// receive (which closes descriptors nobody took). Allocates nothing once the payload buffer has grown to the
+    /// sizes seen. Returns false when the peer closed the connection between messages. A message shorter than its
+    /// header or larger than <see cref="MaxMessageSize"/> throws <see cref="VfioUserProtocolException"/>; with
+    /// <paramref name="discardOversized"/> the oversized payload is read and dropped first, so the stream stays in
+    /// sync. Socket errors (a receive timeout: EAGAIN) throw <see cref="SyscallException"/>.</summary>
+    public bool ReceiveInPlace(bool discardOversized, out VfioUser.vfio_user_header header)
+    {
+        CloseReceivedFds();
+        _payloadLength = 0;
         try
         {
             Span<byte> headerBytes = stackalloc byte[VfioUser.HeaderSize];
-            if (!Socket.ReceiveExactly(headerBytes, fds))
-                return null;
-            var header = MemoryMarshal.Read<VfioUser.vfio_user_header>(headerBytes);
+            if (!Socket.ReceiveExactly(headerBytes, _fds))
+            {
+                header = default;
+                return false;
+            }
+            header = MemoryMarshal.Read<VfioUser.vfio_user_header>(headerBytes);
             if (header.msg_size < VfioUser.HeaderSize)
                 throw new VfioUserProtocolException(
                     $"{VfioUser.CommandName(header.cmd)} message (id {header.msg_id}) says it is {header.msg_size} bytes, less than its {VfioUser.HeaderSize}-byte header",
@@ -340,19 +375,46 @@ public sealed class VfioUserChannel(UnixSocket socket, uint maxMessageSize) : ID
                     $"{VfioUser.CommandName(header.cmd)} message (id {header.msg_id}) is {header.msg_size} bytes, more than the {MaxMessageSize} accepted",
                     header, inSync);
             }
-            var payload = new byte[header.msg_size - VfioUser.HeaderSize];
-            if (payload.Length > 0 && !Socket.ReceiveExactly(payload, fds))
+            int length = (int)(header.msg_size - VfioUser.HeaderSize);
+            if (length > _payload.Length)
+                _payload = new byte[(int)Math.Min(Math.Max(length, 2L * _payload.Length), MaxMessageSize - VfioUser.HeaderSize)];
+            if (length > 0 && !Socket.ReceiveExactly(_payload.AsSpan(0, length), _fds))
                 throw new SyscallException("recvmsg", Errno.ECONNRESET, $"connection closed inside a {header.msg_size}-byte message");
-            var message = new VfioUserMessage(header, payload, [.. fds]);
-            fds.Clear();
-            return message;
+            _payloadLength = length;
+            return true;
         }
-        finally
+        catch
         {
-            foreach (int fd in fds)
-                Sys.Close(fd);
+            CloseReceivedFds();
+            throw;
         }
     }
 
+    /// <summary>The payload of the message <see cref="ReceiveInPlace"/> received last (valid until the next receive).</summary>
+    public ReadOnlySpan<byte> ReceivedPayload => _payload.AsSpan(0, _payloadLength);
+
+    /// <summary>How many descriptors came with the last received message (and were not taken yet).</summary>
+    public int ReceivedFdCount => _fds.Count;
+
+    /// <summary>Takes ownership of the descriptors of the last received message.</summary>
+    public int[] TakeReceivedFds()
+    {
+        if (_fds.Count == 0)
+            return [];
+        int[] fds = [.. _fds];
+        _fds.Clear();
+        return fds;
+    }
+
+    /// <summary>Closes the descriptors of the last received message that nobody took.</summary>
+    public void CloseReceivedFds()
+    {
+        foreach (int fd in _fds)
+            Sys.Close(fd);
+        _fds.Clear();
+    }
+
+    /// <summary>Closes the socket. Descriptors of a received message are the receiver's to take or close (the next
+    /// receive closes leftovers); Dispose may run on another thread to end a blocked receive, so it leaves them.</summary>
     public void Dispose() => Socket.Dispose();
 }

@@ -123,44 +123,60 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
         return _irqs[(int)index];
     }
 
+    // Region reads and writes come from vCPU threads (a guest polling a register of a trapped BAR exits on every
+    // access), so they allocate nothing: the request is built on the stack, the data goes out from the caller's span,
+    // the reply lands in the channel's reused buffer, and error texts are built only when a reply is wrong.
+
     public void ReadRegion(int index, ulong offset, Span<byte> data)
     {
         CheckRegionAccess(index, offset, (ulong)data.Length, write: false);
-        int done = 0;
-        while (done < data.Length)
+        Span<byte> request = stackalloc byte[16];
+        lock (_lock)
         {
-            int count = (int)Math.Min((uint)(data.Length - done), _maxXfer);
-            ulong at = offset + (ulong)done;
-            var request = new vfio_user_region_access { offset = at, region = (uint)index, count = (uint)count };
-            var reply = Request(VfioUserCommand.RegionRead, ToBytes(request), default, () => RegionContext(index, at, count));
-            reply.CloseFds();
-            if (!TryRead(reply.Payload, 0, out vfio_user_region_access echo) || reply.Payload.Length != 16 + count
-                || echo.offset != at || echo.region != (uint)index || echo.count != (uint)count)
-                throw new VfioException($"{Name}: VFIO_USER_REGION_READ {RegionContext(index, at, count)}: the reply has {reply.Payload.Length} payload bytes " +
-                    $"for region {echo.region} offset 0x{echo.offset:x} count {echo.count}, expected {16 + count} for the request");
-            reply.Payload.AsSpan(16, count).CopyTo(data[done..]);
-            done += count;
+            int done = 0;
+            while (done < data.Length)
+            {
+                int count = (int)Math.Min((uint)(data.Length - done), _maxXfer);
+                ulong at = offset + (ulong)done;
+                Write(request, new vfio_user_region_access { offset = at, region = (uint)index, count = (uint)count });
+                var h = Exchange(VfioUserCommand.RegionRead, request, default, default);
+                _channel.CloseReceivedFds();
+                if (h.IsError)
+                    throw ErrorReply(h, RegionContext(index, at, count));
+                var reply = _channel.ReceivedPayload;
+                if (!TryRead(reply, 0, out vfio_user_region_access echo) || reply.Length != 16 + count
+                    || echo.offset != at || echo.region != (uint)index || echo.count != (uint)count)
+                    throw new VfioException($"{Name}: VFIO_USER_REGION_READ {RegionContext(index, at, count)}: the reply has {reply.Length} payload bytes " +
+                        $"for region {echo.region} offset 0x{echo.offset:x} count {echo.count}, expected {16 + count} for the request");
+                reply.Slice(16, count).CopyTo(data[done..]);
+                done += count;
+            }
         }
     }
 
     public void WriteRegion(int index, ulong offset, ReadOnlySpan<byte> data)
     {
         CheckRegionAccess(index, offset, (ulong)data.Length, write: true);
-        int done = 0;
-        while (done < data.Length)
+        Span<byte> request = stackalloc byte[16];
+        lock (_lock)
         {
-            int count = (int)Math.Min((uint)(data.Length - done), _maxXfer);
-            ulong at = offset + (ulong)done;
-            var payload = new byte[16 + count];
-            Write(payload, new vfio_user_region_access { offset = at, region = (uint)index, count = (uint)count });
-            data.Slice(done, count).CopyTo(payload.AsSpan(16));
-            var reply = Request(VfioUserCommand.RegionWrite, payload, default, () => RegionContext(index, at, count));
-            reply.CloseFds();
-            // The reply echoes offset, region and count; an empty reply is tolerated (older servers).
-            if (reply.Payload.Length != 0 && (!TryRead(reply.Payload, 0, out vfio_user_region_access echo) || echo.count != (uint)count))
-                throw new VfioException($"{Name}: VFIO_USER_REGION_WRITE {RegionContext(index, at, count)}: the reply acknowledges a different access " +
-                    $"({reply.Payload.Length} payload bytes)");
-            done += count;
+            int done = 0;
+            while (done < data.Length)
+            {
+                int count = (int)Math.Min((uint)(data.Length - done), _maxXfer);
+                ulong at = offset + (ulong)done;
+                Write(request, new vfio_user_region_access { offset = at, region = (uint)index, count = (uint)count });
+                var h = Exchange(VfioUserCommand.RegionWrite, request, data.Slice(done, count), default);
+                _channel.CloseReceivedFds();
+                if (h.IsError)
+                    throw ErrorReply(h, RegionContext(index, at, count));
+                // The reply echoes offset, region and count; an empty reply is tolerated (older servers).
+                var reply = _channel.ReceivedPayload;
+                if (reply.Length != 0 && (!TryRead(reply, 0, out vfio_user_region_access echo) || echo.count != (uint)count))
+                    throw new VfioException($"{Name}: VFIO_USER_REGION_WRITE {RegionContext(index, at, count)}: the reply acknowledges a different access " +
+                        $"({reply.Length} payload bytes)");
+                done += count;
+            }
         }
     }
 
@@ -222,7 +238,7 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
         SetIrqs(VfioIrqIndex.Intx, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_UNMASK, 0, 1, [eventFd]);
     }
 
-    public void Reset() => Request(VfioUserCommand.DeviceReset, default, default, () => "").CloseFds();
+    public void Reset() => Request(VfioUserCommand.DeviceReset, default, default, "").CloseFds();
 
     void IVfioDmaSpace.Map(ulong iova, ulong size, nint hostAddress, int fd, long fdOffset, bool writable)
     {
@@ -236,7 +252,7 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
             address = iova,
             size = size,
         };
-        Request(VfioUserCommand.DmaMap, ToBytes(map), fd >= 0 ? [fd] : default, () => $"IOVA 0x{iova:x}+0x{size:x}").CloseFds();
+        Request(VfioUserCommand.DmaMap, ToBytes(map), fd >= 0 ? [fd] : default, $"IOVA 0x{iova:x}+0x{size:x}").CloseFds();
         lock (_lock)
             _dmaMaps.Add((iova, size, writable));
     }
@@ -244,7 +260,7 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
     void IVfioDmaSpace.Unmap(ulong iova, ulong size)
     {
         var unmap = new vfio_user_dma_unmap { argsz = 24, address = iova, size = size };
-        Request(VfioUserCommand.DmaUnmap, ToBytes(unmap), default, () => $"IOVA 0x{iova:x}+0x{size:x}").CloseFds();
+        Request(VfioUserCommand.DmaUnmap, ToBytes(unmap), default, $"IOVA 0x{iova:x}+0x{size:x}").CloseFds();
         lock (_lock)
             _dmaMaps.RemoveAll(m => m.Iova == iova && m.Size == size);
     }
@@ -268,7 +284,7 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
 
     private void Negotiate()
     {
-        var reply = Request(VfioUserCommand.Version, VersionPayload(ClientMaxMsgFds, ClientMaxDataXferSize), default, () => "");
+        var reply = Request(VfioUserCommand.Version, VersionPayload(ClientMaxMsgFds, ClientMaxDataXferSize), default, "");
         reply.CloseFds();
         if (!TryParseVersion(reply.Payload, out var version, out string? error))
             throw Broken($"{Name}: VFIO_USER_VERSION reply is malformed: {error}");
@@ -280,7 +296,7 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
 
     private void ReadDeviceInfo()
     {
-        var reply = Request(VfioUserCommand.DeviceGetInfo, ToBytes(new vfio_user_device_info { argsz = 16 }), default, () => "");
+        var reply = Request(VfioUserCommand.DeviceGetInfo, ToBytes(new vfio_user_device_info { argsz = 16 }), default, "");
         reply.CloseFds();
         if (!TryRead(reply.Payload, 0, out vfio_user_device_info info))
             throw new VfioException($"{Name}: VFIO_USER_DEVICE_GET_INFO reply has {reply.Payload.Length} payload bytes, less than 16");
@@ -300,8 +316,7 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
         var irqs = new VfioIrqInfo[info.num_irqs];
         for (int i = 0; i < irqs.Length; i++)
         {
-            int index = i;
-            var r = Request(VfioUserCommand.DeviceGetIrqInfo, ToBytes(new vfio_irq_info { argsz = 16, index = (uint)i }), default, () => $"index {index}");
+            var r = Request(VfioUserCommand.DeviceGetIrqInfo, ToBytes(new vfio_irq_info { argsz = 16, index = (uint)i }), default, $"index {i}");
             r.CloseFds();
             if (!TryRead(r.Payload, 0, out vfio_irq_info irq) || irq.index != (uint)i || irq.count > MaxIrqCount)
                 throw new VfioException($"{Name}: VFIO_USER_DEVICE_GET_IRQ_INFO reply for index {i} is malformed " +
@@ -317,7 +332,7 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
         for (int attempt = 0; ; attempt++)
         {
             var reply = Request(VfioUserCommand.DeviceGetRegionInfo, ToBytes(new vfio_region_info { argsz = argsz, index = (uint)index }),
-                default, () => $"region {index}");
+                default, $"region {index}");
             try
             {
                 byte[] p = reply.Payload;
@@ -415,137 +430,150 @@ public sealed class VfioUserClient : IVfioDevice, IVfioDmaSpace
     private void SetIrqs(VfioIrqIndex index, uint flags, int start, int count, ReadOnlySpan<int> fds)
     {
         var set = new vfio_irq_set { argsz = 20, flags = flags, index = (uint)index, start = (uint)start, count = (uint)count };
-        Request(VfioUserCommand.DeviceSetIrqs, ToBytes(set), fds, () => $"index {index} vectors {start}+{count} flags 0x{flags:x}").CloseFds();
+        Request(VfioUserCommand.DeviceSetIrqs, ToBytes(set), fds, $"index {index} vectors {start}+{count} flags 0x{flags:x}").CloseFds();
     }
 
-    /// <summary>Sends one command and waits for its reply, answering server → client commands meanwhile. An error
-    /// reply throws a <see cref="VfioException"/> naming the command, <paramref name="context"/> and the errno (the
-    /// connection stays usable); anything that breaks the stream makes the connection unusable.</summary>
-    private VfioUserMessage Request(VfioUserCommand command, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds, Func<string> context)
+    /// <summary>One command of the connection's set-up or control path (not per guest access): its reply as an
+    /// object of its own. An error reply throws a <see cref="VfioException"/> naming the command,
+    /// <paramref name="context"/> and the errno (the connection stays usable).</summary>
+    private VfioUserMessage Request(VfioUserCommand command, ReadOnlySpan<byte> payload, ReadOnlySpan<int> fds, string context)
     {
         lock (_lock)
         {
-            if (_broken is not null)
-                throw new VfioException(_broken);
-            ushort id = _nextId++;
-            string name = CommandName((ushort)command);
+            var h = Exchange(command, payload, default, fds);
+            if (h.IsError)
+            {
+                _channel.CloseReceivedFds();
+                throw ErrorReply(h, context);
+            }
+            return new VfioUserMessage(h, _channel.ReceivedPayload.ToArray(), _channel.TakeReceivedFds());
+        }
+    }
+
+    /// <summary>Sends one command (payload: <paramref name="payloadHead"/> then <paramref name="payloadData"/>) and
+    /// waits for its reply, answering server → client commands meanwhile. Returns the reply's header, error replies
+    /// included (the caller throws <see cref="ErrorReply"/> with its context, so that text is built only then); the
+    /// payload is the channel's <see cref="VfioUserChannel.ReceivedPayload"/> and its descriptors the channel's until
+    /// taken or closed. Allocates nothing on the way. Anything that breaks the stream makes the connection unusable.
+    /// Called with the lock held.</summary>
+    private vfio_user_header Exchange(VfioUserCommand command, ReadOnlySpan<byte> payloadHead, ReadOnlySpan<byte> payloadData,
+        ReadOnlySpan<int> fds)
+    {
+        Debug.Assert(Monitor.IsEntered(_lock));
+        if (_broken is not null)
+            throw new VfioException(_broken);
+        ushort id = _nextId++;
+        try
+        {
+            _channel.SendParts(id, (ushort)command, VFIO_USER_F_TYPE_COMMAND, 0, payloadHead, payloadData, fds);
+        }
+        catch (SyscallException e)
+        {
+            throw BrokenBySocket(e, CommandName((ushort)command));
+        }
+        long started = Stopwatch.GetTimestamp();
+        while (true)
+        {
+            vfio_user_header h;
+            bool received;
             try
             {
-                _channel.Send(id, (ushort)command, VFIO_USER_F_TYPE_COMMAND, 0, payload, fds);
+                received = _channel.ReceiveInPlace(discardOversized: false, out h);
             }
             catch (SyscallException e)
             {
-                throw BrokenBySocket(e, name);
+                throw BrokenBySocket(e, CommandName((ushort)command));
             }
-            var clock = Stopwatch.StartNew();
-            while (true)
+            catch (VfioUserProtocolException e)
             {
-                VfioUserMessage? message;
-                try
-                {
-                    message = _channel.Receive(discardOversized: false);
-                }
-                catch (SyscallException e)
-                {
-                    throw BrokenBySocket(e, name);
-                }
-                catch (VfioUserProtocolException e)
-                {
-                    throw Broken($"vfio-user server at {_path} broke the protocol while vmm waited for {name}: {e.Message}");
-                }
-                if (message is null)
-                    throw Broken($"vfio-user server at {_path} closed the connection (while vmm waited for {name})");
-                var h = message.Header;
-                if (h.IsCommand)
-                {
-                    AnswerServerCommand(message);
-                    if (clock.Elapsed > _options.ReplyTimeout)
-                        throw Broken($"vfio-user server at {_path} did not answer {name} within {_options.ReplyTimeout.TotalSeconds:0.#} s");
-                    continue;
-                }
-                if (!h.IsReply || h.msg_id != id || h.cmd != (ushort)command)
-                {
-                    message.CloseFds();
-                    throw Broken($"vfio-user server at {_path} sent {(h.IsReply ? "a reply" : $"a message of type {h.flags & VFIO_USER_F_TYPE_MASK}")} " +
-                        $"with id {h.msg_id} for {CommandName(h.cmd)} while vmm waited for the reply to {name} (id {id})");
-                }
-                if (h.IsError)
-                {
-                    message.CloseFds();
-                    string where = context();
-                    throw new VfioException($"{Name}: {name}{(where.Length > 0 ? " " + where : "")} failed: " +
-                        (h.error_no == 0 ? "the server gave no errno" : Errno.Describe((int)h.error_no)), (int)h.error_no);
-                }
-                return message;
+                throw Broken($"vfio-user server at {_path} broke the protocol while vmm waited for {CommandName((ushort)command)}: {e.Message}");
             }
+            if (!received)
+                throw Broken($"vfio-user server at {_path} closed the connection (while vmm waited for {CommandName((ushort)command)})");
+            if (h.IsCommand)
+            {
+                AnswerServerCommand(h);
+                if (Stopwatch.GetElapsedTime(started) > _options.ReplyTimeout)
+                    throw Broken($"vfio-user server at {_path} did not answer {CommandName((ushort)command)} within {_options.ReplyTimeout.TotalSeconds:0.#} s");
+                continue;
+            }
+            if (!h.IsReply || h.msg_id != id || h.cmd != (ushort)command)
+            {
+                _channel.CloseReceivedFds();
+                throw Broken($"vfio-user server at {_path} sent {(h.IsReply ? "a reply" : $"a message of type {h.flags & VFIO_USER_F_TYPE_MASK}")} " +
+                    $"with id {h.msg_id} for {CommandName(h.cmd)} while vmm waited for the reply to {CommandName((ushort)command)} (id {id})");
+            }
+            return h;
         }
     }
 
-    /// <summary>Server → client commands. DMA_READ/DMA_WRITE are served from guest RAM inside DMA-mapped ranges;
-    /// everything else is refused with EOPNOTSUPP. Called with the lock held.</summary>
-    private void AnswerServerCommand(VfioUserMessage message)
+    /// <summary>The exception for an error reply: the command, what it was about and the server's errno.</summary>
+    private VfioException ErrorReply(in vfio_user_header reply, string context) =>
+        new($"{Name}: {CommandName(reply.cmd)}{(context.Length > 0 ? " " + context : "")} failed: " +
+            (reply.error_no == 0 ? "the server gave no errno" : Errno.Describe((int)reply.error_no)), (int)reply.error_no);
+
+    /// <summary>Server → client commands (the payload is the channel's received one). DMA_READ/DMA_WRITE are served
+    /// from guest RAM inside DMA-mapped ranges; everything else is refused with EOPNOTSUPP. Called with the lock held.</summary>
+    private void AnswerServerCommand(in vfio_user_header h)
     {
-        message.CloseFds();
-        var h = message.Header;
-        int errno;
+        _channel.CloseReceivedFds();
+        int errno = Errno.EOPNOTSUPP;
         if (h.cmd == (ushort)VfioUserCommand.DmaRead || h.cmd == (ushort)VfioUserCommand.DmaWrite)
         {
             bool write = h.cmd == (ushort)VfioUserCommand.DmaWrite;
-            errno = ServeDma(message.Payload, write, out byte[]? reply);
+            var payload = _channel.ReceivedPayload;
+            errno = ResolveDma(payload, write, out var access, out var memory);
             if (errno == 0)
             {
+                if (write)
+                    payload[16..].CopyTo(memory);
                 if (!h.NoReply)
-                    SendToServer(() => _channel.Reply(h, reply));
+                {
+                    // The reply echoes the access; a read's data follows straight from guest RAM.
+                    Span<byte> echo = stackalloc byte[16];
+                    Write(echo, access);
+                    try
+                    {
+                        _channel.ReplyParts(h, echo, write ? default : memory);
+                    }
+                    catch (SyscallException e)
+                    {
+                        throw BrokenBySocket(e, "a reply to the server");
+                    }
+                }
                 return;
             }
         }
-        else
-        {
-            errno = Errno.EOPNOTSUPP;
-        }
         if (!h.NoReply)
-            SendToServer(() => _channel.ReplyError(h, errno));
+        {
+            try
+            {
+                _channel.ReplyError(h, errno);
+            }
+            catch (SyscallException e)
+            {
+                throw BrokenBySocket(e, "a reply to the server");
+            }
+        }
     }
 
-    private int ServeDma(byte[] payload, bool write, out byte[]? reply)
+    /// <summary>Checks a DMA_READ/DMA_WRITE request and finds the guest RAM it names: 0, or the errno to answer.</summary>
+    private int ResolveDma(ReadOnlySpan<byte> payload, bool write, out vfio_user_dma_region_access access, out Span<byte> memory)
     {
-        reply = null;
-        if (!TryRead(payload, 0, out vfio_user_dma_region_access access) || access.count > ClientMaxDataXferSize
+        memory = default;
+        if (!TryRead(payload, 0, out access) || access.count > ClientMaxDataXferSize
             || (write && (ulong)payload.Length != 16 + access.count))
             return Errno.EINVAL;
-        var memory = _options.DmaMemory;
-        if (memory is null)
+        var ram = _options.DmaMemory;
+        if (ram is null)
             return Errno.EOPNOTSUPP;
         bool mapped = false;
         foreach (var m in _dmaMaps)
             mapped |= access.address >= m.Iova && access.address - m.Iova <= m.Size && access.count <= m.Size - (access.address - m.Iova)
                 && (!write || m.Writable);
-        if (!mapped || !memory.TryGetSpan(new GuestAddress(access.address), (int)access.count, out var span))
+        if (!mapped || !ram.TryGetSpan(new GuestAddress(access.address), (int)access.count, out memory))
             return Errno.EFAULT;
-        if (write)
-        {
-            payload.AsSpan(16).CopyTo(span);
-            reply = ToBytes(access);
-        }
-        else
-        {
-            reply = new byte[16 + access.count];
-            Write(reply, access);
-            span.CopyTo(reply.AsSpan(16));
-        }
         return 0;
-    }
-
-    private void SendToServer(Action send)
-    {
-        try
-        {
-            send();
-        }
-        catch (SyscallException e)
-        {
-            throw BrokenBySocket(e, "a reply to the server");
-        }
     }
 
     private VfioException BrokenBySocket(SyscallException e, string waitingFor) => e.ErrorNumber switch
