@@ -62,6 +62,8 @@ public static class VfioConstants
     public const uint VFIO_IRQ_SET_ACTION_MASK = 8;
     public const uint VFIO_IRQ_SET_ACTION_UNMASK = 0x10;
     public const uint VFIO_IRQ_SET_ACTION_TRIGGER = 0x20;
+    public const uint VFIO_IRQ_SET_DATA_TYPE_MASK = 7;
+    public const uint VFIO_IRQ_SET_ACTION_TYPE_MASK = 0x38;
 
     public const uint VFIO_DMA_MAP_FLAG_READ = 1;
     public const uint VFIO_DMA_MAP_FLAG_WRITE = 2;

@@ -26,15 +26,7 @@ public static class VfioUser
     public const uint VFIO_USER_F_TYPE_COMMAND = 0, VFIO_USER_F_TYPE_REPLY = 1, VFIO_USER_F_TYPE_MASK = 0xF;
     public const uint VFIO_USER_F_NO_REPLY = 0x10, VFIO_USER_F_ERROR = 0x20;
 
-    // <linux/vfio.h> values the payloads carry.
-    public const uint VFIO_DEVICE_FLAGS_RESET = 1, VFIO_DEVICE_FLAGS_PCI = 2;
-    public const uint VFIO_REGION_INFO_FLAG_READ = 1, VFIO_REGION_INFO_FLAG_WRITE = 2, VFIO_REGION_INFO_FLAG_MMAP = 4,
-        VFIO_REGION_INFO_FLAG_CAPS = 8;
-    public const ushort VFIO_REGION_INFO_CAP_SPARSE_MMAP = 1, VFIO_REGION_INFO_CAP_TYPE = 2, VFIO_REGION_INFO_CAP_MSIX_MAPPABLE = 3;
-    public const uint VFIO_IRQ_INFO_EVENTFD = 1, VFIO_IRQ_INFO_MASKABLE = 2, VFIO_IRQ_INFO_AUTOMASKED = 4, VFIO_IRQ_INFO_NORESIZE = 8;
-    public const uint VFIO_IRQ_SET_DATA_NONE = 1, VFIO_IRQ_SET_DATA_BOOL = 2, VFIO_IRQ_SET_DATA_EVENTFD = 4,
-        VFIO_IRQ_SET_ACTION_MASK = 8, VFIO_IRQ_SET_ACTION_UNMASK = 0x10, VFIO_IRQ_SET_ACTION_TRIGGER = 0x20;
-    public const uint VFIO_IRQ_SET_DATA_TYPE_MASK = 7, VFIO_IRQ_SET_ACTION_TYPE_MASK = 0x38;
+    // The payloads carry <linux/vfio.h> values: VfioConstants (checked against the header by VfioAbiTests).
 
     // DMA_MAP flags (bit 0 readable, bit 1 writeable).
     public const uint VFIO_USER_F_DMA_REGION_READ = 1, VFIO_USER_F_DMA_REGION_WRITE = 2;

@@ -1,4 +1,5 @@
 using Vmm.Interop;
+using static Vmm.Interop.VfioConstants;
 using static Vmm.Interop.VfioUser;
 
 namespace Vmm.TestGpu;

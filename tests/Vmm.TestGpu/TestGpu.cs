@@ -430,8 +430,8 @@ internal sealed class TestGpu : IDisposable
 
     public static uint IrqFlags(int index) => index switch
     {
-        0 => VfioUser.VFIO_IRQ_INFO_EVENTFD | VfioUser.VFIO_IRQ_INFO_MASKABLE | VfioUser.VFIO_IRQ_INFO_AUTOMASKED,
-        1 or 2 => VfioUser.VFIO_IRQ_INFO_EVENTFD | VfioUser.VFIO_IRQ_INFO_NORESIZE,
+        0 => VfioConstants.VFIO_IRQ_INFO_EVENTFD | VfioConstants.VFIO_IRQ_INFO_MASKABLE | VfioConstants.VFIO_IRQ_INFO_AUTOMASKED,
+        1 or 2 => VfioConstants.VFIO_IRQ_INFO_EVENTFD | VfioConstants.VFIO_IRQ_INFO_NORESIZE,
         _ => 0,
     };
 

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using Vmm.Interop;
 using Vmm.Memory;
+using static Vmm.Interop.VfioConstants;
 using static Vmm.Interop.VfioUser;
 
 namespace Vmm.Devices.Vfio.User;

@@ -6,6 +6,7 @@ using Vmm.Devices.Vfio.User;
 using Vmm.Interop;
 using Vmm.Memory;
 using Vmm.Tests.TestKit;
+using static Vmm.Interop.VfioConstants;
 using static Vmm.Interop.VfioUser;
 
 namespace Vmm.Tests.Devices.Vfio;
