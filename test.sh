@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-for p in gcc libc6-dev make binutils qemu-system-x86 acpica-tools; do
+for p in gcc libc6-dev make binutils qemu-system-x86 acpica-tools curl; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -18,10 +18,23 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# A usable /dev/kvm is a character device we can open read-write ('<>' alone would create a plain file).
-if ! { [ -c /dev/kvm ] && ( : <>/dev/kvm ) 2>/dev/null; }; then
-    echo "test.sh: no usable /dev/kvm here: KVM tests will run in a nested-KVM QEMU guest (tools/nested-kvm)" >&2
+# Where the KVM tests run (the same rule as tests/Vmm.Tests/TestKit/VmmRunner.cs): the local /dev/kvm only if it
+# can run the whole suite — usable (a character device we can open read-write; '<>' alone would create a plain file)
+# and hardware-assisted (vmx/svm). A software-virtualization KVM (kvm-pvm) cannot boot a stock Linux kernel, so the
+# tests then use the nested-KVM QEMU guest (tools/nested-kvm). VMM_TEST_KVM=local|nested overrides.
+if [ -c /dev/kvm ] && ( : <>/dev/kvm ) 2>/dev/null; then
+    if grep -qwE 'vmx|svm' /proc/cpuinfo; then kvm_here="hardware-assisted"; else kvm_here="software virtualization (no vmx/svm)"; fi
+else
+    kvm_here=""
 fi
+case "${VMM_TEST_KVM:-auto}" in
+    local) where="the local /dev/kvm (VMM_TEST_KVM=local${kvm_here:+; it is $kvm_here})" ;;
+    nested) where="a nested-KVM QEMU guest (VMM_TEST_KVM=nested)" ;;
+    *) if [ "$kvm_here" = hardware-assisted ]; then where="the local /dev/kvm (hardware-assisted)"
+       elif [ -n "$kvm_here" ]; then where="a nested-KVM QEMU guest (tools/nested-kvm): this /dev/kvm is $kvm_here and cannot boot a stock Linux kernel"
+       else where="a nested-KVM QEMU guest (tools/nested-kvm): no usable /dev/kvm here"; fi ;;
+esac
+echo "test.sh: KVM tests run on $where" >&2
 # Always: it also fetches the stock Debian kernel the Linux boot test uses.
 tools/nested-kvm/setup.sh
 

@@ -30,3 +30,9 @@ public interface IVmControl
     /// <summary>The guest asked to power off.</summary>
     void RequestPowerOff(string source);
 }
+
+/// <summary>A device that counts what it did (vm.counters): counter name → value, in Cloud Hypervisor's names.</summary>
+public interface IDeviceCounters
+{
+    IReadOnlyList<KeyValuePair<string, ulong>> Counters();
+}

@@ -43,6 +43,7 @@ public static class KvmConstants
     public const uint KVM_GET_FPU = 0x81A0AE8C;                // _IOR(KVMIO, 0x8c, struct kvm_fpu)
     public const uint KVM_SET_FPU = 0x41A0AE8D;
     public const uint KVM_SET_CPUID2 = 0x4008AE90;             // _IOW(KVMIO, 0x90, struct kvm_cpuid2)
+    public const uint KVM_KVMCLOCK_CTRL = 0xAEAD;              // _IO(KVMIO, 0xad)
     public const uint KVM_GET_MP_STATE = 0x8004AE98;           // _IOR(KVMIO, 0x98, struct kvm_mp_state)
     public const uint KVM_SET_MP_STATE = 0x4004AE99;
 

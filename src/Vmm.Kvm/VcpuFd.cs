@@ -78,6 +78,11 @@ public sealed unsafe class VcpuFd : IDisposable
             Check(Sys.Ioctl(_fd, KVM_SET_FPU, p), "KVM_SET_FPU");
     }
 
+    /// <summary>KVM_KVMCLOCK_CTRL: marks the guest's kvmclock as stopped by the host (PVCLOCK_GUEST_STOPPED), so the
+    /// guest's watchdogs discount the pause. Returns false where the guest has not enabled kvmclock (EINVAL) or KVM
+    /// lacks it; those are not errors.</summary>
+    public bool TryKvmclockCtrl() => Sys.Ioctl(_fd, KVM_KVMCLOCK_CTRL, 0) == 0;
+
     /// <summary>KVM_GET_MSRS for the indexes in <paramref name="entries"/>; fills their data. Returns how many were read.</summary>
     public int GetMsrs(Span<kvm_msr_entry> entries) => MsrIoctl(entries, KVM_GET_MSRS, "KVM_GET_MSRS");
 

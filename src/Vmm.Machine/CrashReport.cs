@@ -2,6 +2,8 @@ using System.Text;
 using Iced.Intel;
 using Decoder = Iced.Intel.Decoder;
 using Vmm.Interop;
+using Vmm.Kvm;
+using static Vmm.Interop.KvmConstants;
 using Vmm.Memory;
 
 namespace Vmm.Machine;
@@ -207,5 +209,72 @@ public static class CrashReport
                 return null;
         }
         return decoder.IP == rip ? boundaries : null;
+    }
+    /// <summary>Turns a fatal exit into an outcome with a crash report (allocates; runs once, off the hot path).</summary>
+    internal static VmOutcome FromExit(VcpuFd fd, ExitAction action, GuestMemory memory)
+    {
+        int id = fd.Id;
+        var run = fd.RunPage;
+        uint reason = BitConverter.ToUInt32(run[KvmRunOffsets.exit_reason..]);
+        string headline;
+        VmExitKind kind = VmExitKind.GuestCrash;
+        switch (action)
+        {
+            case ExitAction.Halt:
+                kind = VmExitKind.Halted;
+                headline = $"vCPU {id} executed HLT and nothing can wake it (no in-kernel irqchip)";
+                break;
+            case ExitAction.Shutdown:
+                headline = $"vCPU {id} triple-faulted (KVM_EXIT_SHUTDOWN): an exception occurred while delivering a double fault";
+                break;
+            case ExitAction.FailEntry:
+                headline = $"vCPU {id} could not enter the guest (KVM_EXIT_FAIL_ENTRY): hardware entry failure reason 0x{BitConverter.ToUInt64(run[KvmRunOffsets.fail_entry_hardware_entry_failure_reason..]):x} on host CPU {BitConverter.ToUInt32(run[KvmRunOffsets.fail_entry_cpu..])}";
+                break;
+            case ExitAction.InternalError:
+            {
+                uint sub = BitConverter.ToUInt32(run[KvmRunOffsets.internal_suberror..]);
+                uint n = Math.Min(BitConverter.ToUInt32(run[KvmRunOffsets.internal_ndata..]), 16);
+                var data = new List<string>();
+                for (int i = 0; i < n; i++)
+                    data.Add($"0x{BitConverter.ToUInt64(run[(KvmRunOffsets.internal_data + 8 * i)..]):x}");
+                string what = sub switch { 1 => "instruction emulation failed", 2 => "simultaneous exceptions", 3 => "delivery event failed", 4 => "unexpected exit reason", _ => "suberror " + sub };
+                headline = $"vCPU {id}: KVM internal error (KVM_EXIT_INTERNAL_ERROR): {what}{(n > 0 ? " data=[" + string.Join(", ", data) + "]" : "")}";
+                break;
+            }
+            case ExitAction.SystemEvent:
+            {
+                uint type = BitConverter.ToUInt32(run[KvmRunOffsets.system_event_type..]);
+                if (type == KVM_SYSTEM_EVENT_SHUTDOWN)
+                    return new VmOutcome(VmExitKind.PowerOff, $"vCPU {id}: guest powered off");
+                if (type == KVM_SYSTEM_EVENT_RESET)
+                    return new VmOutcome(VmExitKind.Reset, $"vCPU {id}: guest requested a reset");
+                headline = $"vCPU {id}: KVM system event {type} (crash)";
+                break;
+            }
+            default:
+                headline = reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO
+                    ? $"vCPU {id}: malformed {(reason == KVM_EXIT_IO ? "port I/O" : "MMIO")} exit in kvm_run"
+                    : $"vCPU {id}: unhandled exit reason {reason}";
+                break;
+        }
+        string diagnostic;
+        try
+        {
+            var regs = fd.GetRegs();
+            var sregs = fd.GetSregs();
+            if (action == ExitAction.Shutdown && regs.rip == 0xFFF0 && sregs.cs.@base == 0xFFFF_0000)
+            {
+                // AMD SVM leaves the VMCB undefined after a shutdown intercept, so KVM re-initialises the vCPU:
+                // what we read back is the reset state, not the state that faulted.
+                headline += "\n  (KVM reset this vCPU on the shutdown, as it does on AMD hosts: the registers below are the" +
+                    " reset state, not the faulting state; run on an Intel host or single-step to see the faulting code)";
+            }
+            diagnostic = Build(headline, regs, sregs, memory);
+        }
+        catch (Exception e)
+        {
+            diagnostic = headline + $"\n  (registers unavailable: {e.Message})";
+        }
+        return new VmOutcome(kind, headline, Diagnostic: diagnostic);
     }
 }

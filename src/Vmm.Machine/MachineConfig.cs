@@ -8,6 +8,9 @@ public sealed record MachineConfig
     public const ulong DefaultMemory = 128 * 1024 * 1024;
     public const ulong MaxMemory = 4UL << 40;
 
+    /// <summary>Device ids of the singletons, as Cloud Hypervisor names them.</summary>
+    public const string ConsoleId = "__console", RngId = "__rng";
+
     public required BootFile Kernel { get; init; }
     public BootFile? Module { get; init; }
     public string Arguments { get; init; } = "";
@@ -78,10 +81,10 @@ public sealed record MachineConfig
 public sealed class ConfigException(string message) : Exception(message);
 
 /// <summary>One <c>--disk</c>: a raw image served by virtio-blk.</summary>
-public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null);
+public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null, string? Id = null);
 
 /// <summary>One <c>--net</c>: a virtio-net interface on tap <paramref name="Tap"/>.</summary>
-public sealed record NetConfig(string Tap, byte[]? Mac = null);
+public sealed record NetConfig(string Tap, byte[]? Mac = null, string? Id = null);
 
 public enum PassthroughKind
 {
@@ -94,7 +97,7 @@ public enum PassthroughKind
 /// <summary>One <c>--device</c>: a device passed through to the guest. <paramref name="Path"/> is a sysfs device
 /// directory for <see cref="PassthroughKind.Vfio"/>, a socket for <see cref="PassthroughKind.VfioUser"/>.
 /// <paramref name="PeerToPeer"/> maps the BARs of every passed-through device for this device's DMA.</summary>
-public sealed record PassthroughConfig(PassthroughKind Kind, string Path, bool PeerToPeer = false)
+public sealed record PassthroughConfig(PassthroughKind Kind, string Path, bool PeerToPeer = false, string? Id = null)
 {
     public override string ToString() => $"{(Kind == PassthroughKind.Vfio ? "vfio" : "vfio-user")}={Path}";
 }

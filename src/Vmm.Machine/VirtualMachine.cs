@@ -4,21 +4,18 @@ using Vmm.Boot.Acpi;
 using Vmm.Devices;
 using Vmm.Devices.Legacy;
 using Vmm.Devices.Pci;
-using Vmm.Devices.Virtio;
-using Vmm.Devices.Vfio;
-using Vmm.Devices.Vfio.Kernel;
-using Vmm.Devices.Vfio.User;
-using Vmm.Devices.Virtio.Net;
 using Vmm.Kvm;
 using Vmm.Memory;
 using static Vmm.Interop.KvmConstants;
 
 namespace Vmm.Machine;
 
-/// <summary>Assembles one x86 VM from a <see cref="MachineConfig"/>: KVM VM with in-kernel irqchip and PIT,
-/// guest RAM, the legacy devices on the I/O bus, the loaded kernel and one thread per vCPU; runs it to its
-/// end and tears everything down.</summary>
-public sealed class VirtualMachine : IVmControl, IDisposable
+/// <summary>One x86 VM assembled from a <see cref="MachineConfig"/>: KVM VM with in-kernel irqchip and PIT, guest RAM,
+/// the legacy platform, the PCI devices (<see cref="DeviceManager"/>), the loaded kernel, ACPI tables and one thread
+/// per vCPU. It runs, pauses and resumes; it ends when the guest or the host ends it, and every resource it built is
+/// released in reverse order (<see cref="ResourceStack"/>). The VM's life as the API sees it is
+/// <see cref="VmLifecycle"/>'s.</summary>
+public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
 {
     /// <summary>Capabilities vmm cannot run without, with their uapi names for the error message.</summary>
     private static readonly (int Cap, string Name)[] s_requiredCaps =
@@ -37,84 +34,58 @@ public sealed class VirtualMachine : IVmControl, IDisposable
 
     private readonly MachineConfig _config;
     private readonly Log _log;
-    private readonly KvmSystem? _kvm;
-    private readonly VmFd _vm;
-    private readonly GuestMemory _memory;
-    private readonly SerialConsole _console;
+    private readonly ResourceStack _resources;
+    private readonly KvmSystem _kvm = null!;
+    private readonly VmFd _vm = null!;
+    private readonly GuestMemory _memory = null!;
+    private readonly SerialConsole _console = null!;
+    private readonly LegacyPlatform _legacy = null!;
+    private readonly DeviceManager _devices = null!;
     private Vcpu[] _vcpus = [];
-    private readonly ManualResetEventSlim _stopped = new(false);
-    private VmOutcome? _outcome;
+    private readonly TaskCompletionSource<VmOutcome> _ended = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private volatile bool _stopping;
-    private bool _disposed;
+    private bool _started;
 
     public VirtualMachine(MachineConfig config, Log log)
     {
         config.Validate();
         _config = config;
         _log = log;
-        // Memory and kernel first: a bad image is reported the same with or without KVM.
-        _memory = GuestMemory.Create(config.MemoryBytes);
+        _resources = new ResourceStack(log);
         try
         {
+            // Memory and kernel first: a bad image is reported the same with or without KVM.
+            _memory = _resources.Push(GuestMemory.Create(config.MemoryBytes), "guest memory");
             Kernel = KernelLoader.Load(_memory, config.Kernel, config.Arguments, config.Module);
             _log.Info($"loaded {config.Kernel.Name} as {Kernel.Format}, entry 0x{Kernel.Cpu.Rip:x}; command line \"{Kernel.CommandLine}\"");
             foreach (var warning in Kernel.Warnings)
                 _log.Warn(warning);
-            _kvm = KvmSystem.Open(config.KvmPath);
+            _kvm = _resources.Push(KvmSystem.Open(config.KvmPath), "/dev/kvm");
             CheckCapabilities();
-            _vm = _kvm!.CreateVm();
+            _vm = _resources.Push(_kvm.CreateVm(), "KVM VM");
             SetUpArchitecture();
             uint slot = 0;
             foreach (var region in _memory.Regions)
                 _vm.SetUserMemoryRegion(slot++, region.Start.Value, region.Size, region.HostAddress);
-            _ramSlots = slot;
 
             IoBus = new Bus("I/O port");
             MmioBus = new Bus("MMIO");
-            _console = new SerialConsole(config.SerialOutput);
-            Serial = new Serial16550(new KvmIrqLine(_vm, 4), _console);
-            PostCode = new PostCodeSink();
-            IoBus.Insert(Serial, 0x3F8, 8);
-            IoBus.Insert(new DebugExit(this), DebugExit.DefaultPort, DebugExit.Width);
-            IoBus.Insert(new I8042(this), I8042.DataPort, 5);
-            IoBus.Insert(PostCode, PostCodeSink.DefaultPort, 1);
-            ulong below4G = 0;
-            foreach (var region in _memory.Regions)
-            {
-                if (region.Start.Value < MemoryLayout.MmioHoleStart)
-                    below4G += region.Size;
-            }
-            IoBus.Insert(new CmosRtc(below4G, _memory.Size - below4G), CmosRtc.Port, 2);
-            IoBus.Insert(new AcpiPmDevice(this), AcpiPorts.BlockStart, AcpiPorts.BlockLength);
-            var window64 = SetUpPci();
+            _console = _resources.Push(new SerialConsole(config.SerialOutput), "console");
+            _legacy = new LegacyPlatform(IoBus, _vm, _memory, this, _console);
+            _devices = new DeviceManager(_vm, _memory, _log, _resources, ramSlots: slot);
+            _devices.ColdPlug(config, IoBus, MmioBus, _console);
             // In the BIOS area the memory map leaves out, where every loader's guest finds it; the DSDT describes
             // the 64-bit window as grown for the devices' BARs.
-            AcpiTables.Write(_memory, config.Cpus, window64);
-            int physicalAddressBits = CheckPhysicalAddressWidth(window64.Start + window64.Size);
-
-            KickSignal.EnsureInstalled();
-            var dispatcher = new ExitDispatcher(IoBus, MmioBus);
-            var cpuid = _kvm!.GetSupportedCpuid();
-            var vcpus = new List<Vcpu>();
-            try
-            {
-                for (int i = 0; i < config.Cpus; i++)
-                {
-                    vcpus.Add(new Vcpu(_vm.CreateVcpu(i), this, dispatcher, _memory));
-                    vcpus[^1].ConfigureCpuid(cpuid, config.Cpus, physicalAddressBits);
-                    vcpus[^1].SetInitialMsrs();
-                }
-            }
-            finally
-            {
-                _vcpus = [.. vcpus]; // published whole: Finish() may run on other threads from now on
-            }
-            // The other vCPUs wait for INIT/SIPI: KVM starts APs uninitialized when the LAPIC is in the kernel.
-            _vcpus[0].SetBootState(Kernel.Cpu);
+            AcpiTables.Write(_memory, config.Cpus, _devices.Window64);
+            int physicalAddressBits = CheckPhysicalAddressWidth(_devices.Window64.Start + _devices.Window64.Size);
+            CreateVcpus(physicalAddressBits);
             // Input last: a Ctrl-A x already waiting in the terminal may end the VM at once.
             if (config.SerialInput is not null)
-                _console.AttachInput(config.SerialInput, (IConsoleInput?)_virtioConsole ?? Serial,
+            {
+                _console.AttachInput(config.SerialInput, (IConsoleInput?)_devices.VirtioConsole ?? Serial,
                     config.ConsoleEscape ? () => RequestPowerOff("Ctrl-A x on the console") : null);
+                _resources.Push("console input", _console.StopInput);
+            }
         }
         catch
         {
@@ -124,33 +95,60 @@ public sealed class VirtualMachine : IVmControl, IDisposable
     }
 
     public Bus IoBus { get; } = null!;
-    public PciRootBus Pci { get; private set; } = null!;
-    private readonly List<VirtioPciFunction> _virtio = [];
-    private readonly List<VfioPciFunction> _passthrough = [];
-    private GuestRamDma? _dma;
-    private KvmBarMapper? _barMapper;
-    private KernelVfio? _kernelVfio;
-    private KvmVfioDevice? _kvmVfio;
-    private uint _ramSlots;
-    private KvmMsiController? _msi;
-    private VirtioConsole? _virtioConsole;
     public Bus MmioBus { get; } = null!;
-    public Serial16550 Serial { get; } = null!;
-    public PostCodeSink PostCode { get; } = null!;
+    public PciRootBus Pci => _devices.Pci;
+    public Serial16550 Serial => _legacy.Serial;
+    public PostCodeSink PostCode => _legacy.PostCode;
     public LoadedKernel Kernel { get; } = null!;
+    public MachineConfig Config => _config;
 
-    /// <summary>Per-vCPU counters, complete once <see cref="Run"/> returned.</summary>
+    /// <summary>The devices on the PCI root bus with their ids and addresses (vm.info's device tree).</summary>
+    public IReadOnlyList<PciDeviceInfo> PciDevices => _devices.Devices;
+
+    /// <summary>Per-device counters (vm.counters).</summary>
+    public IReadOnlyList<DeviceCounters> DeviceCounters() => _devices.Counters();
+
+    /// <summary>Per-vCPU counters; complete once the VM ended, live (and approximate) while it runs.</summary>
     public IReadOnlyList<VcpuStats> VcpuStats => _vcpus.Select(v => v.Stats).ToList();
 
-    internal bool Stopping => _stopping;
+    /// <summary>Completes with how the VM ended (the first report wins).</summary>
+    public Task<VmOutcome> Ended => _ended.Task;
+
+    public bool Stopping => _stopping;
+
+    private void CreateVcpus(int physicalAddressBits)
+    {
+        KickSignal.EnsureInstalled();
+        var dispatcher = new ExitDispatcher(IoBus, MmioBus);
+        var cpuid = _kvm.GetSupportedCpuid();
+        var vcpus = new List<Vcpu>();
+        try
+        {
+            for (int i = 0; i < _config.Cpus; i++)
+            {
+                var vcpu = _resources.Push(new Vcpu(_vm.CreateVcpu(i), this, dispatcher, _memory), $"vCPU {i}");
+                vcpus.Add(vcpu);
+                VcpuSetup.ConfigureCpuid(vcpu.Fd, cpuid, _config.Cpus, physicalAddressBits);
+                VcpuSetup.SetInitialMsrs(vcpu.Fd);
+            }
+        }
+        finally
+        {
+            _vcpus = [.. vcpus]; // published whole: Finish() may run on other threads from now on
+            // Threads stop before anything they use is released.
+            _resources.Push("vCPU threads", StopVcpus);
+        }
+        // The other vCPUs wait for INIT/SIPI: KVM starts APs uninitialized when the LAPIC is in the kernel.
+        VcpuSetup.SetBootState(_vcpus[0].Fd, Kernel.Cpu);
+    }
 
     private void CheckCapabilities()
     {
         var required = _config.InKernelIrqchip ? s_requiredCaps.Concat(s_irqchipCaps) : s_requiredCaps;
-        var missing = required.Where(c => _kvm!.CheckExtension(c.Cap) <= 0).Select(c => $"{c.Name} ({c.Cap})").ToList();
+        var missing = required.Where(c => _kvm.CheckExtension(c.Cap) <= 0).Select(c => $"{c.Name} ({c.Cap})").ToList();
         if (missing.Count > 0)
             throw new KvmUnavailableException($"this KVM lacks capabilities vmm relies on: {string.Join(", ", missing)}");
-        int maxVcpus = _kvm!.CheckExtension(KVM_CAP_MAX_VCPUS);
+        int maxVcpus = _kvm.CheckExtension(KVM_CAP_MAX_VCPUS);
         if (maxVcpus <= 0)
             maxVcpus = _kvm.CheckExtension(KVM_CAP_NR_VCPUS);
         if (maxVcpus <= 0)
@@ -164,9 +162,10 @@ public sealed class VirtualMachine : IVmControl, IDisposable
             _log.Warn($"--cpus {_config.Cpus} exceeds the {recommended} vCPUs KVM recommends on this host");
     }
 
+    /// <summary>Intel without unrestricted guest needs the identity map and TSS for real mode; elsewhere they are
+    /// harmless no-ops.</summary>
     private void SetUpArchitecture()
     {
-        // Intel without unrestricted guest needs these for real mode; elsewhere they are harmless no-ops.
         try
         {
             _vm.SetIdentityMapAddress(MemoryLayout.IdentityMapAddress);
@@ -183,83 +182,13 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         }
     }
 
-    /// <summary>The PCI root bus (always there: guests probe it), the virtio devices and the passed-through devices
-    /// the config asks for. The 64-bit window grows to hold every 64-bit BAR (several GPUs with BARs of hundreds of
-    /// GiB); it is returned for the DSDT and the CPUID address width.</summary>
-    private (ulong Start, ulong Size) SetUpPci()
-    {
-        var functions = new List<PciFunction>();
-        if (_config.HasPciDevices)
-        {
-            // MSI-X routes and irqfds need KVM_SET_GSI_ROUTING / KVM_IRQFD; notifications use KVM_IOEVENTFD.
-            var missing = new[] { (KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"), (KVM_CAP_IRQFD, "KVM_CAP_IRQFD"), (KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD") }
-                .Where(c => _vm.CheckExtension(c.Item1) <= 0).Select(c => c.Item2).ToList();
-            if (missing.Count > 0)
-                throw new KvmUnavailableException($"PCI devices need {string.Join(", ", missing)}, which this KVM lacks");
-            _msi = new KvmMsiController(_vm);
-            var ioEvents = new KvmIoEventRegistrar(_vm);
-            var created = CreateVirtioDevices();
-            for (int i = 0; i < created.Count; i++)
-            {
-                try
-                {
-                    _virtio.Add(new VirtioPciFunction(created[i], _memory, _msi, ioEvents));
-                }
-                catch
-                {
-                    foreach (var d in created.Skip(i))
-                        d.Dispose();
-                    throw;
-                }
-            }
-            functions.AddRange(_virtio);
-            // Passed-through devices take the slots after the virtio devices (slot 0 is the host bridge).
-            foreach (var device in _config.Devices)
-                functions.Add(CreatePassthroughFunction(device, slot: functions.Count + 1));
-        }
-        var window = MemoryLayout.Pci64Window(_memory.Size,
-            functions.SelectMany(f => f.Config.Bars).Where(b => b.Kind == PciBarKind.Memory64).Select(b => b.Size));
-        Pci = new PciRootBus(window.Start, window.Size);
-        IoBus.Insert(Pci.ConfigIo, PciRootBus.ConfigIoPort, PciRootBus.ConfigIoLength);
-        MmioBus.Insert(Pci.Ecam, MemoryLayout.PciEcamBase, MemoryLayout.PciEcamSize);
-        MmioBus.Insert(Pci.Mmio32Window, MemoryLayout.PciMmio32Start, MemoryLayout.PciMmio32Size);
-        MmioBus.Insert(Pci.Mmio64Window, window.Start, window.Size);
-        if (functions.Count == 0)
-            return window;
-        var intx = new SharedInterruptLine[4];
-        for (int i = 0; i < intx.Length; i++)
-            intx[i] = new SharedInterruptLine(new KvmIrqLine(_vm, MemoryLayout.PciIntxFirstGsi + (uint)i));
-        for (int i = 0; i < functions.Count; i++)
-        {
-            var function = functions[i];
-            int slot;
-            try
-            {
-                slot = Pci.Add(function, i + 1);
-            }
-            catch (PciConfigException e)
-            {
-                throw new ConfigException($"{e.Message}. 32-bit BARs and expansion ROMs must lie below 4 GiB, in the 32-bit PCI window " +
-                    $"0x{MemoryLayout.PciMmio32Start:x}-0x{MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size - 1:x} that all devices share: " +
-                    "pass fewer devices with large 32-bit BARs through");
-            }
-            if (function is VirtioPciFunction virtio)
-                virtio.ConnectIntx(intx[MemoryLayout.PciIntxGsi(slot, 0) - MemoryLayout.PciIntxFirstGsi].Connect());
-            string bars = string.Join(", ", function.Config.Bars.Select(b => $"BAR{b.Index} 0x{function.Config.BarAddress(b.Index):x} (0x{b.Size:x})"));
-            _log.Info($"PCI 00:{slot:x2}.0: {function.Name}: {bars}");
-        }
-        if (window.Size != MemoryLayout.Pci64DefaultSize)
-            _log.Info($"64-bit PCI window grown to 0x{window.Start:x}-0x{window.Start + window.Size - 1:x} for the devices' BARs");
-        return window;
-    }
-
     /// <summary>The guest-physical address width the machine needs (the 64-bit window's end); refuses a machine the
     /// host's KVM cannot map (CPUID 0x80000008 EAX[23:16], GuestPhysBits, where KVM reports it; 48 bits otherwise,
     /// the 4-level two-dimensional paging limit).</summary>
     private int CheckPhysicalAddressWidth(ulong end)
     {
         int needed = MemoryLayout.PhysicalAddressBits(end);
-        var leaf = _kvm!.GetSupportedCpuid().FirstOrDefault(e => e.function == 0x8000_0008);
+        var leaf = _kvm.GetSupportedCpuid().FirstOrDefault(e => e.function == 0x8000_0008);
         int guestPhysBits = (int)(leaf.eax >> 16) & 0xFF;
         int limit = guestPhysBits != 0 ? guestPhysBits : 48;
         if (needed > limit)
@@ -268,161 +197,129 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         return needed;
     }
 
-    /// <summary>Opens one <c>--device</c>, maps all guest RAM for its DMA and builds the PCI function the guest sees.
-    /// Failures are configuration errors naming the option and saying what to do.</summary>
-    private VfioPciFunction CreatePassthroughFunction(PassthroughConfig config, int slot)
+    /// <summary>Starts every vCPU; <see cref="Ended"/> completes when the VM ends.</summary>
+    public void Start()
     {
-        var device = OpenPassthroughDevice(config);
-        try
-        {
-            if (!device.IsPci)
-                throw new ConfigException($"--device {config}: {device.Name} is not a PCI device (vmm passes through PCI devices only)");
-            if (_barMapper is null)
-            {
-                int slots = _vm.CheckExtension(KVM_CAP_NR_MEMSLOTS);
-                _barMapper = new KvmBarMapper(_vm, _log, _ramSlots, slots > 0 ? slots : 32);
-            }
-            _dma ??= new GuestRamDma(_memory, _log);
-            try
-            {
-                _dma.MapAll(device.Dma, device.Name);
-            }
-            catch (VfioException e)
-            {
-                throw new ConfigException($"--device {config}: mapping guest RAM for the device's DMA failed: {e.Message}");
-            }
-            if (config.PeerToPeer)
-                _barMapper.AddPeerToPeerSpace(device.Dma);
-            Span<byte> pin = stackalloc byte[1];
-            device.ReadRegion(VfioRegionIndex.Config, PciConfigSpace.InterruptPin, pin);
-            var intx = pin[0] is >= 1 and <= 4 ? new KvmIntxIrqfdLine(_vm, MemoryLayout.PciIntxGsi(slot, pin[0] - 1)) : null;
-            var function = new VfioPciFunction(device, _msi!, _barMapper, intx, message => _log.Info($"{device.Name}: {message}"));
-            _passthrough.Add(function); // owns the device from here on
-            return function;
-        }
-        catch (Exception e) when (e is not ConfigException)
-        {
-            device.Dispose();
-            if (e is VfioException or PciConfigException)
-                throw new ConfigException($"--device {config}: {e.Message}");
-            throw;
-        }
-        catch
-        {
-            device.Dispose();
-            throw;
-        }
-    }
-
-    /// <summary>A host device through the kernel: the sysfs plan first (a wrong driver, a non-viable group or a
-    /// missing IOMMU is explained before anything is opened), then the cdev on iommufd or the group/container, with
-    /// its file added to KVM's VFIO device (KVM needs it for coherent DMA and, on the cdev path, before binding).</summary>
-    private KernelVfioDevice OpenKernelVfio(string path)
-    {
-        var plan = new VfioHost().Plan(path);
-        _kvmVfio ??= new KvmVfioDevice(_vm);
-        _kernelVfio ??= new KernelVfio(fd => _kvmVfio.AddFile(fd));
-        var device = _kernelVfio.Open(plan);
-        _log.Info($"{plan.Name}: VFIO {plan.Backend}, IOMMU group {plan.IommuGroup}, driver {plan.Driver}");
-        // Every distinct container/IOAS pins all guest RAM once, against RLIMIT_MEMLOCK: refuse before pinning.
-        try
-        {
-            VfioHost.MemlockCheck(_memory.Size * (ulong)_kernelVfio.DmaSpaces.Count);
-        }
-        catch
-        {
-            device.Dispose();
-            throw;
-        }
-        return device;
-    }
-
-    private IVfioDevice OpenPassthroughDevice(PassthroughConfig config)
-    {
-        try
-        {
-            return config.Kind switch
-            {
-                PassthroughKind.VfioUser => VfioUserClient.Connect(config.Path, new VfioUserClientOptions { DmaMemory = _memory }),
-                _ => OpenKernelVfio(config.Path),
-            };
-        }
-        catch (VfioException e)
-        {
-            throw new ConfigException($"--device {config}: {e.Message}");
-        }
-    }
-
-    /// <summary>The virtio devices of the config, in slot order; a device that cannot be opened is a configuration
-    /// error naming the option.</summary>
-    private List<VirtioDevice> CreateVirtioDevices()
-    {
-        var devices = new List<VirtioDevice>();
-        try
-        {
-            foreach (var disk in _config.Disks)
-            {
-                try
-                {
-                    devices.Add(new VirtioBlock(disk.Path, disk.ReadOnly, disk.Direct, disk.Serial));
-                }
-                catch (Exception e) when (e is DiskImageException or ArgumentException)
-                {
-                    throw new ConfigException($"--disk path={disk.Path}: {e.Message}");
-                }
-            }
-            foreach (var net in _config.Nets)
-            {
-                try
-                {
-                    devices.Add(new VirtioNet(net.Tap, net.Mac));
-                }
-                catch (Exception e) when (e is TapException or ArgumentException)
-                {
-                    throw new ConfigException($"--net tap={net.Tap}: {e.Message}");
-                }
-            }
-            if (_config.VirtioConsole)
-            {
-                _virtioConsole = new VirtioConsole(_console);
-                devices.Add(_virtioConsole);
-            }
-            if (_config.VirtioRng)
-                devices.Add(new VirtioRng());
-        }
-        catch
-        {
-            foreach (var d in devices)
-                d.Dispose();
-            throw;
-        }
-        return devices;
-    }
-
-    /// <summary>Starts every vCPU and blocks until the VM ends.</summary>
-    public VmOutcome Run()
-    {
+        if (_started)
+            throw new InvalidOperationException("the VM was started already");
+        _started = true;
         foreach (var v in _vcpus)
             v.Start();
-        _stopped.Wait();
+    }
+
+    /// <summary>Starts every vCPU and blocks until the VM ends; the vCPU threads are joined.</summary>
+    public VmOutcome Run()
+    {
+        Start();
+        var outcome = Ended.GetAwaiter().GetResult();
+        StopVcpus();
+        return outcome;
+    }
+
+    /// <summary>Ends the VM from the host side (vm.shutdown, a signal): vCPUs leave the guest wherever it is.</summary>
+    public void Stop(string why) => Finish(new VmOutcome(VmExitKind.Stopped, why));
+
+    /// <summary>Records how the VM ended (the first report wins) and stops every vCPU.</summary>
+    public void Finish(VmOutcome outcome)
+    {
+        if (_ended.TrySetResult(outcome))
+        {
+            _stopping = true;
+            lock (_pauseLock)
+                Monitor.PulseAll(_pauseLock); // parked vCPUs leave
+            foreach (var v in Volatile.Read(ref _vcpus))
+                v.Kick();
+        }
+    }
+
+    private void StopVcpus()
+    {
+        _stopping = true;
+        lock (_pauseLock)
+            Monitor.PulseAll(_pauseLock);
         foreach (var v in _vcpus)
             v.Kick();
         foreach (var v in _vcpus)
             v.Join();
-        return _outcome!;
     }
 
-    /// <summary>Records how the VM ended (the first report wins) and stops every vCPU.</summary>
-    internal void Finish(VmOutcome outcome)
+    // ------------------------------------------------------------------ pause and resume
+
+    private readonly object _pauseLock = new();
+    private volatile bool _pauseRequested;
+    private int _parked; // vCPUs in Park (guarded by _pauseLock)
+
+    bool IVcpuHost.PauseRequested => _pauseRequested;
+
+    /// <summary>Kicks every vCPU out of KVM_RUN and waits until all are parked (each tells its guest clock), then
+    /// stops the virtio workers from taking new requests. Throws <see cref="TimeoutException"/> (and leaves the VM
+    /// running) when that takes longer than <paramref name="timeout"/>.</summary>
+    public void Pause(TimeSpan timeout)
     {
-        if (Interlocked.CompareExchange(ref _outcome, outcome, null) == null)
+        var deadline = DateTime.UtcNow + timeout;
+        lock (_pauseLock)
         {
-            _stopping = true;
-            foreach (var v in Volatile.Read(ref _vcpus))
-                v.Kick();
-            _stopped.Set();
+            if (_pauseRequested)
+                return;
+            _pauseRequested = true;
+        }
+        foreach (var v in _vcpus)
+            v.Kick();
+        lock (_pauseLock)
+        {
+            while (_parked < _vcpus.Length)
+            {
+                if (_stopping)
+                    break;
+                var left = deadline - DateTime.UtcNow;
+                if (left <= TimeSpan.Zero || !Monitor.Wait(_pauseLock, left))
+                {
+                    if (_parked == _vcpus.Length)
+                        break;
+                    int parked = _parked;
+                    _pauseRequested = false;
+                    Monitor.PulseAll(_pauseLock);
+                    throw new TimeoutException($"{_vcpus.Length - parked} of {_vcpus.Length} vCPUs did not stop within {timeout.TotalSeconds:0.#} s");
+                }
+            }
+        }
+        try
+        {
+            _devices.Pause(deadline - DateTime.UtcNow > TimeSpan.Zero ? deadline - DateTime.UtcNow : TimeSpan.FromMilliseconds(1));
+        }
+        catch (TimeoutException)
+        {
+            Resume();
+            throw;
         }
     }
+
+    /// <summary>Lets the devices and every parked vCPU go on where they stopped.</summary>
+    public void Resume()
+    {
+        _devices.Resume();
+        lock (_pauseLock)
+        {
+            _pauseRequested = false;
+            Monitor.PulseAll(_pauseLock);
+        }
+    }
+
+    void IVcpuHost.Park(Vcpu vcpu)
+    {
+        vcpu.NotifyPaused();
+        lock (_pauseLock)
+        {
+            _parked++;
+            Monitor.PulseAll(_pauseLock);
+            while (_pauseRequested && !_stopping)
+                Monitor.Wait(_pauseLock);
+            _parked--;
+        }
+    }
+
+    /// <summary>Presses the ACPI power button (vm.power-button): an ACPI guest runs its orderly power-off.</summary>
+    public void PressPowerButton() => _legacy.AcpiPm.PressPowerButton();
 
     public void RequestDebugExit(uint value) =>
         Finish(new VmOutcome(VmExitKind.DebugExit, $"guest wrote 0x{value:x} to the debug-exit port", value));
@@ -454,42 +351,10 @@ public sealed class VirtualMachine : IVmControl, IDisposable
         return sb.ToString().TrimEnd();
     }
 
+    /// <summary>Stops every thread, then releases everything in reverse order of creation.</summary>
     public void Dispose()
     {
-        if (_disposed)
-            return;
-        _disposed = true;
         _stopping = true;
-        // Stop every thread before releasing anything a late Finish() or kick could still touch.
-        _console?.StopInput();
-        foreach (var v in _vcpus)
-            v.Kick();
-        foreach (var v in _vcpus)
-            v.Join();
-        foreach (var v in _vcpus)
-            v.Dispose();
-        // Device threads stop before the memory they serve goes away.
-        foreach (var f in _virtio)
-            f.Dispose();
-        // Passed-through devices: DMA unmapped while the device connections are still open (a vfio-user unmap is a
-        // message), then interrupts off, BAR slots gone and the devices closed.
-        _barMapper?.StopPeerToPeer();
-        _dma?.Dispose();
-        foreach (var f in _passthrough)
-            f.Dispose();
-        _kernelVfio?.Dispose();
-        _kvmVfio?.Dispose();
-        _msi?.Dispose();
-        _console?.Dispose();
-        _memory?.Dispose();
-        _vm?.Dispose();
-        _kvm?.Dispose();
-        _stopped.Dispose();
-    }
-
-    /// <summary>An ISA interrupt pin of the in-kernel PIC/IOAPIC.</summary>
-    private sealed class KvmIrqLine(VmFd vm, uint irq) : IInterruptLine
-    {
-        public void SetLevel(bool asserted) => vm.SetIrqLine(irq, asserted);
+        _resources.Dispose();
     }
 }

@@ -14,6 +14,8 @@ public enum VmExitKind
     GuestCrash,
     /// <summary>vmm itself failed while the VM ran (an ioctl error).</summary>
     VmmError,
+    /// <summary>The host ended the VM: vm.shutdown, vm.delete, vmm.shutdown or a signal.</summary>
+    Stopped,
 }
 
 /// <summary>How a VM ended. <see cref="Diagnostic"/> holds the crash report (registers, disassembly) if any.</summary>

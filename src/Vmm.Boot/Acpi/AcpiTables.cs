@@ -1,6 +1,5 @@
 using System.Buffers.Binary;
 using System.Text;
-using Vmm.Devices.Legacy;
 using Vmm.Memory;
 
 namespace Vmm.Boot.Acpi;
@@ -164,8 +163,9 @@ public static class AcpiTables
         U16(98, 0x0FFF);                                 // P_LVL3_LAT: C3 not supported
         t[108 - 36] = AcpiPorts.CenturyIndex;            // CENTURY
         U16(109, 0x0002);                                // IAPC_BOOT_ARCH: 8042 present
-        // Flags: WBINVD | PROC_C1 | SLP_BUTTON (no sleep button) | TMR_VAL_EXT | RESET_REG_SUP | PWR_BUTTON (none)
-        U32(112, (1u << 0) | (1u << 2) | (1u << 4) | (1u << 5) | (1u << 8) | (1u << 10));
+        // Flags: WBINVD | PROC_C1 | SLP_BUTTON (no sleep button) | TMR_VAL_EXT | RESET_REG_SUP. PWR_BUTTON (bit 4) is
+        // clear: the power button is a fixed-feature one (PM1 PWRBTN_STS/EN, raised on the SCI by vm.power-button).
+        U32(112, (1u << 0) | (1u << 2) | (1u << 5) | (1u << 8) | (1u << 10));
         Gas(b[(116 - 36)..], 8, AcpiPorts.Reset, 1);     // RESET_REG
         t[128 - 36] = AcpiPorts.ResetValue;              // RESET_VALUE
         U16(129, 0x0000);                                // ARM_BOOT_ARCH

@@ -1,34 +1,15 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
+using Vmm.Memory;
 
 namespace Vmm.Devices.Legacy;
 
-/// <summary>Where the ACPI fixed-hardware registers live; shared by the tables and the device that answers.</summary>
-public static class AcpiPorts
-{
-    /// <summary>PM1a event block: status (2 bytes) then enable (2 bytes).</summary>
-    public const ushort Pm1aEvent = 0x600;
-    /// <summary>PM1a control block (2 bytes): SCI_EN, SLP_TYP, SLP_EN.</summary>
-    public const ushort Pm1aControl = 0x604;
-    /// <summary>PM timer (4 bytes, 32-bit: FADT TMR_VAL_EXT).</summary>
-    public const ushort PmTimer = 0x608;
-    /// <summary>The FADT reset register (1 byte); writing <see cref="ResetValue"/> resets the machine.</summary>
-    public const ushort Reset = 0x60C;
-    public const byte ResetValue = 0x06;
-    /// <summary>The whole block, for the I/O bus.</summary>
-    public const ushort BlockStart = 0x600, BlockLength = 0x10;
-    /// <summary>SLP_TYP the DSDT's \_S5 package announces.</summary>
-    public const int S5SleepType = 5;
-    public const int SciIrq = 9;
-    /// <summary>CMOS index of the century byte, named in the FADT.</summary>
-    public const byte CenturyIndex = 0x32;
-}
-
 /// <summary>The ACPI fixed hardware the FADT describes, at <see cref="AcpiPorts.BlockStart"/>: PM1a status and
-/// enable (no events are ever raised), PM1a control (SCI_EN always set, as firmware leaves it; SLP_TYP 5 with
+/// enable (the one event is the fixed-feature power button: <see cref="PressPowerButton"/> sets PWRBTN_STS, and the
+/// SCI is asserted while a status bit is set whose enable bit is set — level-triggered, as the MADT declares), PM1a control (SCI_EN always set, as firmware leaves it; SLP_TYP 5 with
 /// SLP_EN powers off), the 32-bit PM timer at 3.579545 MHz driven by the host's monotonic clock, and the
 /// reset register.</summary>
-public sealed class AcpiPmDevice(IVmControl control) : IBusDevice
+public sealed class AcpiPmDevice(IVmControl control, IInterruptLine? sci = null) : IBusDevice
 {
     public const long TimerHz = 3_579_545;
     private const int Pm1Status = 0, Pm1Enable = 2, Pm1Control = 4, Timer = 8, ResetReg = 12;
@@ -36,8 +17,32 @@ public sealed class AcpiPmDevice(IVmControl control) : IBusDevice
 
     private readonly Lock _lock = new();
     private readonly long _start = Stopwatch.GetTimestamp();
+    private ushort _status;
     private ushort _enable;
     private ushort _control = SCI_EN;
+
+    /// <summary>Presses the power button (vm.power-button): PWRBTN_STS goes up and, once the OS has enabled the event,
+    /// the SCI tells it. An OS that never enables it (no ACPI) never sees the press, as on real hardware.</summary>
+    public void PressPowerButton()
+    {
+        lock (_lock)
+        {
+            _status |= AcpiPorts.PowerButtonBit;
+            UpdateSciLocked();
+        }
+    }
+
+    /// <summary>PM1 status as the OS reads it.</summary>
+    public ushort Status
+    {
+        get
+        {
+            lock (_lock)
+                return _status;
+        }
+    }
+
+    private void UpdateSciLocked() => sci?.SetLevel((_status & _enable) != 0);
 
     /// <summary>The PM timer's current count (it wraps at 32 bits).</summary>
     public uint TimerValue => (uint)(Stopwatch.GetElapsedTime(_start).Ticks * TimerHz / TimeSpan.TicksPerSecond);
@@ -48,6 +53,7 @@ public sealed class AcpiPmDevice(IVmControl control) : IBusDevice
         regs.Clear();
         lock (_lock)
         {
+            BinaryPrimitives.WriteUInt16LittleEndian(regs[Pm1Status..], _status);
             BinaryPrimitives.WriteUInt16LittleEndian(regs[Pm1Enable..], _enable);
             BinaryPrimitives.WriteUInt16LittleEndian(regs[Pm1Control..], (ushort)(_control & ~SLP_EN));
         }
@@ -69,8 +75,11 @@ public sealed class AcpiPmDevice(IVmControl control) : IBusDevice
         {
             switch (at)
             {
-                case Pm1Enable: _enable = (ushort)((_enable & 0xFF00) | value); break;
-                case Pm1Enable + 1: _enable = (ushort)((_enable & 0x00FF) | value << 8); break;
+                // Status bits are write-1-to-clear (ACPI 6.4, 4.8.3.1).
+                case Pm1Status: _status &= (ushort)~value; UpdateSciLocked(); break;
+                case Pm1Status + 1: _status &= (ushort)~(value << 8); UpdateSciLocked(); break;
+                case Pm1Enable: _enable = (ushort)((_enable & 0xFF00) | value); UpdateSciLocked(); break;
+                case Pm1Enable + 1: _enable = (ushort)((_enable & 0x00FF) | value << 8); UpdateSciLocked(); break;
                 case Pm1Control: _control = (ushort)((_control & 0xFF00) | value | SCI_EN); break;
                 case Pm1Control + 1:
                     _control = (ushort)((_control & 0x00FF) | value << 8);
@@ -81,7 +90,7 @@ public sealed class AcpiPmDevice(IVmControl control) : IBusDevice
                     if (value == AcpiPorts.ResetValue)
                         reset = "ACPI reset register";
                     break;
-                default: break; // status bits are write-1-to-clear and never set; the timer is read-only
+                default: break; // the timer is read-only
             }
         }
         if (powerOff is not null)

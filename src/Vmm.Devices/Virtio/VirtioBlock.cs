@@ -21,7 +21,7 @@ public sealed class DiskImageException(string path, string message) : Exception(
 /// <para>Image rules: the file must exist, be non-empty and a multiple of 512 bytes (an odd tail could not be
 /// addressed by the guest and silently dropping it hides a corrupt or wrong file, so it is refused). Its size is
 /// read once: the capacity does not follow later resizes.</para></summary>
-public sealed class VirtioBlock : VirtioDevice
+public sealed class VirtioBlock : VirtioDevice, IDeviceCounters
 {
     public const int SectorSize = 512;
     public const int IdBytes = 20;
@@ -54,10 +54,9 @@ public sealed class VirtioBlock : VirtioDevice
     private readonly AlignedBuffer _zeroes;
     private readonly Lock _lifecycle = new();
     private int _fd;
-    private VirtioWorker? _worker;
 
     /// <summary>Managed bytes the request thread allocated since activation (for the zero-allocation test).</summary>
-    public long WorkerAllocatedBytes => _worker?.AllocatedBytes ?? 0;
+    public long WorkerAllocatedBytes => Worker?.AllocatedBytes ?? 0;
     private VirtioContext? _context;
     private bool _writeThrough;
     private long _ioErrors;
@@ -161,13 +160,13 @@ public sealed class VirtioBlock : VirtioDevice
     {
         lock (_lifecycle)
         {
-            if (_worker is not null)
+            if (Worker is not null)
                 throw new InvalidOperationException($"{Name} is already active");
             ObjectDisposedException.ThrowIf(_fd < 0, this);
             _context = context;
             // Without FLUSH the driver assumes a write-through cache: a write is durable when it completes (§5.2.6.2).
             _writeThrough = !context.Negotiated(FeatureFlush) && !ReadOnly;
-            _worker = new VirtioWorker($"virtio-blk {System.IO.Path.GetFileName(_path)}", context.Kicks, ServeQueue);
+            Worker = new VirtioWorker($"virtio-blk {System.IO.Path.GetFileName(_path)}", context.Kicks, ServeQueue);
         }
     }
 
@@ -175,8 +174,8 @@ public sealed class VirtioBlock : VirtioDevice
     {
         lock (_lifecycle)
         {
-            _worker?.Dispose();
-            _worker = null;
+            Worker?.Dispose();
+            Worker = null;
             _context = null;
         }
     }
@@ -232,7 +231,16 @@ public sealed class VirtioBlock : VirtioDevice
                     _ => StatusUnsupported,
                 };
                 if (type == TypeIn && status == StatusOk)
+                {
                     used = (uint)dataIn + 1;
+                    _readBytes += (long)dataIn;
+                    _readOps++;
+                }
+                else if (type == TypeOut && status == StatusOk)
+                {
+                    _writeBytes += (long)dataOut;
+                    _writeOps++;
+                }
             }
         }
         if (!memory.TryGetSpan(statusAddress, 1, out var statusByte))
@@ -240,6 +248,18 @@ public sealed class VirtioBlock : VirtioDevice
         statusByte[0] = status;
         return used;
     }
+
+    // Written by the worker thread only; read by vm.counters.
+    private long _readBytes, _readOps, _writeBytes, _writeOps;
+
+    /// <summary>vm.counters, in Cloud Hypervisor's names: completed reads and writes.</summary>
+    public IReadOnlyList<KeyValuePair<string, ulong>> Counters() =>
+    [
+        new("read_bytes", (ulong)Volatile.Read(ref _readBytes)),
+        new("read_ops", (ulong)Volatile.Read(ref _readOps)),
+        new("write_bytes", (ulong)Volatile.Read(ref _writeBytes)),
+        new("write_ops", (ulong)Volatile.Read(ref _writeOps)),
+    ];
 
     private bool InRange(ulong sector, ulong sectors) => sector <= Capacity && sectors <= Capacity - sector;
 

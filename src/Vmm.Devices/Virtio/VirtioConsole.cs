@@ -36,7 +36,6 @@ public sealed class VirtioConsole : VirtioDevice, IConsoleInput
     private uint _txOffset;
 
     private VirtioContext? _context;
-    private VirtioWorker? _worker;
     private bool _rxStopped, _txStopped;
     private long _bytesTransmitted, _bytesReceived, _badChains;
 
@@ -70,13 +69,13 @@ public sealed class VirtioConsole : VirtioDevice, IConsoleInput
     {
         _context = context;
         _rxStopped = _txStopped = _txHolding = false;
-        _worker = new VirtioWorker("virtio-console", context.Kicks, _onQueue, [_inputReady.Fd, _outputSpace.Fd], _onFd);
+        Worker = new VirtioWorker("virtio-console", context.Kicks, _onQueue, [_inputReady.Fd, _outputSpace.Fd], _onFd);
     }
 
     public override void Deactivate()
     {
-        _worker?.Dispose();
-        _worker = null;
+        Worker?.Dispose();
+        Worker = null;
         _context = null;
         _txHolding = false; // the driver reclaims every buffer on reset
     }

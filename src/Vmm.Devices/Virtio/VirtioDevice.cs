@@ -62,6 +62,17 @@ public abstract class VirtioDevice : IDisposable
     public abstract void Deactivate();
 
     public virtual void Dispose() => GC.SuppressFinalize(this);
+
+    /// <summary>The thread serving the queues while the device is active (set by <see cref="Activate"/>).</summary>
+    protected VirtioWorker? Worker { get; set; }
+
+    /// <summary>Stops taking new requests (vm.pause): the request being served completes, notifications wait in
+    /// their eventfds. Throws <see cref="TimeoutException"/> if the worker does not stop within
+    /// <paramref name="timeout"/> (a request stuck in the host kernel).</summary>
+    public void Pause(TimeSpan timeout) => Worker?.Pause(timeout);
+
+    /// <summary>Serves again whatever arrived while paused.</summary>
+    public void Resume() => Worker?.Resume();
 }
 
 /// <summary>What an active device gets from its transport: guest memory, the negotiated features, the queues,
@@ -131,6 +142,9 @@ public interface IVirtioInterrupts
 public sealed class VirtioWorker : IDisposable
 {
     private readonly EventFd _stop = new();
+    private readonly EventFd _wake = new();
+    private readonly object _pauseLock = new();
+    private bool _pauseRequested, _parked;
     private readonly IReadOnlyList<EventFd> _kicks;
     private readonly int[] _extraFds;
     private readonly Action<int> _onQueue;
@@ -167,12 +181,13 @@ public sealed class VirtioWorker : IDisposable
 
     private void Loop()
     {
-        int n = _kicks.Count + _extraFds.Length + 1;
+        int n = _kicks.Count + _extraFds.Length + 2;
         var fds = new int[n];
         var ready = new bool[n];
         for (int i = 0; i < _kicks.Count; i++)
             fds[i] = _kicks[i].Fd;
         _extraFds.CopyTo(fds, _kicks.Count);
+        fds[^2] = _wake.Fd;
         fds[^1] = _stop.Fd;
         long startBytes = GC.GetAllocatedBytesForCurrentThread();
         try
@@ -190,6 +205,13 @@ public sealed class VirtioWorker : IDisposable
                 EventFd.Poll(fds, ready, _timeoutMs?.Invoke() ?? -1);
                 if (ready[^1])
                     return;
+                if (ready[^2])
+                {
+                    _wake.TryRead(out _);
+                    if (!ParkWhilePaused())
+                        return;
+                    continue; // poll again: what arrived while paused is still signalled
+                }
                 for (int i = 0; i < _kicks.Count; i++)
                 {
                     if (ready[i] && _kicks[i].TryRead(out _))
@@ -209,11 +231,68 @@ public sealed class VirtioWorker : IDisposable
         }
     }
 
+    /// <summary>Between requests only: the loop parks at the top, so whatever it was serving has completed.</summary>
+    public void Pause(TimeSpan timeout)
+    {
+        lock (_pauseLock)
+        {
+            _pauseRequested = true;
+            _wake.Signal();
+            if (Thread.CurrentThread == _thread)
+                return;
+            var deadline = DateTime.UtcNow + timeout;
+            while (!_parked && _thread.IsAlive)
+            {
+                var left = deadline - DateTime.UtcNow;
+                if (left <= TimeSpan.Zero || !Monitor.Wait(_pauseLock, left))
+                {
+                    if (_parked || !_thread.IsAlive)
+                        break;
+                    _pauseRequested = false;
+                    throw new TimeoutException($"{_thread.Name} did not finish its request within {timeout.TotalSeconds:0.#} s");
+                }
+            }
+        }
+    }
+
+    public void Resume()
+    {
+        lock (_pauseLock)
+        {
+            _pauseRequested = false;
+            Monitor.PulseAll(_pauseLock);
+        }
+    }
+
+    /// <summary>Worker side of <see cref="Pause"/>; false when the worker is being stopped.</summary>
+    private bool ParkWhilePaused()
+    {
+        lock (_pauseLock)
+        {
+            while (_pauseRequested && !_stopping)
+            {
+                _parked = true;
+                Monitor.PulseAll(_pauseLock);
+                Monitor.Wait(_pauseLock);
+            }
+            _parked = false;
+            return !_stopping;
+        }
+    }
+
+    private bool _stopping;
+
     public void Dispose()
     {
+        lock (_pauseLock)
+        {
+            _stopping = true;
+            Monitor.PulseAll(_pauseLock);
+        }
         _stop.Signal();
         if (Thread.CurrentThread != _thread)
             _thread.Join();
         _stop.Dispose();
+        _wake.Dispose();
     }
 }

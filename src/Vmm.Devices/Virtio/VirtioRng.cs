@@ -11,7 +11,6 @@ public sealed class VirtioRng : VirtioDevice
     public const int MaxRequestBytes = 64 * 1024;
 
     private readonly Lock _lifecycle = new();
-    private VirtioWorker? _worker;
     private VirtioContext? _context;
 
     public override VirtioDeviceType Type => VirtioDeviceType.Entropy;
@@ -32,10 +31,10 @@ public sealed class VirtioRng : VirtioDevice
     {
         lock (_lifecycle)
         {
-            if (_worker is not null)
+            if (Worker is not null)
                 throw new InvalidOperationException("virtio-rng is already active");
             _context = context;
-            _worker = new VirtioWorker("virtio-rng", context.Kicks, ServeQueue);
+            Worker = new VirtioWorker("virtio-rng", context.Kicks, ServeQueue);
         }
     }
 
@@ -43,8 +42,8 @@ public sealed class VirtioRng : VirtioDevice
     {
         lock (_lifecycle)
         {
-            _worker?.Dispose();
-            _worker = null;
+            Worker?.Dispose();
+            Worker = null;
             _context = null;
         }
     }

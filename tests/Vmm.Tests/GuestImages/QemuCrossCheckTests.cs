@@ -18,7 +18,7 @@ public class QemuCrossCheckTests
         {
             var r = Repo.Run("qemu-system-x86_64",
             [
-                "-accel", VmmRunner.HostHasKvm ? "kvm" : "tcg", "-m", "128", "-display", "none", "-serial", "stdio", "-no-reboot",
+                "-accel", VmmRunner.QemuAccel, "-m", "128", "-display", "none", "-serial", "stdio", "-no-reboot",
                 "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
                 "-kernel", Repo.PathTo("guest-images", "build", "multiboot-test.elf"),
                 "-append", "expect-module=hello expect-mem-mb=128", "-initrd", module,
@@ -40,7 +40,7 @@ public class QemuCrossCheckTests
         Repo.MustRun("make", "-s", "-C", Repo.PathTo("guest-images"));
         var r = Repo.Run("qemu-system-x86_64",
         [
-            "-accel", VmmRunner.HostHasKvm ? "kvm" : "tcg", "-smp", "2", "-m", "128", "-display", "none", "-serial", "stdio",
+            "-accel", VmmRunner.QemuAccel, "-smp", "2", "-m", "128", "-display", "none", "-serial", "stdio",
             "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
             "-kernel", Repo.PathTo("guest-images", "build", "smp-test.elf"), "-append", "cpus=2",
         ], timeout: TimeSpan.FromMinutes(3));

@@ -20,7 +20,7 @@ public class QemuVfioGpuCrossCheckTests
             f.SetLength((long)size); // sparse: only the pages the guest writes take memory
         return Repo.Run("qemu-system-x86_64",
         [
-            "-M", "q35", "-accel", VmmRunner.HostHasKvm ? "kvm" : "tcg", "-m", "128", "-display", "none", "-serial", "stdio",
+            "-M", "q35", "-accel", VmmRunner.QemuAccel, "-m", "128", "-display", "none", "-serial", "stdio",
             "-no-reboot", "-nic", "none", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", Guest,
             "-append", "device=1af4:1110 tests=bar-only",
             "-object", $"memory-backend-file,id=bar2mem,size={size},mem-path={backingFile},share=on",

@@ -13,7 +13,7 @@ public class QemuVirtioCrossCheckTests
 
     private static string[] Qemu(string append, params string[] devices) =>
     [
-        "-M", "q35", "-accel", VmmRunner.HostHasKvm ? "kvm" : "tcg", "-m", "128", "-display", "none", "-serial", "stdio",
+        "-M", "q35", "-accel", VmmRunner.QemuAccel, "-m", "128", "-display", "none", "-serial", "stdio",
         "-no-reboot", "-device", "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", Guest, "-append", append, .. devices,
     ];
 

@@ -30,13 +30,39 @@ public static class VmmRunner
         }
     }
 
-    /// <summary>Whether the KVM the tests use is hardware-assisted (vmx or svm): the nested VM's CPU has svm
-    /// (QEMU -cpu max); a local /dev/kvm may be software virtualization (PVM), where stock kernels stop early.</summary>
-    public static bool GuestCpuHasHardwareVirtualization =>
-        !HostHasKvm || System.Text.RegularExpressions.Regex.IsMatch(File.ReadAllText("/proc/cpuinfo"), @"^flags\s*:.*\b(vmx|svm)\b", System.Text.RegularExpressions.RegexOptions.Multiline);
+    /// <summary>Whether this CPU has hardware virtualization (vmx or svm in /proc/cpuinfo). Without it a local /dev/kvm
+    /// is software virtualization (kvm-pvm): it runs our micro-guests, but emulates non-PVM guests at a few million
+    /// instructions per second and cannot finish booting a stock Linux kernel (../shared/README.md §1).</summary>
+    public static bool CpuHasHardwareVirtualization =>
+        System.Text.RegularExpressions.Regex.IsMatch(File.ReadAllText("/proc/cpuinfo"), @"^flags\s*:.*\b(vmx|svm)\b", System.Text.RegularExpressions.RegexOptions.Multiline);
+
+    /// <summary>Where the KVM tests run: the local /dev/kvm only where it can run the whole suite (a usable /dev/kvm on
+    /// a CPU with vmx/svm), otherwise the nested-KVM VM. VMM_TEST_KVM=local or =nested overrides the choice
+    /// (local without a usable /dev/kvm is an error, not a silent fallback).</summary>
+    public static bool UseLocalKvm { get; } = DecideLocalKvm();
+
+    private static bool DecideLocalKvm()
+    {
+        string choice = Environment.GetEnvironmentVariable("VMM_TEST_KVM") ?? "auto";
+        return choice switch
+        {
+            "local" => HostHasKvm ? true : throw new InvalidOperationException("VMM_TEST_KVM=local, but this machine has no usable /dev/kvm"),
+            "nested" => false,
+            "auto" or "" => HostHasKvm && CpuHasHardwareVirtualization,
+            _ => throw new InvalidOperationException($"VMM_TEST_KVM={choice}: use local, nested or auto"),
+        };
+    }
+
+    /// <summary>Whether the KVM the tests use is hardware-assisted: the nested VM's CPU has svm (QEMU -cpu max); a
+    /// local /dev/kvm is used only when forced (VMM_TEST_KVM=local) or when the CPU has vmx/svm.</summary>
+    public static bool GuestCpuHasHardwareVirtualization => !UseLocalKvm || CpuHasHardwareVirtualization;
+
+    /// <summary>QEMU's accelerator for the cross-checks: KVM where it is hardware-assisted, else TCG (faster than a
+    /// software-virtualization KVM, and the same everywhere).</summary>
+    public static string QemuAccel => HostHasKvm && CpuHasHardwareVirtualization ? "kvm" : "tcg";
 
     /// <summary>"local /dev/kvm" or "nested KVM in QEMU/TCG".</summary>
-    public static string Where => HostHasKvm ? "local /dev/kvm" : "nested KVM in QEMU/TCG (tools/nested-kvm)";
+    public static string Where => UseLocalKvm ? "local /dev/kvm" : "nested KVM in QEMU/TCG (tools/nested-kvm)";
 
     /// <summary>Runs every scenario with <paramref name="files"/> (name → content) and the vmm binary in its
     /// working directory.</summary>
@@ -50,7 +76,7 @@ public static class VmmRunner
             File.SetUnixFileMode(Path.Combine(dir, "vmm"), UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute | UnixFileMode.GroupRead | UnixFileMode.GroupExecute | UnixFileMode.OtherRead | UnixFileMode.OtherExecute);
             foreach (var (name, content) in files)
                 File.WriteAllBytes(Path.Combine(dir, name), content);
-            return HostHasKvm ? RunLocally(dir, scenarios) : RunNested(dir, scenarios);
+            return UseLocalKvm ? RunLocally(dir, scenarios) : RunNested(dir, scenarios);
         }
         finally
         {

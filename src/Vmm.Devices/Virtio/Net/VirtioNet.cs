@@ -16,7 +16,7 @@ namespace Vmm.Devices.Virtio.Net;
 /// With no receive buffer posted, the frame waits and the tap is not read until the driver kicks queue 0:
 /// nothing is dropped, nothing spins. Frames that cannot fit the guest's buffers are dropped and counted.
 /// Served by one <see cref="VirtioWorker"/> thread; allocation-free once active.</summary>
-public sealed class VirtioNet : VirtioDevice
+public sealed class VirtioNet : VirtioDevice, IDeviceCounters
 {
     // Feature bits (§5.1.3).
     public const int F_CSUM = 0, F_GUEST_CSUM = 1, F_MAC = 5, F_MRG_RXBUF = 15, F_STATUS = 16;
@@ -51,9 +51,8 @@ public sealed class VirtioNet : VirtioDevice
     private int _pendingLength; // > 0: _packet holds a frame waiting for receive buffers
 
     private VirtioContext? _context;
-    private VirtioWorker? _worker;
     private bool _mergeable, _guestCsum, _rxStopped, _txStopped;
-    private long _rxPackets, _rxDropped, _txPackets, _txDropped, _badChains;
+    private long _rxPackets, _rxDropped, _txPackets, _txDropped, _badChains, _rxBytes, _txBytes;
 
     /// <summary>Opens (or creates) tap <paramref name="tapName"/>; <paramref name="mac"/> null: a random locally
     /// administered 52:54:00:xx:xx:xx.</summary>
@@ -99,6 +98,15 @@ public sealed class VirtioNet : VirtioDevice
     /// <summary>Chains the queue rejected (loops, addresses outside RAM, ...) or that had the wrong shape.</summary>
     public long BadChains => Volatile.Read(ref _badChains);
 
+    /// <summary>vm.counters, in Cloud Hypervisor's names: frame bytes without the virtio-net header.</summary>
+    public IReadOnlyList<KeyValuePair<string, ulong>> Counters() =>
+    [
+        new("rx_bytes", (ulong)Volatile.Read(ref _rxBytes)),
+        new("rx_frames", (ulong)Volatile.Read(ref _rxPackets)),
+        new("tx_bytes", (ulong)Volatile.Read(ref _txBytes)),
+        new("tx_frames", (ulong)Volatile.Read(ref _txPackets)),
+    ];
+
     public override void ReadConfig(int offset, Span<byte> data) => _config.AsSpan(offset, data.Length).CopyTo(data);
 
     public override void Activate(VirtioContext context)
@@ -119,14 +127,14 @@ public sealed class VirtioNet : VirtioDevice
             context.NeedsReset(e.Message);
             return;
         }
-        _worker = new VirtioWorker($"virtio-net {_tap.Name}", context.Kicks, _onQueue, [_tap.Fd], _onTap,
+        Worker = new VirtioWorker($"virtio-net {_tap.Name}", context.Kicks, _onQueue, [_tap.Fd], _onTap,
             pollExtraFd: _pollTap);
     }
 
     public override void Deactivate()
     {
-        _worker?.Dispose();
-        _worker = null;
+        Worker?.Dispose();
+        Worker = null;
         _context = null;
         _pendingLength = 0;
         ReleaseHeld();
@@ -211,7 +219,10 @@ public sealed class VirtioNet : VirtioDevice
         BinaryPrimitives.WriteUInt16LittleEndian(_txHeader.AsSpan(NumBuffersOffset), 0);
         _txVectors[0] = new IoVec(_txHeaderAddress, HeaderSize);
         long n = Uio.Writev(_tap.Fd, _txVectors.AsSpan(0, vectors));
-        return n == total;
+        if (n != total)
+            return false;
+        _txBytes += n - HeaderSize;
+        return true;
     }
 
     /// <summary>The host address of a guest address the queue already checked to lie in RAM.</summary>
@@ -327,6 +338,7 @@ public sealed class VirtioNet : VirtioDevice
         _heldCapacity = 0;
         _pendingLength = 0;
         _rxPackets++;
+        _rxBytes += length - HeaderSize;
         return RxOutcome.Delivered;
     }
 
