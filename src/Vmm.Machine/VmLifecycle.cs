@@ -44,23 +44,27 @@ public sealed class VmLifecycle : IDisposable
     private readonly Log _log;
     private readonly IVmEventSink? _events;
     private readonly Func<MachineConfig, Log, VirtualMachine> _build;
+    private readonly Func<MachineConfig> _configure;
     private VirtualMachine? _vm;
     private volatile VmState _state = VmState.Created;
     private VmOutcome? _lastOutcome;
     private TaskCompletionSource<VmOutcome> _ended = NewEnded();
     private bool _disposed;
 
-    public VmLifecycle(MachineConfig config, Log log, IVmEventSink? events = null, ResetAction onReset = ResetAction.Shutdown,
+    /// <param name="configure">Builds the machine's config at every boot (it reads the kernel and initrd files then,
+    /// so a boot after a shutdown boots what is on disk now).</param>
+    public VmLifecycle(Func<MachineConfig> configure, Log log, IVmEventSink? events = null, ResetAction onReset = ResetAction.Shutdown,
         Func<MachineConfig, Log, VirtualMachine>? build = null)
     {
-        Config = config;
+        _configure = configure;
         _log = log;
         _events = events;
         OnReset = onReset;
         _build = build ?? ((c, l) => new VirtualMachine(c, l));
     }
 
-    public MachineConfig Config { get; }
+    /// <summary>The config of the current or last boot.</summary>
+    public MachineConfig? Config { get; private set; }
 
     public ResetAction OnReset { get; }
 
@@ -116,7 +120,9 @@ public sealed class VmLifecycle : IDisposable
     private void BootLocked(string before, string after)
     {
         Emit("vm", before);
-        var vm = _build(Config, _log);
+        var config = _configure();
+        var vm = _build(config, _log);
+        Config = config;
         _vm = vm;
         _lastOutcome = null;
         if (_ended.Task.IsCompleted)

@@ -1,0 +1,334 @@
+using System.Globalization;
+using System.Text.Json;
+using Vmm.Boot;
+using Vmm.Machine;
+
+namespace Vmm.Api;
+
+/// <summary>A VmConfig vmm cannot run: each message names the field (JSON path) and says why, outermost first.</summary>
+public sealed class VmConfigException(IReadOnlyList<string> problems)
+    : Exception("invalid VmConfig: " + string.Join("; ", problems))
+{
+    public IReadOnlyList<string> Problems { get; } = problems;
+}
+
+/// <summary>Where the guest's console goes, resolved once per process from the config's serial and console sections
+/// (vmm has one console sink: the UART and the virtio-console port share it).</summary>
+public sealed record ConsoleStreams(Stream? Output, Stream? Input, bool InteractiveTerminal = false);
+
+/// <summary>Checks a <see cref="VmConfig"/> against what vmm implements, fills in defaults and device ids
+/// (<see cref="Normalize"/>), and turns it into the <see cref="MachineConfig"/> of one boot (<see cref="ToMachine"/>).
+/// Fields of CH's schema that vmm does not implement are accepted at their default value only, so a client that
+/// sends every default (Kata's generated client does) works, and one that asks for more is told what and why.</summary>
+public static class VmConfigMapper
+{
+    public const string DefaultRngSource = "/dev/urandom";
+
+    /// <summary>Validates <paramref name="c"/> and completes it in place: defaults for what vmm implements, CH-style
+    /// ids (`_disk0`, `_net1`, ...: one counter over all devices) where none was given. Throws
+    /// <see cref="VmConfigException"/> listing every problem.</summary>
+    public static void Normalize(VmConfig c)
+    {
+        var p = new List<string>();
+        if (c.Payload is null)
+            p.Add("payload: required");
+        else
+        {
+            Unsupported(p, "payload.firmware", c.Payload.Firmware, "vmm boots kernels directly (no firmware)");
+            Unsupported(p, "payload.igvm", c.Payload.Igvm, "IGVM images are not supported");
+            Unsupported(p, "payload.host_data", c.Payload.HostData, "confidential guests are not supported");
+            if (string.IsNullOrEmpty(c.Payload.Kernel))
+                p.Add("payload.kernel: required (a bzImage, PVH ELF, multiboot or ELF64 kernel)");
+        }
+        c.Cpus ??= new CpusConfig { BootVcpus = 1, MaxVcpus = 1 };
+        if (c.Cpus.BootVcpus < 1)
+            p.Add($"cpus.boot_vcpus: {c.Cpus.BootVcpus} is below the minimum 1");
+        if (c.Cpus.MaxVcpus != c.Cpus.BootVcpus)
+            p.Add($"cpus.max_vcpus: {c.Cpus.MaxVcpus} differs from boot_vcpus {c.Cpus.BootVcpus}: vCPU hotplug is not supported");
+        Unsupported(p, "cpus.topology", c.Cpus.Topology, "the topology is one core per vCPU");
+        NotTrue(p, "cpus.kvm_hyperv", c.Cpus.KvmHyperv, "Hyper-V enlightenments are not supported");
+        Unsupported(p, "cpus.max_phys_bits", c.Cpus.MaxPhysBits, "vmm sizes the physical address width from the devices' BARs");
+        Unsupported(p, "cpus.affinity", c.Cpus.Affinity, "vCPU affinity is not supported");
+        Unsupported(p, "cpus.features", c.Cpus.Features, "CPU feature selection is not supported");
+        Unsupported(p, "cpus.core_scheduling", c.Cpus.CoreScheduling, "core scheduling is not supported");
+
+        c.Memory ??= new MemoryConfig { Size = (long)MachineConfig.DefaultMemory };
+        var m = c.Memory;
+        if (m.Size <= 0)
+            p.Add($"memory.size: {m.Size} must be a positive number of bytes");
+        NotNonZero(p, "memory.hotplug_size", m.HotplugSize, "memory hotplug is not supported");
+        NotNonZero(p, "memory.hotplugged_size", m.HotpluggedSize, "memory hotplug is not supported");
+        NotTrue(p, "memory.mergeable", m.Mergeable, "KSM merging is not supported");
+        if (m.HotplugMethod is not null and not "Acpi")
+            p.Add($"memory.hotplug_method: \"{m.HotplugMethod}\" is not supported (memory hotplug is not supported)");
+        // Guest RAM is always a memfd mapped MAP_SHARED, so it is shared in CH's sense (a vhost-user backend can map it).
+        m.Shared ??= true;
+        NotTrue(p, "memory.hugepages", m.Hugepages, "hugepage-backed guest RAM is not supported yet");
+        Unsupported(p, "memory.hugepage_size", m.HugepageSize, "hugepage-backed guest RAM is not supported yet");
+        NotTrue(p, "memory.prefault", m.Prefault, "prefaulting is not supported (guest RAM is MAP_NORESERVE)");
+        NotTrue(p, "memory.reserve", m.Reserve, "reserving guest RAM is not supported (guest RAM is MAP_NORESERVE)");
+        Unsupported(p, "memory.zones", m.Zones, "memory zones are not supported");
+
+        Unsupported(p, "rate_limit_groups", c.RateLimitGroups, "rate limiting is not supported");
+        Unsupported(p, "balloon", c.Balloon, "virtio-balloon is not supported");
+        Unsupported(p, "fs", c.Fs, "virtio-fs is not supported yet");
+        Unsupported(p, "generic_vhost_user", c.GenericVhostUser, "vhost-user devices are not supported yet");
+        Unsupported(p, "pmem", c.Pmem, "virtio-pmem is not supported");
+        Unsupported(p, "vdpa", c.Vdpa, "vDPA is not supported");
+        Unsupported(p, "vsock", c.Vsock, "virtio-vsock is not supported yet");
+        Unsupported(p, "numa", c.Numa, "NUMA topologies are not supported");
+        NotTrue(p, "iommu", c.Iommu, "a virtual IOMMU is not supported");
+        NotTrue(p, "watchdog", c.Watchdog, "the virtio watchdog is not supported");
+        Unsupported(p, "rtc", c.Rtc, "the CMOS RTC always runs on host time");
+        NotTrue(p, "pvpanic", c.Pvpanic, "pvpanic is not supported");
+        Unsupported(p, "pci_segments", c.PciSegments, "vmm has one PCI segment");
+        Unsupported(p, "tpm", c.Tpm, "a TPM is not supported");
+        NotTrue(p, "landlock_enable", c.LandlockEnable, "Landlock is not supported yet");
+        Unsupported(p, "landlock_rules", c.LandlockRules, "Landlock is not supported yet");
+        Unsupported(p, "debug_console", c.DebugConsole is { ValueKind: JsonValueKind.Object } dc && dc.TryGetProperty("mode", out var mode)
+            && mode.ValueKind == JsonValueKind.String && mode.GetString() == "Off" ? null : c.DebugConsole, "the debug console is not supported (mode Off only)");
+        if (c.Platform is { } pl)
+        {
+            if (pl.NumPciSegments is not null and not 1)
+                p.Add($"platform.num_pci_segments: {pl.NumPciSegments} is not supported (vmm has one PCI segment)");
+            Unsupported(p, "platform.iommu_segments", pl.IommuSegments, "a virtual IOMMU is not supported");
+            Unsupported(p, "platform.iommu_address_width_bits", pl.IommuAddressWidthBits, "a virtual IOMMU is not supported");
+            foreach (var (name, value) in new[] { ("system_serial_number", pl.SystemSerialNumber), ("serial_number", pl.SerialNumber), ("system_uuid", pl.SystemUuid),
+                         ("uuid", pl.Uuid), ("system_manufacturer", pl.SystemManufacturer), ("system_product_name", pl.SystemProductName),
+                         ("system_version", pl.SystemVersion), ("system_family", pl.SystemFamily), ("system_sku_number", pl.SystemSkuNumber), ("chassis_asset_tag", pl.ChassisAssetTag) })
+                Unsupported(p, "platform." + name, value, "vmm has no SMBIOS tables");
+            Unsupported(p, "platform.oem_strings", pl.OemStrings, "vmm has no SMBIOS tables");
+            NotTrue(p, "platform.tdx", pl.Tdx, "confidential guests are not supported");
+            NotTrue(p, "platform.sev_snp", pl.SevSnp, "confidential guests are not supported");
+        }
+
+        int nextId = 0;
+        var ids = new HashSet<string>();
+        string Id(string? given, string prefix, string path)
+        {
+            string id = given ?? $"{prefix}{nextId++}";
+            if (!ids.Add(id))
+                p.Add($"{path}.id: \"{id}\" is used by another device");
+            return id;
+        }
+        for (int i = 0; i < (c.Disks?.Count ?? 0); i++)
+        {
+            var d = c.Disks![i];
+            string at = $"disks[{i}]";
+            if (string.IsNullOrEmpty(d.Path))
+                p.Add($"{at}.path: required (vhost-user disks are not supported yet)");
+            d.Readonly ??= false;
+            d.Direct ??= false;
+            NotTrue(p, at + ".iommu", d.Iommu, "a virtual IOMMU is not supported");
+            Only(p, at + ".num_queues", d.NumQueues, 1, "vmm serves one queue per disk");
+            Only(p, at + ".queue_size", d.QueueSize, 128, "vmm's queues hold up to 256 descriptors; set 128 (CH's default) or leave it out");
+            NotTrue(p, at + ".vhost_user", d.VhostUser, "vhost-user disks are not supported yet");
+            Unsupported(p, at + ".vhost_socket", d.VhostSocket, "vhost-user disks are not supported yet");
+            Unsupported(p, at + ".rate_limiter_config", d.RateLimiterConfig, "rate limiting is not supported");
+            Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
+            Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
+            Unsupported(p, at + ".rate_limit_group", d.RateLimitGroup, "rate limiting is not supported");
+            Unsupported(p, at + ".queue_affinity", d.QueueAffinity, "queue affinity is not supported");
+            NotTrue(p, at + ".backing_files", d.BackingFiles, "vmm serves raw images only");
+            if (d.Sparse == false)
+                p.Add($"{at}.sparse: false is not supported (discard punches holes)");
+            if (d.ImageType is not null and not "Raw")
+                p.Add($"{at}.image_type: \"{d.ImageType}\" is not supported (vmm serves raw images only)");
+            Unsupported(p, at + ".lock_granularity", d.LockGranularity, "image locking is not implemented yet");
+            if (d.Serial is { } serial && (serial.Length > 20 || serial.Any(ch => ch is < ' ' or > '~')))
+                p.Add($"{at}.serial: \"{serial}\" must be at most 20 printable ASCII characters");
+            d.Id = Id(d.Id, "_disk", at);
+        }
+        for (int i = 0; i < (c.Net?.Count ?? 0); i++)
+        {
+            var n = c.Net![i];
+            string at = $"net[{i}]";
+            if (string.IsNullOrEmpty(n.Tap))
+                p.Add($"{at}.tap: required (vmm attaches to a named tap; passing tap fds is not supported yet)");
+            else if (n.Tap.Length > 15 || n.Tap.Any(ch => ch is '/' or ' ' or ':' || char.IsControl(ch)))
+                p.Add($"{at}.tap: \"{n.Tap}\" is not a valid interface name");
+            if (n.Mac is not null && ParseMac(n.Mac) is null)
+                p.Add($"{at}.mac: \"{n.Mac}\" is not a unicast MAC such as 52:54:00:12:34:56");
+            Only(p, at + ".ip", n.Ip, "192.168.249.1", "vmm does not configure the host side of the tap");
+            Only(p, at + ".mask", n.Mask, "255.255.255.0", "vmm does not configure the host side of the tap");
+            Unsupported(p, at + ".host_mac", n.HostMac, "vmm does not configure the host side of the tap");
+            Unsupported(p, at + ".mtu", n.Mtu, "vmm does not set the MTU");
+            NotTrue(p, at + ".iommu", n.Iommu, "a virtual IOMMU is not supported");
+            Only(p, at + ".num_queues", n.NumQueues, 2, "vmm serves one receive and one transmit queue");
+            Only(p, at + ".queue_size", n.QueueSize, 256, "vmm's queues hold 256 descriptors");
+            NotTrue(p, at + ".vhost_user", n.VhostUser, "vhost-user networking is not supported yet");
+            Unsupported(p, at + ".vhost_socket", n.VhostSocket, "vhost-user networking is not supported yet");
+            Only(p, at + ".vhost_mode", n.VhostMode, "Client", "vhost-user networking is not supported yet");
+            Only(p, at + ".pci_segment", n.PciSegment, 0, "vmm has one PCI segment");
+            Unsupported(p, at + ".pci_device_id", n.PciDeviceId, "vmm assigns PCI slots in config order");
+            Unsupported(p, at + ".rate_limiter_config", n.RateLimiterConfig, "rate limiting is not supported");
+            if (n.OffloadTso == false || n.OffloadUfo == false || n.OffloadCsum == false)
+                p.Add($"{at}.offload_*: turning offloads off is not supported (vmm offers checksum offload and no TSO/UFO)");
+            n.Id = Id(n.Id, "_net", at);
+        }
+        if (c.Rng is { } rng)
+        {
+            if (rng.Src is not ("/dev/urandom" or "/dev/random"))
+                p.Add($"rng.src: \"{rng.Src}\" is not supported (vmm feeds virtio-rng from getrandom(2), as /dev/urandom does)");
+            NotTrue(p, "rng.iommu", rng.Iommu, "a virtual IOMMU is not supported");
+            Only(p, "rng.pci_segment", rng.PciSegment, 0, "vmm has one PCI segment");
+            Unsupported(p, "rng.pci_device_id", rng.PciDeviceId, "vmm assigns PCI slots in config order");
+            rng.Id ??= MachineConfig.RngId;
+        }
+        c.Serial ??= new ConsoleConfig { Mode = "Null" };
+        c.Console ??= new ConsoleConfig { Mode = "Tty" };
+        CheckConsole(p, "serial", c.Serial);
+        CheckConsole(p, "console", c.Console);
+        if (c.Console.Mode != "Off")
+            c.Console.Id ??= MachineConfig.ConsoleId;
+        if (c.Serial.Mode is not ("Off" or "Null") && c.Console.Mode is not ("Off" or "Null") && c.Serial.Mode != c.Console.Mode)
+            p.Add($"console.mode: {c.Console.Mode} with serial.mode {c.Serial.Mode}: vmm sends the UART and the virtio console to one place; give both the same mode or turn one Off");
+        if (c.Serial.Mode == "File" && c.Console.Mode == "File" && c.Serial.File != c.Console.File)
+            p.Add("console.file: vmm sends the UART and the virtio console to one file; give both the same file or turn one Off");
+        for (int i = 0; i < (c.Devices?.Count ?? 0); i++)
+        {
+            var d = c.Devices![i];
+            string at = $"devices[{i}]";
+            if (string.IsNullOrEmpty(d.Path))
+                p.Add($"{at}.path: required (a /sys/bus/pci/devices/DDDD:BB:DD.F or /sys/bus/mdev/devices/UUID directory)");
+            NotTrue(p, at + ".iommu", d.Iommu, "a virtual IOMMU is not supported");
+            Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
+            Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
+            Unsupported(p, at + ".x_nv_gpudirect_clique", d.XNvGpudirectClique, "GPUDirect cliques are not supported");
+            Unsupported(p, at + ".x_exclude_mmap_bars", d.XExcludeMmapBars, "vmm maps every mmappable BAR area");
+            d.Id = Id(d.Id, "_vfio", at);
+        }
+        for (int i = 0; i < (c.UserDevices?.Count ?? 0); i++)
+        {
+            var d = c.UserDevices![i];
+            string at = $"user_devices[{i}]";
+            if (string.IsNullOrEmpty(d.Socket))
+                p.Add($"{at}.socket: required");
+            Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
+            Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
+            d.Id = Id(d.Id, "_vfio_user", at);
+        }
+        if (p.Count > 0)
+            throw new VmConfigException(p);
+    }
+
+    /// <summary>The machine of one boot: reads the kernel and initrd now (a missing file is a config error naming the
+    /// field). <paramref name="builtInKernel"/> replaces payload.kernel (the demo guest).</summary>
+    public static MachineConfig ToMachine(VmConfig c, ConsoleStreams console, BootFile? builtInKernel = null)
+    {
+        var payload = c.Payload!;
+        var kernel = builtInKernel ?? ReadPayload(payload.Kernel!, "payload.kernel");
+        var initrd = payload.Initramfs is null ? null : ReadPayload(payload.Initramfs, "payload.initramfs");
+        bool p2p = c.Platform?.VfioP2pDma ?? true; // CH's default
+        var devices = new List<PassthroughConfig>();
+        foreach (var d in c.Devices ?? [])
+            devices.Add(new PassthroughConfig(PassthroughKind.Vfio, d.Path!, p2p, d.Id));
+        foreach (var d in c.UserDevices ?? [])
+            devices.Add(new PassthroughConfig(PassthroughKind.VfioUser, d.Socket!, p2p, d.Id));
+        return new MachineConfig
+        {
+            Kernel = kernel,
+            Module = initrd,
+            Arguments = payload.Cmdline ?? "",
+            MemoryBytes = (ulong)c.Memory!.Size,
+            Cpus = c.Cpus!.BootVcpus,
+            SerialOutput = console.Output,
+            SerialInput = console.Input,
+            ConsoleEscape = console.InteractiveTerminal,
+            Disks = (c.Disks ?? []).Select(d => new Machine.DiskConfig(d.Path!, d.Readonly == true, d.Direct == true, d.Serial, d.Id)).ToList(),
+            Nets = (c.Net ?? []).Select(n => new Machine.NetConfig(n.Tap!, n.Mac is null ? null : ParseMac(n.Mac), n.Id)).ToList(),
+            VirtioConsole = c.Console!.Mode != "Off",
+            VirtioRng = c.Rng is not null,
+            Devices = devices,
+        };
+    }
+
+    private static BootFile ReadPayload(string path, string field)
+    {
+        try
+        {
+            return new BootFile(path, File.ReadAllBytes(path));
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            throw new ConfigException($"{field} {path}: no such file");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new ConfigException($"{field} {path}: {e.Message}");
+        }
+    }
+
+    public static byte[]? ParseMac(string text)
+    {
+        string[] parts = text.Split(':');
+        var mac = new byte[6];
+        if (parts.Length != 6)
+            return null;
+        for (int i = 0; i < 6; i++)
+        {
+            if (parts[i].Length != 2 || !byte.TryParse(parts[i], NumberStyles.HexNumber, CultureInfo.InvariantCulture, out mac[i]))
+                return null;
+        }
+        return (mac[0] & 1) == 0 ? mac : null;
+    }
+
+    private static void CheckConsole(List<string> p, string at, ConsoleConfig c)
+    {
+        switch (c.Mode)
+        {
+            case "Off" or "Null" or "Tty":
+                Unsupported(p, at + ".file", c.File, $"only mode File takes a file");
+                break;
+            case "File":
+                if (string.IsNullOrEmpty(c.File))
+                    p.Add($"{at}.file: required with mode File");
+                break;
+            case "Pty" or "Socket":
+                p.Add($"{at}.mode: {c.Mode} is not supported (Off, Null, Tty or File)");
+                break;
+            default:
+                p.Add($"{at}.mode: \"{c.Mode}\" is not one of Off, Pty, Tty, File, Socket, Null");
+                break;
+        }
+        Unsupported(p, at + ".socket", c.Socket, "socket consoles are not supported");
+        NotTrue(p, at + ".iommu", c.Iommu, "a virtual IOMMU is not supported");
+        Only(p, at + ".pci_segment", c.PciSegment, 0, "vmm has one PCI segment");
+        Unsupported(p, at + ".pci_device_id", c.PciDeviceId, "vmm assigns PCI slots in config order");
+    }
+
+    private static void Unsupported(List<string> p, string path, object? value, string why)
+    {
+        if (value is null)
+            return;
+        if (value is JsonElement { ValueKind: JsonValueKind.Null })
+            return;
+        if (value is JsonElement { ValueKind: JsonValueKind.Array } array && array.GetArrayLength() == 0)
+            return; // an empty list asks for nothing
+        p.Add($"{path}: not supported: {why}");
+    }
+
+    private static void NotTrue(List<string> p, string path, bool? value, string why)
+    {
+        if (value == true)
+            p.Add($"{path}: true is not supported: {why}");
+    }
+
+    private static void NotNonZero(List<string> p, string path, long? value, string why)
+    {
+        if (value is not null and not 0)
+            p.Add($"{path}: {value} is not supported: {why}");
+    }
+
+    private static void Only<T>(List<string> p, string path, T? value, T allowed, string why) where T : struct, IEquatable<T>
+    {
+        if (value is { } v && !v.Equals(allowed))
+            p.Add($"{path}: {v} is not supported: {why}");
+    }
+
+    private static void Only(List<string> p, string path, string? value, string allowed, string why)
+    {
+        if (value is not null && value != allowed)
+            p.Add($"{path}: \"{value}\" is not supported: {why}");
+    }
+}
