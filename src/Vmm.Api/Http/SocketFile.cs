@@ -1,0 +1,71 @@
+using System.Net.Sockets;
+using System.Text;
+using Tmds.Linux;
+using Vmm.Interop;
+
+namespace Vmm.Api.Http;
+
+/// <summary>The API socket's file: its type and identity (statx), and a bind done with libc rather than
+/// <see cref="Socket.Bind"/>, because a .NET socket bound to a path deletes that path when disposed — even after
+/// another server has replaced the file; the server removes its file itself, and only while it is still its own.</summary>
+internal static unsafe class SocketFile
+{
+    /// <summary>sun_path holds 108 bytes including the terminating NUL.</summary>
+    public const int MaxPathBytes = 107;
+
+    public enum Kind { Missing, Socket, Other }
+
+    /// <summary>What is at <paramref name="path"/> (not following a symlink) and its (device, inode).</summary>
+    public static Kind Stat(string path, out (ulong Device, ulong Inode) identity)
+    {
+        identity = default;
+        byte[] name = NulTerminated(path);
+        statx buffer;
+        int r;
+        fixed (byte* p = name)
+        {
+            do
+                r = LibC.statx(LibC.AT_FDCWD, p, LibC.AT_SYMLINK_NOFOLLOW, LibC.STATX_TYPE | LibC.STATX_INO, &buffer);
+            while (r < 0 && Errno.Last == Errno.EINTR);
+        }
+        if (r < 0)
+        {
+            int errno = Errno.Last;
+            if (errno == Errno.ENOENT)
+                return Kind.Missing;
+            throw new ApiSocketException($"{path}: cannot stat: {Errno.Describe(errno)}");
+        }
+        identity = (((ulong)buffer.stx_dev_major << 32) | buffer.stx_dev_minor, buffer.stx_ino);
+        return (buffer.stx_mode & LibC.S_IFMT) == LibC.S_IFSOCK ? Kind.Socket : Kind.Other;
+    }
+
+    /// <summary>A new AF_UNIX stream socket bound to <paramref name="path"/> (close-on-exec), as a .NET socket
+    /// that does not know the path.</summary>
+    public static Socket Bind(string path)
+    {
+        var address = new sockaddr_un { sun_family = LibC.AF_UNIX };
+        byte[] name = NulTerminated(path);
+        if (name.Length - 1 > MaxPathBytes)
+            throw new ApiSocketException($"{path}: a unix socket path is at most {MaxPathBytes} bytes");
+        name.CopyTo(new Span<byte>((byte*)&address + 2, 108));
+        int fd = LibC.socket(LibC.AF_UNIX, LibC.SOCK_STREAM | LibC.SOCK_CLOEXEC, 0);
+        if (fd < 0)
+            throw new ApiSocketException($"{path}: socket(AF_UNIX) failed: {Errno.Describe(Errno.Last)}");
+        if (LibC.bind(fd, (sockaddr*)&address, (uint)sizeof(sockaddr_un)) < 0)
+        {
+            int errno = Errno.Last;
+            LibC.close(fd);
+            throw new ApiSocketException($"{path}: cannot bind: {Errno.Describe(errno)}");
+        }
+        return new Socket(new SafeSocketHandle(fd, ownsHandle: true));
+    }
+
+    public static int ByteCount(string path) => Encoding.UTF8.GetByteCount(path);
+
+    private static byte[] NulTerminated(string path)
+    {
+        byte[] bytes = new byte[Encoding.UTF8.GetByteCount(path) + 1];
+        Encoding.UTF8.GetBytes(path, bytes);
+        return bytes;
+    }
+}
