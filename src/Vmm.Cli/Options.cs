@@ -33,6 +33,17 @@ public sealed class Options
     public List<PassthroughConfig> Devices { get; } = [];
     public bool VirtioConsole { get; set; }
     public bool Rng { get; set; }
+    /// <summary>--api-socket: <c>path=PATH</c>, <c>fd=N</c> or a bare path (Cloud Hypervisor's forms).</summary>
+    public string? ApiSocket { get; set; }
+    public string? ConfigFile { get; set; }
+    public string? EventMonitor { get; set; }
+    /// <summary>--on-reboot was given (otherwise an API-only vmm reboots on a guest reset, as CH does).</summary>
+    public bool OnRebootGiven { get; set; }
+    /// <summary>Flags that describe the VM itself (they build the VmConfig; --config replaces them all).</summary>
+    public List<string> VmFlags { get; } = [];
+
+    /// <summary>`vmm --api-socket PATH` alone: no VM until vm.create / vm.boot.</summary>
+    public bool ApiOnly => ApiSocket is not null && !Demo && Kernel is null && ConfigFile is null;
 
     public const string HelpText = """
         vmm — a KVM virtual machine monitor
@@ -42,6 +53,10 @@ public sealed class Options
                                       --kernel, the same as 'vmm run' 
           vmm demo [OPTIONS]          boot the built-in demo guest; exit 0 when it reports success
           vmm run --kernel PATH [OPTIONS]
+          vmm run --config FILE.json [OPTIONS]
+          vmm --api-socket PATH [OPTIONS]   no VM: wait for vm.create and vm.boot on the API
+          vmm remote --api-socket PATH COMMAND [ARGS]
+                                      the API client (vmm remote --help)
           vmm --help | --version
 
         Options for 'run' (and, where they apply, 'demo'):
@@ -81,6 +96,13 @@ public sealed class Options
           --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)
           --on-reboot ACTION   a guest reset (i8042, ACPI reset register): exit (default: vmm exits 0)
                                or restart (a fresh VM boots the same kernel; RAM is not kept)
+          --config FILE        the VM as a Cloud Hypervisor VmConfig JSON file (the body of vm.create),
+                               instead of --kernel, --disk and the other VM flags
+          --api-socket PATH    serve Cloud Hypervisor's REST API on a Unix socket (also path=PATH or
+                               fd=N); the socket file is mode 0600, appears once the API answers and is
+                               removed on exit. See docs/api.md
+          --event-monitor path=FILE|fd=N
+                               write lifecycle events as Cloud Hypervisor does (JSON objects)
           -h, --help           this text
 
         Guest protocol: writing v to I/O port 0xf4 (isa-debug-exit) ends the VM; vmm exits with (v<<1)|1.
@@ -96,6 +118,8 @@ public sealed class Options
                     with registers and the disassembled code at RIP goes to stderr
           10        a vCPU halted with nothing to wake it (only with --no-irqchip)
           12        vmm failed (a system call error)
+        SIGTERM, SIGINT (when stdin is not a terminal) and SIGHUP stop the VM in order, release
+        everything and exit 0, as vm.shutdown followed by vmm.shutdown does.
         """;
 
     public static Options Parse(string[] args)
@@ -137,9 +161,29 @@ public sealed class Options
                     throw new UsageException($"{arg} needs a value");
                 return args[++i];
             }
+            if (arg is "--kernel" or "--initrd" or "--cmdline" or "--memory" or "--cpus" or "--serial" or "--disk" or "--net"
+                or "--device" or "--console" or "--rng")
+                o.VmFlags.Add(arg);
             switch (arg)
             {
                 case "-h": case "--help": o.Help = true; break;
+                case "--api-socket":
+                {
+                    string v = Value();
+                    if (v.Length == 0 || v is "path=" or "fd=")
+                        throw new UsageException("--api-socket needs path=PATH, fd=N or a path");
+                    o.ApiSocket = v;
+                    break;
+                }
+                case "--config": o.ConfigFile = Value(); break;
+                case "--event-monitor":
+                {
+                    string v = Value();
+                    if (!v.StartsWith("path=", StringComparison.Ordinal) && !v.StartsWith("fd=", StringComparison.Ordinal) || v.Length <= 5 && v.StartsWith("path=", StringComparison.Ordinal) || v == "fd=")
+                        throw new UsageException($"--event-monitor must be path=FILE or fd=N, not '{v}'");
+                    o.EventMonitor = v;
+                    break;
+                }
                 case "--kernel": o.Kernel = Value(); break;
                 case "--initrd": o.Initrd = Value(); break;
                 case "--cmdline": o.Cmdline = Value(); break;
@@ -189,6 +233,7 @@ public sealed class Options
                 case "--on-reboot":
                 {
                     string v = Value();
+                    o.OnRebootGiven = true;
                     o.OnReboot = v switch
                     {
                         "exit" => RebootAction.Exit,
@@ -201,12 +246,19 @@ public sealed class Options
                     throw new UsageException($"unknown option '{args[i]}' (see vmm --help)");
             }
         }
-        if (!o.Help && !o.Demo && o.Kernel is null)
+        if (o.ConfigFile is not null && o.VmFlags.Count > 0)
+            throw new UsageException($"--config describes the whole VM: {string.Join(", ", o.VmFlags.Distinct())} cannot be given with it");
+        if (!o.Help && !o.Demo && o.Kernel is null && o.ConfigFile is null)
         {
             if (explicitRun)
-                throw new UsageException("'run' needs --kernel PATH (or run 'vmm' alone for the demo guest)");
-            o.Demo = true; // "vmm --stats" and the like: options for the demo guest
+                throw new UsageException("'run' needs --kernel PATH or --config FILE (or run 'vmm' alone for the demo guest)");
+            if (o.ApiSocket is null)
+                o.Demo = true; // "vmm --stats" and the like: options for the demo guest
+            else if (o.VmFlags.Count > 0)
+                throw new UsageException($"{string.Join(", ", o.VmFlags.Distinct())} without --kernel: give 'run --kernel PATH', or create the VM through the API");
         }
+        if (o.Demo && o.ConfigFile is not null)
+            throw new UsageException("'demo' boots the built-in guest: --config belongs to 'run'");
         if (o.Demo && (o.Kernel is not null || o.Initrd is not null))
             throw new UsageException("'demo' boots the built-in guest: --kernel and --initrd belong to 'run'");
         return o;

@@ -2,6 +2,8 @@ using System.Runtime.InteropServices;
 using Vmm.Boot;
 using Vmm.Interop;
 using Vmm.Kvm;
+using Vmm.Api;
+using Vmm.Api.Http;
 using Vmm.Machine;
 
 namespace Vmm.Cli;
@@ -10,6 +12,8 @@ public static class Program
 {
     public static int Main(string[] args)
     {
+        if (args.Length > 0 && args[0] == "remote")
+            return RemoteCommand.Run(args[1..]);
         Options options;
         try
         {
@@ -36,88 +40,69 @@ public static class Program
     private static int Run(Options options)
     {
         var log = new Log(options.LogLevel);
-        Stream? serialOut = null;
         RawTerminal? terminal = null;
-        PosixSignalRegistration? onTerm = null, onHup = null;
+        var signals = new List<PosixSignalRegistration>();
+        EventMonitor? events = null;
+        VmmService? service = null;
+        HttpServer? server = null;
+        var opened = new List<Stream>();
         try
         {
-            BootFile kernel;
-            BootFile? module = null;
-            if (options.Demo)
+            events = options.EventMonitor is null ? null : EventMonitor.Open(options.EventMonitor, log);
+            events?.Emit("vmm", "starting");
+            var onReset = options.OnRebootGiven || !options.ApiOnly
+                ? (options.OnReboot == RebootAction.Restart ? ResetAction.Reboot : ResetAction.Shutdown)
+                : ResetAction.Reboot; // an API-only vmm reboots on a guest reset, as Cloud Hypervisor does
+            ConsoleStreams OpenConsole(VmConfig c)
             {
-                kernel = DemoGuest.Build();
+                var (streams, raw) = OpenConsoleStreams(c, log, opened);
+                terminal ??= raw;
+                return streams;
             }
-            else
+            service = new VmmService(log, events, OpenConsole, onReset,
+                adjust: m => options.NoIrqchip ? m with { InKernelIrqchip = false } : m,
+                builtInKernel: options.Demo ? DemoGuest.Build() : null);
+            var svc = service;
+            // An orderly stop on SIGTERM, SIGINT (a terminal in raw mode sends none: Ctrl-C goes to the guest) and
+            // SIGHUP: the VM is stopped and everything released, as vm.shutdown + vmm.shutdown would.
+            foreach (var signal in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT, PosixSignal.SIGHUP })
             {
-                kernel = ReadBootFile(options.Kernel!, "--kernel");
-                if (options.Initrd is not null)
-                    module = ReadBootFile(options.Initrd, "--initrd");
-            }
-            Stream? serialIn = null;
-            switch (options.Serial)
-            {
-                case SerialMode.Stdio:
-                    serialOut = Console.OpenStandardOutput();
-                    serialIn = Console.IsInputRedirected && IsNullDevice() ? null : Console.OpenStandardInput();
-                    if (!Console.IsInputRedirected)
-                    {
-                        // An interactive terminal: raw mode so every key (Ctrl-C too) reaches the guest; Ctrl-A x quits.
-                        terminal = RawTerminal.TryEnter(0);
-                        if (terminal is not null)
-                        {
-                            var t = terminal;
-                            onTerm = PosixSignalRegistration.Create(PosixSignal.SIGTERM, _ => t.Dispose());
-                            onHup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, _ => t.Dispose());
-                            log.Info("console: raw terminal; press Ctrl-A x to quit");
-                        }
-                    }
-                    break;
-                case SerialMode.File:
-                    try
-                    {
-                        serialOut = new FileStream(options.SerialPath!, FileMode.Append, FileAccess.Write, FileShare.Read);
-                    }
-                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-                    {
-                        throw new UsageException($"--serial file:{options.SerialPath}: {e.Message}");
-                    }
-                    break;
-            }
-            var config = new MachineConfig
-            {
-                Kernel = kernel,
-                Module = module,
-                Arguments = options.Cmdline,
-                MemoryBytes = options.Memory,
-                Cpus = options.Cpus,
-                SerialOutput = serialOut,
-                SerialInput = serialIn,
-                InKernelIrqchip = !options.NoIrqchip,
-                Disks = options.Disks,
-                Nets = options.Nets,
-                Devices = options.Devices,
-                VirtioConsole = options.VirtioConsole,
-                VirtioRng = options.Rng,
-                ConsoleEscape = terminal is not null,
-            };
-
-            for (int boot = 1; ; boot++)
-            {
-                VmOutcome outcome;
-                string stats;
-                using (var vm = new VirtualMachine(config, log))
+                signals.Add(PosixSignalRegistration.Create(signal, ctx =>
                 {
-                    outcome = vm.Run();
-                    vm.Dispose(); // flushes the console before we report
-                    stats = vm.DescribeStats();
-                }
-                if (options.Stats || log.IsEnabled(LogLevel.Debug))
-                    Console.Error.WriteLine(string.Join('\n', stats.Split('\n').Select(l => "vmm: stats: " + l)));
-                if (!ShouldRestart(outcome, options))
-                    return Report(outcome, options, log);
-                // A fresh machine, as after a cold reset: RAM is not kept, the kernel is loaded again.
-                log.Info($"{outcome.Message}: restarting the VM (--on-reboot restart, boot {boot + 1})");
+                    ctx.Cancel = true;
+                    terminal?.Dispose();
+                    log.Info($"{ctx.Signal}: stopping the VM");
+                    ThreadPool.UnsafeQueueUserWorkItem(_ => svc.ShutdownVmm(ExitStatus.Success), null);
+                }));
             }
+            if (options.ApiSocket is not null)
+            {
+                server = StartApi(options.ApiSocket, new ApiHandler(service, log), log);
+                log.Info($"API on {server.Path ?? options.ApiSocket}");
+            }
+            if (options.ApiOnly)
+                return service.ExitRequested.GetAwaiter().GetResult();
+
+            var config = options.ConfigFile is not null ? ReadConfigFile(options.ConfigFile) : CliVmConfig.From(options);
+            try
+            {
+                service.Create(config);
+            }
+            catch (ApiException e)
+            {
+                throw new ConfigException(string.Join(": ", e.Messages.Skip(2)));
+            }
+            var lifecycle = service.Lifecycle!;
+            lifecycle.Boot(); // errors keep their types: each has its exit status
+            if (server is not null)
+            {
+                // The API controls the VM from here: the process ends with vmm.shutdown or a signal.
+                return service.ExitRequested.GetAwaiter().GetResult();
+            }
+            var outcome = lifecycle.Ended.GetAwaiter().GetResult();
+            if ((options.Stats || log.IsEnabled(LogLevel.Debug)) && lifecycle.LastStats is { } stats)
+                Console.Error.WriteLine(string.Join('\n', stats.Split('\n').Select(l => "vmm: stats: " + l)));
+            return Report(outcome, options, log);
         }
         catch (UsageException e)
         {
@@ -127,6 +112,11 @@ public static class Program
         catch (ConfigException e)
         {
             log.Error(e.Message);
+            return ExitStatus.Usage;
+        }
+        catch (ApiSocketException e)
+        {
+            log.Error($"--api-socket: {e.Message}");
             return ExitStatus.Usage;
         }
         catch (KvmUnavailableException e)
@@ -153,11 +143,93 @@ public static class Program
         }
         finally
         {
+            server?.Dispose(); // the socket file goes first: nobody must find a socket that no longer answers
+            service?.Dispose();
+            events?.Dispose();
             terminal?.Dispose();
-            onTerm?.Dispose();
-            onHup?.Dispose();
-            if (options.Serial == SerialMode.File)
-                serialOut?.Dispose();
+            foreach (var s in signals)
+                s.Dispose();
+            foreach (var s in opened)
+                s.Dispose();
+        }
+    }
+
+    /// <summary>`--api-socket path=PATH`, `fd=N` (an inherited socket, bound by the caller) or a bare path.</summary>
+    private static HttpServer StartApi(string spec, ApiHandler handler, Log log)
+    {
+        Action<string> httpLog = m => log.Debug($"api: {m}");
+        if (spec.StartsWith("fd=", StringComparison.Ordinal))
+        {
+            if (!int.TryParse(spec.AsSpan(3), out int fd) || fd < 0)
+                throw new UsageException($"--api-socket {spec}: fd must be a file descriptor number");
+            return HttpServer.FromListeningFd(fd, handler, log: httpLog);
+        }
+        string path = spec.StartsWith("path=", StringComparison.Ordinal) ? spec[5..] : spec;
+        return HttpServer.Listen(path, handler, log: httpLog);
+    }
+
+    private static VmConfig ReadConfigFile(string path)
+    {
+        byte[] json;
+        try
+        {
+            json = File.ReadAllBytes(path);
+        }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
+        {
+            throw new UsageException($"--config {path}: no such file");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new UsageException($"--config {path}: {e.Message}");
+        }
+        try
+        {
+            return ApiHandler.ParseVmConfig(json);
+        }
+        catch (VmConfigException e)
+        {
+            throw new UsageException($"--config {path}: {string.Join("; ", e.Problems)}");
+        }
+    }
+
+    /// <summary>The console streams a VmConfig asks for: Tty is this process's stdout (and stdin, put in raw mode when it
+    /// is a terminal), File appends to the file; Off and Null discard.</summary>
+    private static (ConsoleStreams, RawTerminal?) OpenConsoleStreams(VmConfig c, Log log, List<Stream> opened)
+    {
+        var serial = c.Serial!;
+        var console = c.Console!;
+        string mode = serial.Mode is "Tty" or "File" ? serial.Mode : console.Mode;
+        string? file = serial.Mode == "File" ? serial.File : console.File;
+        switch (mode)
+        {
+            case "Tty":
+            {
+                var output = Console.OpenStandardOutput();
+                Stream? input = Console.IsInputRedirected && IsNullDevice() ? null : Console.OpenStandardInput();
+                RawTerminal? terminal = null;
+                if (!Console.IsInputRedirected)
+                {
+                    // An interactive terminal: raw mode so every key (Ctrl-C too) reaches the guest; Ctrl-A x quits.
+                    terminal = RawTerminal.TryEnter(0);
+                    if (terminal is not null)
+                        log.Info("console: raw terminal; press Ctrl-A x to quit");
+                }
+                return (new ConsoleStreams(output, input, terminal is not null), terminal);
+            }
+            case "File":
+                try
+                {
+                    var stream = new FileStream(file!, FileMode.Append, FileAccess.Write, FileShare.Read);
+                    opened.Add(stream);
+                    return (new ConsoleStreams(stream, null), null);
+                }
+                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                {
+                    throw new ConfigException($"--serial file:{file}: {e.Message}");
+                }
+            default:
+                return (new ConsoleStreams(null, null), null);
         }
     }
 
@@ -180,6 +252,7 @@ public static class Program
                 return ExitStatus.FromDebugExit(outcome.DebugExitValue);
             case VmExitKind.PowerOff:
             case VmExitKind.Reset:
+            case VmExitKind.Stopped:
                 log.Info(outcome.Message);
                 return ExitStatus.Success;
             case VmExitKind.Halted:

@@ -128,6 +128,7 @@ internal sealed class HttpConnection
             Disarm();
             HttpResponse response = await CallHandlerAsync(request).ConfigureAwait(false);
             await WriteAsync(response, keepAlive, request.Version == "HTTP/1.1", request.Method == "HEAD").ConfigureAwait(false);
+            response.AfterSent?.Invoke();
             if (!keepAlive)
             {
                 await LingerAsync().ConfigureAwait(false);

@@ -13,6 +13,9 @@ public sealed class HttpResponse
 
     public ReadOnlyMemory<byte> Body { get; }
 
+    /// <summary>Runs once the response has been written to the client (vmm.shutdown ends the process only then).</summary>
+    public Action? AfterSent { get; init; }
+
     public HttpResponse(int status, ReadOnlyMemory<byte> body = default, string? contentType = null)
     {
         // 1xx are not final responses (the server sends 100 Continue itself); 204 has no body by definition.

@@ -62,6 +62,8 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
         HttpServer? server = null;
         try
         {
+            if (!OperatingSystem.IsLinux())
+                throw new PlatformNotSupportedException("vmm runs on Linux");
             File.SetUnixFileMode(bound, UnixFileMode.UserRead | UnixFileMode.UserWrite);
             listener.Listen(Backlog(limits));
             SocketFile.Stat(bound, out var identity);

@@ -1,0 +1,245 @@
+using System.Reflection;
+using Vmm.Boot;
+using Vmm.Kvm;
+using Vmm.Machine;
+
+namespace Vmm.Api;
+
+/// <summary>An API error: the HTTP status and Cloud Hypervisor's error body, outermost message first.</summary>
+public sealed class ApiException(int status, params string[] messages) : Exception(string.Join(": ", messages))
+{
+    public int Status { get; } = status;
+    public IReadOnlyList<string> Messages { get; } = messages;
+}
+
+/// <summary>The VMM process as the control plane sees it: at most one VM (its <see cref="VmConfig"/> and
+/// <see cref="VmLifecycle"/>), and the process's own end (vmm.shutdown). The API handler, the command line and the
+/// signal handlers all act through here. Status codes: what the state forbids is 405 (as CH's OpenAPI document
+/// says for pause, shutdown, reboot and power-button), no VM is 404, a second vm.create is 409, a config vmm
+/// cannot run is 400.</summary>
+public sealed class VmmService : IDisposable
+{
+    private readonly Lock _lock = new();
+    private readonly Log _log;
+    private readonly IVmEventSink? _events;
+    private readonly Func<VmConfig, ConsoleStreams> _consoleFor;
+    private readonly ResetAction _onReset;
+    private readonly Func<MachineConfig, MachineConfig> _adjust;
+    private readonly TaskCompletionSource<int> _exit = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private VmConfig? _config;
+    private VmLifecycle? _lifecycle;
+    private ConsoleStreams? _console;
+
+    /// <param name="consoleFor">Opens the console streams a config asks for (stdio, a file); called once per vm.create.</param>
+    /// <param name="adjust">Applies the command line's machine options that have no place in VmConfig (--no-irqchip).</param>
+    public VmmService(Log log, IVmEventSink? events, Func<VmConfig, ConsoleStreams> consoleFor, ResetAction onReset = ResetAction.Reboot,
+        Func<MachineConfig, MachineConfig>? adjust = null, BootFile? builtInKernel = null)
+    {
+        _log = log;
+        _events = events;
+        _consoleFor = consoleFor;
+        _onReset = onReset;
+        _adjust = adjust ?? (c => c);
+        BuiltInKernel = builtInKernel;
+    }
+
+    /// <summary>The demo guest's kernel, used instead of payload.kernel.</summary>
+    public BootFile? BuiltInKernel { get; }
+
+    public static string Version => typeof(VmmService).Assembly.GetName().Version?.ToString(3) ?? "0.0.0";
+
+    public static string BuildVersion =>
+        typeof(VmmService).Assembly.GetCustomAttribute<AssemblyInformationalVersionAttribute>()?.InformationalVersion ?? Version;
+
+    /// <summary>Completes with the process exit status once vmm.shutdown (or a signal) asked the process to end.</summary>
+    public Task<int> ExitRequested => _exit.Task;
+
+    public VmLifecycle? Lifecycle
+    {
+        get
+        {
+            lock (_lock)
+                return _lifecycle;
+        }
+    }
+
+    public VmmPingResponse Ping() => new()
+    {
+        BuildVersion = BuildVersion,
+        Version = Version,
+        Pid = Environment.ProcessId,
+        Features = ["kvm"],
+    };
+
+    /// <summary>vm.create: validates and stores the config (the VM is built at vm.boot).</summary>
+    public void Create(VmConfig config)
+    {
+        lock (_lock)
+        {
+            if (_config is not null)
+                throw new ApiException(409, "Error from API", "The VM could not be created", "VM is already created");
+            try
+            {
+                VmConfigMapper.Normalize(config);
+            }
+            catch (VmConfigException e)
+            {
+                throw new ApiException(400, ["Error from API", "The VM could not be created", .. e.Problems]);
+            }
+            ConsoleStreams console;
+            try
+            {
+                console = _consoleFor(config);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or ConfigException)
+            {
+                throw new ApiException(400, "Error from API", "The VM could not be created", e.Message);
+            }
+            _config = config;
+            _console = console;
+            _lifecycle = new VmLifecycle(() => _adjust(VmConfigMapper.ToMachine(config, console, BuiltInKernel)), _log, _events, _onReset);
+        }
+    }
+
+    public void Boot() => Act("The VM could not boot", l => l.Boot());
+
+    public void Pause() => Act("The VM could not be paused", l => l.Pause());
+
+    public void Resume() => Act("The VM could not resume", l => l.Resume());
+
+    public void Shutdown() => Act("The VM could not shutdown", l => l.Shutdown());
+
+    public void Reboot() => Act("The VM could not reboot", l => l.Reboot());
+
+    public void PowerButton() => Act("Error triggering power button", l => l.PowerButton());
+
+    /// <summary>vm.delete: stops the VM if it runs and forgets its config.</summary>
+    public void Delete()
+    {
+        VmLifecycle? lifecycle;
+        lock (_lock)
+        {
+            lifecycle = _lifecycle;
+            _lifecycle = null;
+            _config = null;
+            CloseConsole();
+        }
+        if (lifecycle is null)
+            return;
+        lifecycle.Dispose();
+        Emit("vm", "deleted");
+    }
+
+    /// <summary>vmm.shutdown or a signal: stops the VM, releases it and lets the process end with <paramref name="status"/>.</summary>
+    public void ShutdownVmm(int status = 0)
+    {
+        Delete();
+        Emit("vmm", "shutdown");
+        _exit.TrySetResult(status);
+    }
+
+    public VmInfo Info()
+    {
+        VmConfig config;
+        VmLifecycle lifecycle;
+        lock (_lock)
+        {
+            if (_config is null || _lifecycle is null)
+                throw new ApiException(404, "Error from API", "The VM info is not available", "VM is not created");
+            config = _config;
+            lifecycle = _lifecycle;
+        }
+        var info = new VmInfo
+        {
+            Config = config,
+            State = lifecycle.State.ToString(),
+            MemoryActualSize = config.Memory!.Size,
+        };
+        var machine = lifecycle.Machine;
+        if (machine is not null)
+        {
+            info.DeviceTree = [];
+            foreach (var d in machine.PciDevices)
+                info.DeviceTree[d.Id] = new DeviceNode { Id = d.Id, PciBdf = d.Bdf };
+        }
+        return info;
+    }
+
+    /// <summary>vm.counters: per device (CH's counter names) and per vCPU (exits by reason).</summary>
+    public Dictionary<string, Dictionary<string, ulong>> Counters()
+    {
+        var machine = RunningMachine("The VM counters are not available");
+        var result = new Dictionary<string, Dictionary<string, ulong>>();
+        foreach (var d in machine.DeviceCounters())
+            result[d.Id] = d.Values.ToDictionary(v => v.Key, v => v.Value);
+        var stats = machine.VcpuStats;
+        for (int i = 0; i < stats.Count; i++)
+        {
+            var s = stats[i];
+            result[$"vcpu{i}"] = new()
+            {
+                ["exits"] = (ulong)s.Exits,
+                ["io_exits"] = (ulong)s.PioExits,
+                ["mmio_exits"] = (ulong)s.MmioExits,
+                ["interrupted_runs"] = (ulong)s.InterruptedRuns,
+            };
+        }
+        return result;
+    }
+
+    private VirtualMachine RunningMachine(string what)
+    {
+        var lifecycle = Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
+        if (lifecycle.State is not (VmState.Running or VmState.Paused))
+            throw new ApiException(405, "Error from API", what, $"VM is not running (it is {lifecycle.State})");
+        return lifecycle.Machine ?? throw new ApiException(405, "Error from API", what, "VM is not running");
+    }
+
+    /// <summary>One lifecycle action with the errors translated: the state (405), the config (400), KVM or vmm (500).</summary>
+    private void Act(string what, Action<VmLifecycle> action)
+    {
+        var lifecycle = Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
+        try
+        {
+            action(lifecycle);
+        }
+        catch (VmStateException e)
+        {
+            throw new ApiException(405, "Error from API", what, e.Message);
+        }
+        catch (Exception e) when (e is ConfigException or KernelImageException)
+        {
+            throw new ApiException(400, "Error from API", what, e.Message);
+        }
+        catch (TimeoutException e)
+        {
+            throw new ApiException(500, "Error from API", what, e.Message);
+        }
+        catch (Exception e) when (e is KvmUnavailableException or Interop.SyscallException)
+        {
+            throw new ApiException(500, "Error from API", what, e.Message);
+        }
+    }
+
+    private void Emit(string source, string name)
+    {
+        try
+        {
+            _events?.Emit(source, name);
+        }
+        catch (Exception e)
+        {
+            _log.Warn($"event monitor: {e.Message}");
+        }
+    }
+
+    private void CloseConsole()
+    {
+        // stdout and stdin are the process's; only a file opened for the VM is closed.
+        if (_console?.Output is FileStream f)
+            f.Dispose();
+        _console = null;
+    }
+
+    public void Dispose() => Delete();
+}
