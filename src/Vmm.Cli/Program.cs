@@ -83,6 +83,11 @@ public static class Program
             if (options.ApiOnly)
                 return service.ExitRequested.GetAwaiter().GetResult();
 
+            // The flags' files are checked here so that an error names the flag, not the VmConfig field it became.
+            if (options.Kernel is not null)
+                ReadBootFile(options.Kernel, "--kernel");
+            if (options.Initrd is not null)
+                ReadBootFile(options.Initrd, "--initrd");
             var config = options.ConfigFile is not null ? ReadConfigFile(options.ConfigFile) : CliVmConfig.From(options);
             try
             {
