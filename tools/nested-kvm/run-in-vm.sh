@@ -42,9 +42,10 @@ readonly TIMEOUT_RC=124
 readonly BASE_FORMAT=2 # bump when the base initramfs layout changes (init script changes are hashed)
 # Modules loaded in the guest (plus their deps): kvm_amd for /dev/kvm, tun for /dev/net/tun (virtio-net tests).
 readonly GUEST_MODULES="kvm_amd tun"
-# Modules kept in the cache for the guests the tests boot (not loaded here): Linux's virtio-pci drivers, so
-# a test initramfs can load them ($cache/<pkg>/virtio-modules/, deps first in load-order).
-readonly VIRTIO_MODULES="virtio_pci virtio_blk virtio_net virtio_console virtio_rng"
+# Modules kept in the cache for the guests the tests boot (not loaded here): Linux's virtio-pci drivers, and the
+# ACPI button driver with evdev (a guest sees vm.power-button as a KEY_POWER input event), so a test initramfs can
+# load them ($cache/<pkg>/virtio-modules/, deps first in load-order; the list itself in 'requested').
+readonly VIRTIO_MODULES="virtio_pci virtio_blk virtio_net virtio_console virtio_rng button evdev"
 
 prog=${0##*/}
 die() {
@@ -234,6 +235,7 @@ modules_complete() {
     [ -f "$1/load-order" ] || return 1
     for m in $GUEST_MODULES; do grep -qx "$m" "$1/load-order" || return 1; done
     [ -f "$1/../virtio-modules/load-order" ] || return 1
+    [ "$(cat "$1/../virtio-modules/requested" 2>/dev/null)" = "$VIRTIO_MODULES" ] || return 1
 }
 
 # Build (once) $cache/<pkg>/{vmlinuz,modules/,base.cpio.gz} for kernel package $1.
@@ -279,6 +281,7 @@ ensure_base() {
         mkdir -p "$b/virtio-modules"
         for m in $VIRTIO_MODULES; do add_module "$moddir" "$b/virtio-modules" "$m"; done
         rm -f "$b/virtio-modules/.seen"
+        echo "$VIRTIO_MODULES" >"$b/virtio-modules/requested"
         rm -rf "$dir/virtio-modules"
         mv "$b/virtio-modules" "$dir/virtio-modules"
         basename "$deb" >"$b/modules/kernel-deb"
