@@ -545,6 +545,46 @@ public sealed class HttpServerTests : IDisposable
     }
 
     [Fact]
+    public async Task A_response_returned_after_dispose_began_is_still_sent()
+    {
+        var entered = new TaskCompletionSource();
+        var handler = new AsyncHandler(async r =>
+        {
+            entered.TrySetResult();
+            await Task.Delay(Timeout.Infinite, r.Cancellation).ContinueWith(_ => { }, TaskScheduler.Default);
+            return new HttpResponse(200, "bye"u8.ToArray(), "text/plain");
+        });
+        var server = Start(handler: handler);
+        using var client = await RawClient.ConnectAsync(SocketPath);
+        await client.SendAsync("GET /wait HTTP/1.1\r\n\r\n");
+        await entered.Task.WaitAsync(TimeSpan.FromSeconds(2));
+        await server.DisposeAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(2));
+        var response = await client.ReadResponseAsync();
+        Assert.Equal("bye", response.Text);
+        Assert.Equal("close", response.Headers["Connection"]);
+        Assert.True(await client.ReadsEndAsync());
+    }
+
+    [Fact]
+    public async Task A_handler_may_dispose_its_own_server()
+    {
+        HttpServer? server = null;
+        var handler = new AsyncHandler(async r =>
+        {
+            await server!.DisposeAsync().AsTask().WaitAsync(TimeSpan.FromSeconds(2));
+            return HttpResponse.NoContent();
+        });
+        server = Start(handler: handler);
+        using var client = await RawClient.ConnectAsync(SocketPath);
+        await client.SendAsync("PUT /api/v1/vmm.shutdown HTTP/1.1\r\n\r\n");
+        var response = await client.ReadResponseAsync();
+        Assert.Equal(204, response.Status);
+        Assert.Equal("close", response.Headers["Connection"]);
+        Assert.True(await client.ReadsEndAsync());
+        Assert.False(File.Exists(SocketPath));
+    }
+
+    [Fact]
     public async Task FromListeningFd_serves_an_inherited_socket_and_leaves_its_file()
     {
         int fd = BindRaw(SocketPath);
