@@ -10,11 +10,20 @@ namespace Vmm.Tests.Api;
 
 public sealed class HttpServerTests : IDisposable
 {
+    // Generous enough for a cold start on a loaded machine (the head timeout runs from the accept, and the first
+    // request of a test run waits for the JIT).
     private static readonly HttpServerLimits Fast = new()
+    {
+        HeaderTimeout = TimeSpan.FromSeconds(3),
+        BodyTimeout = TimeSpan.FromSeconds(3),
+        IdleTimeout = TimeSpan.FromSeconds(5),
+    };
+
+    // For the tests of the timeouts themselves.
+    private static readonly HttpServerLimits Stalling = Fast with
     {
         HeaderTimeout = TimeSpan.FromMilliseconds(300),
         BodyTimeout = TimeSpan.FromMilliseconds(300),
-        IdleTimeout = TimeSpan.FromSeconds(5),
     };
 
     private readonly DirectoryInfo _dir = Directory.CreateTempSubdirectory("vmm-http-");
@@ -305,7 +314,13 @@ public sealed class HttpServerTests : IDisposable
     [Fact]
     public async Task A_stalled_half_request_gets_408_and_other_clients_are_still_served()
     {
-        await using var server = Start();
+        await using var server = Start(Stalling);
+        using (var other = await RawClient.ConnectAsync(SocketPath))
+        {
+            // A first request warms the JIT, so that the second is served well within the stalled client's 300 ms.
+            await other.SendAsync("GET /warm HTTP/1.1\r\n\r\n");
+            Assert.Equal(200, (await other.ReadResponseAsync()).Status);
+        }
         using var stalled = await RawClient.ConnectAsync(SocketPath);
         await stalled.SendAsync("GET /x HTTP/1.1\r\nHost: loc");
         using (var other = await RawClient.ConnectAsync(SocketPath))
@@ -319,13 +334,13 @@ public sealed class HttpServerTests : IDisposable
         Assert.Equal("HTTP/1.1 408 Request Timeout", response.StatusLine);
         Assert.Equal("request head not received within 300 ms", response.Errors.Single());
         Assert.True(await stalled.ReadsEndAsync());
-        Assert.Equal(1, _handler.Calls);
+        Assert.Equal(2, _handler.Calls);
     }
 
     [Fact]
     public async Task A_connection_that_sends_nothing_gets_408_after_the_header_timeout()
     {
-        await using var server = Start();
+        await using var server = Start(Stalling);
         using var client = await RawClient.ConnectAsync(SocketPath);
         var clock = Stopwatch.StartNew();
         var response = await client.ReadResponseAsync();
@@ -336,7 +351,7 @@ public sealed class HttpServerTests : IDisposable
     [Fact]
     public async Task A_stalled_body_gets_408()
     {
-        var response = await RefusedAsync("PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc");
+        var response = await RefusedAsync("PUT /x HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", Stalling);
         Assert.Equal(408, response.Status);
         Assert.Equal("request body not received within 300 ms", response.Errors.Single());
     }
@@ -344,7 +359,7 @@ public sealed class HttpServerTests : IDisposable
     [Fact]
     public async Task An_idle_keep_alive_connection_is_closed_silently()
     {
-        await using var server = Start(Fast with { IdleTimeout = TimeSpan.FromMilliseconds(200) });
+        await using var server = Start(Stalling with { IdleTimeout = TimeSpan.FromMilliseconds(200) });
         using var client = await RawClient.ConnectAsync(SocketPath);
         await client.SendAsync("GET /x HTTP/1.1\r\n\r\n");
         Assert.Equal(200, (await client.ReadResponseAsync()).Status);
@@ -494,6 +509,30 @@ public sealed class HttpServerTests : IDisposable
         Assert.StartsWith(SocketPath, e.Message);
         Assert.Equal("keep me", File.ReadAllText(SocketPath));
         Assert.Equal(["api.sock"], _dir.GetFileSystemInfos().Select(f => f.Name));
+    }
+
+    [Fact]
+    public async Task A_path_too_long_for_a_temporary_name_is_bound_directly()
+    {
+        string path = Path.Combine(_dir.FullName, new string('s', 105 - _dir.FullName.Length - 1));
+        Assert.Equal(105, path.Length); // path + ".tmp-PID" would not fit sun_path's 107 bytes
+        var server = HttpServer.Listen(path, _handler, Fast);
+        Assert.Equal(UnixFileMode.UserRead | UnixFileMode.UserWrite, File.GetUnixFileMode(path));
+        using (var client = await RawClient.ConnectAsync(path))
+        {
+            await client.SendAsync("GET /long HTTP/1.1\r\n\r\n");
+            Assert.Equal(200, (await client.ReadResponseAsync()).Status);
+        }
+        await server.DisposeAsync();
+        Assert.False(File.Exists(path));
+    }
+
+    [Fact]
+    public void A_path_longer_than_sun_path_is_an_ApiSocketException()
+    {
+        string path = Path.Combine(_dir.FullName, new string('s', 120));
+        var e = Assert.Throws<ApiSocketException>(() => HttpServer.Listen(path, _handler, Fast));
+        Assert.Equal($"{path}: a unix socket path is at most 107 bytes", e.Message);
     }
 
     [Fact]
