@@ -163,7 +163,7 @@ internal sealed class HttpConnection
     private async ValueTask<(HttpRequest Request, bool KeepAlive)> ReadRequestAsync(bool first)
     {
         // The request line.
-        var (start, length) = await ReadLineAsync(_limits.MaxRequestLineBytes, first).ConfigureAwait(false)
+        var (start, length, _) = await ReadLineAsync(_limits.MaxRequestLineBytes, first).ConfigureAwait(false)
             ?? throw new HttpErrorException(414, $"request line longer than {_limits.MaxRequestLineBytes} bytes");
         var (method, target, version) = ParseRequestLine(_buffer.AsSpan(start, length));
 
@@ -172,12 +172,11 @@ internal sealed class HttpConnection
         int headerBytes = 0;
         while (true)
         {
-            int before = _start;
             var line = await ReadLineAsync(_limits.MaxHeaderBytes - headerBytes, false).ConfigureAwait(false)
                 ?? throw new HttpErrorException(431, $"header section longer than {_limits.MaxHeaderBytes} bytes");
             if (line.Length == 0)
                 break;
-            headerBytes += _start - before;
+            headerBytes += line.Consumed;
             if (headerBytes > _limits.MaxHeaderBytes)
                 throw new HttpErrorException(431, $"header section longer than {_limits.MaxHeaderBytes} bytes");
             if (headers.Count == _limits.MaxHeaders)
@@ -263,8 +262,9 @@ internal sealed class HttpConnection
     }
 
     /// <summary>The next line (without its CRLF or LF) as a range of <see cref="_buffer"/>, valid until the next
-    /// read; <see cref="_start"/> moves past it. Null when the line is longer than <paramref name="maxLength"/>.</summary>
-    private async ValueTask<(int Start, int Length)?> ReadLineAsync(int maxLength, bool mayCloseCleanly)
+    /// read, and the bytes it took with its line end; <see cref="_start"/> moves past it. Null when the line is
+    /// longer than <paramref name="maxLength"/>.</summary>
+    private async ValueTask<(int Start, int Length, int Consumed)?> ReadLineAsync(int maxLength, bool mayCloseCleanly)
     {
         int scanned = 0;
         while (true)
@@ -279,7 +279,7 @@ internal sealed class HttpConnection
                 if (length > maxLength)
                     return null;
                 _start = end + 1;
-                return (start, length);
+                return (start, length, end + 1 - start);
             }
             scanned = _end - _start;
             if (scanned > maxLength + 1) // + 1: a trailing CR whose LF is still to come
