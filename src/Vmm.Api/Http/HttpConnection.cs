@@ -21,7 +21,12 @@ internal sealed class HttpConnection
     private readonly IHttpHandler _handler;
     private readonly CancellationToken _shutdown;
     private readonly int _capacity;
-    private CancellationTokenSource _timer; // the current phase's deadline, linked to the server's shutdown
+    private CancellationTokenSource _timer; // the current read phase's deadline, linked to the server's shutdown
+    // Writes have their own deadline, not linked to the shutdown: a response the handler produced is still sent
+    // when the server stops meanwhile (vmm.shutdown answers, then the server goes); the server's dispose closes
+    // the socket if that takes too long.
+    private CancellationTokenSource _writeTimer = new();
+    private readonly TaskCompletionSource _completion = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private string _phase = "request head";
     private TimeSpan _phaseTimeout;
     private byte[] _buffer;
@@ -44,11 +49,27 @@ internal sealed class HttpConnection
         Arm(_limits.HeaderTimeout, "request head");
     }
 
+    /// <summary>The connection whose handler call the current async flow is in (a handler that disposes the server
+    /// must not wait for itself).</summary>
+    public static readonly AsyncLocal<HttpConnection?> Current = new();
+
+    public HttpServer Server => _server;
+
+    /// <summary>Completes once the connection's loop has ended and its socket is closed.</summary>
+    public Task Completion => _completion.Task;
+
     /// <summary>Closes the socket (from the connection's own loop, or from the server's dispose).</summary>
     public void Close()
     {
         if (Interlocked.Exchange(ref _closed, 1) == 0)
             _socket.Dispose();
+    }
+
+    /// <summary>Closes the socket and completes <see cref="Completion"/> (the end of the connection's task).</summary>
+    public void Finish()
+    {
+        Close();
+        _completion.TrySetResult();
     }
 
     /// <summary>Serves requests until the client closes, an error, a timeout, or the server's shutdown. Never throws.</summary>
@@ -73,6 +94,7 @@ internal sealed class HttpConnection
         finally
         {
             _timer.Dispose();
+            _writeTimer.Dispose();
         }
     }
 
@@ -90,6 +112,7 @@ internal sealed class HttpConnection
         finally
         {
             _timer.Dispose();
+            _writeTimer.Dispose();
         }
     }
 
@@ -127,6 +150,7 @@ internal sealed class HttpConnection
 
             Disarm();
             HttpResponse response = await CallHandlerAsync(request).ConfigureAwait(false);
+            keepAlive &= !_shutdown.IsCancellationRequested;
             await WriteAsync(response, keepAlive, request.Version == "HTTP/1.1", request.Method == "HEAD").ConfigureAwait(false);
             response.AfterSent?.Invoke();
             if (!keepAlive)
@@ -140,7 +164,7 @@ internal sealed class HttpConnection
     private async ValueTask<(HttpRequest Request, bool KeepAlive)> ReadRequestAsync(bool first)
     {
         // The request line.
-        var (start, length) = await ReadLineAsync(_limits.MaxRequestLineBytes, first).ConfigureAwait(false)
+        var (start, length, _) = await ReadLineAsync(_limits.MaxRequestLineBytes, first).ConfigureAwait(false)
             ?? throw new HttpErrorException(414, $"request line longer than {_limits.MaxRequestLineBytes} bytes");
         var (method, target, version) = ParseRequestLine(_buffer.AsSpan(start, length));
 
@@ -149,12 +173,11 @@ internal sealed class HttpConnection
         int headerBytes = 0;
         while (true)
         {
-            int before = _start;
             var line = await ReadLineAsync(_limits.MaxHeaderBytes - headerBytes, false).ConfigureAwait(false)
                 ?? throw new HttpErrorException(431, $"header section longer than {_limits.MaxHeaderBytes} bytes");
             if (line.Length == 0)
                 break;
-            headerBytes += _start - before;
+            headerBytes += line.Consumed;
             if (headerBytes > _limits.MaxHeaderBytes)
                 throw new HttpErrorException(431, $"header section longer than {_limits.MaxHeaderBytes} bytes");
             if (headers.Count == _limits.MaxHeaders)
@@ -240,8 +263,9 @@ internal sealed class HttpConnection
     }
 
     /// <summary>The next line (without its CRLF or LF) as a range of <see cref="_buffer"/>, valid until the next
-    /// read; <see cref="_start"/> moves past it. Null when the line is longer than <paramref name="maxLength"/>.</summary>
-    private async ValueTask<(int Start, int Length)?> ReadLineAsync(int maxLength, bool mayCloseCleanly)
+    /// read, and the bytes it took with its line end; <see cref="_start"/> moves past it. Null when the line is
+    /// longer than <paramref name="maxLength"/>.</summary>
+    private async ValueTask<(int Start, int Length, int Consumed)?> ReadLineAsync(int maxLength, bool mayCloseCleanly)
     {
         int scanned = 0;
         while (true)
@@ -256,7 +280,7 @@ internal sealed class HttpConnection
                 if (length > maxLength)
                     return null;
                 _start = end + 1;
-                return (start, length);
+                return (start, length, end + 1 - start);
             }
             scanned = _end - _start;
             if (scanned > maxLength + 1) // + 1: a trailing CR whose LF is still to come
@@ -317,6 +341,7 @@ internal sealed class HttpConnection
 
     private async ValueTask<HttpResponse> CallHandlerAsync(HttpRequest request)
     {
+        Current.Value = this;
         try
         {
             HttpResponse? response = await _handler.HandleAsync(request, _shutdown).ConfigureAwait(false);
@@ -330,6 +355,10 @@ internal sealed class HttpConnection
         {
             _server.Log($"{request.Method} {request.Path}: handler failed: {e}");
             return HttpResponse.Error(500, "internal error: " + e.Message);
+        }
+        finally
+        {
+            Current.Value = null;
         }
     }
 
@@ -373,14 +402,19 @@ internal sealed class HttpConnection
 
     private async ValueTask SendAsync(ReadOnlyMemory<byte> data)
     {
-        Arm(_limits.WriteTimeout, "response");
+        if (!_writeTimer.TryReset())
+        {
+            _writeTimer.Dispose();
+            _writeTimer = new CancellationTokenSource();
+        }
+        _writeTimer.CancelAfter(_limits.WriteTimeout);
         for (int sent = 0; sent < data.Length;)
         {
             try
             {
-                sent += await _socket.SendAsync(data[sent..], SocketFlags.None, _timer.Token).ConfigureAwait(false);
+                sent += await _socket.SendAsync(data[sent..], SocketFlags.None, _writeTimer.Token).ConfigureAwait(false);
             }
-            catch (OperationCanceledException) when (!_shutdown.IsCancellationRequested)
+            catch (OperationCanceledException)
             {
                 throw new ClientGoneException($"client did not read the response within {Describe(_limits.WriteTimeout)}");
             }
@@ -389,6 +423,7 @@ internal sealed class HttpConnection
                 throw new ClientGoneException($"client went away before the response was sent ({e.SocketErrorCode})");
             }
         }
+        _writeTimer.TryReset();
     }
 
     private async ValueTask LingerAsync()

@@ -15,13 +15,13 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
     private readonly (ulong Device, ulong Inode)? _file; // the socket file this server created (removed on dispose)
     private readonly CancellationTokenSource _stop = new();
     private readonly ConcurrentDictionary<HttpConnection, byte> _connections = new();
-    private readonly TaskCompletionSource _drained = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private readonly object _disposeLock = new();
     private Task _acceptLoop = Task.CompletedTask;
     private Task? _disposal;
-    private int _active;   // connection tasks running (served and refused)
     private int _served;   // connections counted against MaxConnections
-    private volatile bool _disposing;
+
+    // How long dispose lets connections finish a response already being produced before it closes their sockets.
+    private static readonly TimeSpan ShutdownGrace = TimeSpan.FromSeconds(1);
 
     internal HttpServerLimits Limits { get; }
 
@@ -215,7 +215,6 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
                 bool refuse = Interlocked.Increment(ref _served) > Limits.MaxConnections;
                 if (refuse)
                     Interlocked.Decrement(ref _served);
-                Interlocked.Increment(ref _active);
                 var connection = new HttpConnection(this, client, _handler, _stop.Token);
                 _connections.TryAdd(connection, 0);
                 // On the thread pool, so that a request already buffered never runs the handler on this loop.
@@ -244,12 +243,10 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
         }
         finally
         {
-            connection.Close();
+            connection.Finish();
             _connections.TryRemove(connection, out _);
             if (!refuse)
                 Interlocked.Decrement(ref _served);
-            if (Interlocked.Decrement(ref _active) == 0 && _disposing)
-                _drained.TrySetResult();
         }
     }
 
@@ -267,20 +264,22 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
         }
     }
 
-    /// <summary>Stops accepting, closes every connection (cancelling handlers' tokens), removes the socket file if it
-    /// is still this server's (same inode), and waits for every loop to end.</summary>
+    /// <summary>Stops accepting, ends every connection, removes the socket file if it is still this server's (same
+    /// inode), and waits for every loop to end. Handlers' tokens are cancelled; a response a handler still returns
+    /// is sent (with Connection: close) if that takes under a second, then every socket is closed. Called from
+    /// within a handler, it does not wait for that handler's own connection.</summary>
     public ValueTask DisposeAsync()
     {
         lock (_disposeLock)
-            _disposal ??= DisposeCoreAsync();
+            _disposal ??= DisposeCoreAsync(HttpConnection.Current.Value);
         return new ValueTask(_disposal);
     }
 
     public void Dispose() => DisposeAsync().AsTask().GetAwaiter().GetResult();
 
-    private async Task DisposeCoreAsync()
+    private async Task DisposeCoreAsync(HttpConnection? caller)
     {
-        _stop.Cancel();
+        _stop.Cancel(); // idle and reading connections end at once; handlers see their token cancelled
         _listener.Dispose();
         if (_file is { } ours && Path is not null)
         {
@@ -296,12 +295,12 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
                 }
             }
         }
-        await _acceptLoop.ConfigureAwait(false);
-        foreach (var connection in _connections.Keys)
-            connection.Close();
-        _disposing = true;
-        if (Volatile.Read(ref _active) == 0)
-            _drained.TrySetResult();
-        await _drained.Task.ConfigureAwait(false);
+        await _acceptLoop.ConfigureAwait(false); // after it, no connection is added
+        var connections = _connections.Keys.Where(c => c != caller).ToArray();
+        var all = Task.WhenAll(connections.Select(c => c.Completion));
+        if (await Task.WhenAny(all, Task.Delay(ShutdownGrace)).ConfigureAwait(false) != all)
+            foreach (var connection in connections)
+                connection.Close(); // a response still being written to a client that does not read
+        await all.ConfigureAwait(false);
     }
 }
