@@ -90,6 +90,9 @@ measure() {
         kx_clear
         stat=$(./runstat -t "$BLK_TIMEOUT" "$OUT" "$@")
         kx=$(kx_read)
+    elif [ "$check" = hellomark ]; then
+        stat=$(./runstat -t 3 -m "$HELLO" "$OUT" "$@")
+        check=hello
     elif [ "$check" = linux ]; then
         stat=$(./runstat -t "$LINUX_TIMEOUT" -m 'Linux version' -m "$INIT_MARKER" "$OUT" "$@" |
             sed 's/mark1_ns=/linux_ns=/; s/mark2_ns=/init_ns=/')
@@ -155,6 +158,12 @@ while [ $r -le "$ROUNDS" ]; do
         measure "start-qemu-$m" "$r" 1 hello "$QEMU" -M "$m" -accel kvm -m 128 -display none -serial stdio \
             -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=4 -kernel hello.bin
     done
+    fi
+    if has api; then
+    # The control plane's cost: the same guest without and with the API socket (the API run waits for vmm.shutdown
+    # and is killed after 3 s; its guest line and peak RSS are what count).
+    measure api-vmm "$r" 1 hellomark ./vmm run --kernel hello.bin
+    measure api-vmm-api "$r" 137 hellomark ./vmm run --kernel hello.bin --api-socket api.sock
     fi
     if has linux; then
     # A stock Debian kernel + a busybox initramfs whose /init prints INIT_MARKER and runs `poweroff -f`

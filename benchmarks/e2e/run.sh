@@ -10,6 +10,7 @@
 # Usage:
 #   benchmarks/e2e/run.sh                      # build everything, measure, summarise
 #   benchmarks/e2e/run.sh --linux              # only the Linux-boot cases (vmm vs QEMU), still one nested VM run
+#   benchmarks/e2e/run.sh --api                # only vmm with and without --api-socket (start-up, peak RSS)
 #   benchmarks/e2e/run.sh --blk                # only the virtio-blk cases (vmm vs QEMU q35, the virtio-test guest's
 #                                              # `bench` subtest on a raw image in the nested VM's tmpfs)
 #   benchmarks/e2e/run.sh --summarize RAWFILE  # summarise a kept raw file again
@@ -186,6 +187,24 @@ summarize() {
         if (("blk-vmm-none" in seen) && ("blk-qemu-none" in seen))
             printf "Process wall time of the bench-case=none run, ms: vmm %s, QEMU %s\n", ms(median("blk-vmm-none" SUBSEP "wall_ns")), ms(median("blk-qemu-none" SUBSEP "wall_ns"))
         }
+        if ("api-vmm" in seen) {
+        print ""
+        print "The control plane: `vmm run --kernel hello.bin` without and with `--api-socket` (runstat -m: process start ->"
+        print "the guest'"'"'s line; the API run is killed after 3 s, as it waits for vmm.shutdown), medians [min-max]:"
+        print ""
+        print "| case | first byte ms | guest line ms | max RSS MiB | failed runs |"
+        print "|---|---|---|---|---|"
+        for (i = 1; i <= ncase; i++) {
+            c = order[i]
+            if (c !~ /^api-/) continue
+            fb = median(c SUBSEP "first_byte_ns"); m = median(c SUBSEP "mark1_ns"); ml = lo[c SUBSEP "mark1_ns"]; mh = hi[c SUBSEP "mark1_ns"]
+            r = median(c SUBSEP "maxrss_kb"); rl = lo[c SUBSEP "maxrss_kb"]; rh = hi[c SUBSEP "maxrss_kb"]
+            A[c, "m"] = m; A[c, "r"] = r
+            printf "| %s | %s | %s [%s-%s] | %s [%s-%s] | %d |\n", c, f(fb / 1e6, 1), f(m / 1e6, 1), f(ml / 1e6, 1), f(mh / 1e6, 1), f(r / 1024, 1), f(rl / 1024, 1), f(rh / 1024, 1), bad[c]
+        }
+        if (("api-vmm-api" in seen))
+            printf "\nWith the API: guest line %+.1f ms, max RSS %+.1f MiB (difference of medians)\n", (A["api-vmm-api", "m"] - A["api-vmm", "m"]) / 1e6, (A["api-vmm-api", "r"] - A["api-vmm", "r"]) / 1024
+        }
         if (!("linux-vmm" in seen)) exit
         print ""
         print "Linux boot: process start -> first output byte / \"Linux version\" line / /init line / process reaped"
@@ -233,6 +252,9 @@ if [ "${1:-}" = --linux ]; then
     shift
 elif [ "${1:-}" = --blk ]; then
     cases=blk
+    shift
+elif [ "${1:-}" = --api ]; then
+    cases=api
     shift
 fi
 has_case() { case " $cases " in *" $1 "*) return 0 ;; esac; return 1; }
