@@ -306,7 +306,10 @@ public sealed class VmLifecycle : IDisposable
             if (_disposed)
                 return;
             if (_state is VmState.Running or VmState.Paused)
+            {
                 StopLocked("vm.delete");
+                Emit("vm", "shutdown");
+            }
             _disposed = true;
         }
     }

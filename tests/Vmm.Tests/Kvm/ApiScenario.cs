@@ -74,6 +74,10 @@ public static class ApiScenario
         echo "@@RACED $(state)"
         t4=$(last_tick); sleep 2; t5=$(last_tick)
         echo "@@AFTER-RACE $t4 $t5"
+        # Hostile clients (guest-images/api-abuse): each gets an error answer; the VM goes on.
+        chmod +x api-abuse; ./api-abuse $S >abuse.out 2>&1; echo "@@ABUSE-RC $?"
+        echo "@@ABUSE"; cat abuse.out
+        echo "@@AFTER-ABUSE $(state) $t5 $(sleep 1; last_tick)"
         r counters
         r power-button
         n=0; while [ "$(state)" != '"state":"Shutdown"' ] && [ $n -lt 600 ]; do sleep 0.2; n=$((n+1)); done

@@ -21,6 +21,7 @@ public sealed class KvmFixture
             ["smp-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "smp-test.elf")),
             ["virtio-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "virtio-test.elf")),
             ["net-responder"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "net-responder")),
+            ["api-abuse"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "api-abuse")),
             ["disk.img"] = VirtioTestDisk.Original(),
             ["module.txt"] = Encoding.ASCII.GetBytes("hello from module 0\n"),
             ["pio.bin"] = MicroGuests.PortIo(),
