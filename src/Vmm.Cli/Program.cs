@@ -238,10 +238,6 @@ public static class Program
         }
     }
 
-    /// <summary>A guest reset restarts the VM under --on-reboot restart; everything else ends vmm.</summary>
-    public static bool ShouldRestart(VmOutcome outcome, Options options) =>
-        outcome.Kind == VmExitKind.Reset && options.OnReboot == RebootAction.Restart;
-
     private static int Report(VmOutcome outcome, Options options, Log log)
     {
         switch (outcome.Kind)

@@ -1,3 +1,4 @@
+using Vmm.Interop;
 using System.Collections.Concurrent;
 using System.Net.Sockets;
 
@@ -58,7 +59,7 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
         if (bound != path)
             RemoveStale(bound, probe: false);
 
-        Socket listener = SocketFile.Bind(bound);
+        Socket listener = Bind(bound);
         HttpServer? server = null;
         try
         {
@@ -66,7 +67,7 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
                 throw new PlatformNotSupportedException("vmm runs on Linux");
             File.SetUnixFileMode(bound, UnixFileMode.UserRead | UnixFileMode.UserWrite);
             listener.Listen(Backlog(limits));
-            SocketFile.Stat(bound, out var identity);
+            Stat(bound, out var identity);
             server = new HttpServer(listener, path, identity, handler, limits, log);
             server.Start();
             if (bound != path)
@@ -127,7 +128,7 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
 
     private static void RemoveStale(string path, bool probe)
     {
-        switch (SocketFile.Stat(path, out _))
+        switch (Stat(path, out _))
         {
             case SocketFile.Kind.Missing:
                 return;
@@ -268,6 +269,35 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
     /// inode), and waits for every loop to end. Handlers' tokens are cancelled; a response a handler still returns
     /// is sent (with Connection: close) if that takes under a second, then every socket is closed. Called from
     /// within a handler, it does not wait for that handler's own connection.</summary>
+    /// <summary>SocketFile's calls, with their failures as <see cref="ApiSocketException"/>s (a start-up error).</summary>
+    private static SocketFile.Kind Stat(string path, out (ulong Device, ulong Inode) identity)
+    {
+        try
+        {
+            return SocketFile.Stat(path, out identity);
+        }
+        catch (SyscallException e)
+        {
+            throw new ApiSocketException($"{path}: cannot stat: {Errno.Describe(e.ErrorNumber)}");
+        }
+    }
+
+    private static Socket Bind(string path)
+    {
+        try
+        {
+            return new Socket(new SafeSocketHandle(SocketFile.Bind(path), ownsHandle: true));
+        }
+        catch (ArgumentException e)
+        {
+            throw new ApiSocketException(e.Message.Split(" (Parameter")[0]);
+        }
+        catch (SyscallException e)
+        {
+            throw new ApiSocketException($"{path}: cannot {e.Call}: {Errno.Describe(e.ErrorNumber)}");
+        }
+    }
+
     public ValueTask DisposeAsync()
     {
         lock (_disposeLock)
@@ -287,7 +317,7 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
             {
                 try
                 {
-                    if (SocketFile.Stat(name, out var identity) == SocketFile.Kind.Socket && identity == ours)
+                    if (Stat(name, out var identity) == SocketFile.Kind.Socket && identity == ours)
                         TryDelete(name);
                 }
                 catch (ApiSocketException)

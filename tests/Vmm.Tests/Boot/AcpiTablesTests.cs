@@ -52,6 +52,10 @@ public class AcpiTablesTests : IDisposable
         Assert.Equal((ushort)9, _mem.ReadObj<ushort>(new GuestAddress(fadt + 46)));                // SCI_INT
         Assert.Equal((uint)AcpiPorts.PmTimer, _mem.ReadObj<uint>(new GuestAddress(fadt + 76)));   // PM_TMR_BLK
         Assert.Equal(AcpiPorts.CenturyIndex, _mem.ReadObj<byte>(new GuestAddress(fadt + 108)));
+        uint flags = _mem.ReadObj<uint>(new GuestAddress(fadt + 112));
+        Assert.Equal(0u, flags & (1u << 4));  // PWR_BUTTON clear: a fixed-feature power button (vm.power-button)
+        Assert.Equal(1u << 5, flags & (1u << 5)); // SLP_BUTTON set: no sleep button
+        Assert.Equal(0u, flags & (1u << 20)); // not HW_REDUCED_ACPI: PM1 event blocks exist
     }
 
     [Fact]
@@ -244,6 +248,29 @@ public class AcpiPmDeviceTests
         Assert.Empty(control.Events);
         pm.Write(4, BitConverter.GetBytes((ushort)((5 << 10) | (1 << 13))));
         Assert.Equal(["poweroff: ACPI S5 (PM1a_CNT SLP_EN)"], control.Events);
+    }
+
+    [Fact]
+    public void The_power_button_sets_PWRBTN_STS_and_asserts_the_SCI_only_while_the_OS_enables_it()
+    {
+        var sci = new RecordingInterruptLine();
+        var pm = new AcpiPmDevice(new RecordingVmControl(), sci);
+        var b = new byte[2];
+        pm.PressPowerButton();
+        pm.Read(0, b);
+        Assert.Equal(AcpiPorts.PowerButtonBit, BitConverter.ToUInt16(b) & AcpiPorts.PowerButtonBit);
+        Assert.False(sci.Level);                                   // PWRBTN_EN still clear: no SCI yet
+        pm.Write(2, BitConverter.GetBytes(AcpiPorts.PowerButtonBit)); // the OS enables the event
+        Assert.True(sci.Level);
+        pm.Write(0, BitConverter.GetBytes((ushort)0x0001));        // writing 1 to another bit clears nothing here
+        Assert.True(sci.Level);
+        pm.Write(0, BitConverter.GetBytes(AcpiPorts.PowerButtonBit)); // write-1-to-clear
+        pm.Read(0, b);
+        Assert.Equal(0, BitConverter.ToUInt16(b));
+        Assert.False(sci.Level);
+        pm.PressPowerButton();                                     // enabled now: the press raises the SCI at once
+        Assert.True(sci.Level);
+        Assert.Equal(2, sci.RisingEdges);
     }
 
     [Fact]

@@ -173,15 +173,67 @@ public class CliTests
     }
 
     [Fact]
-    public void On_reboot_restart_restarts_only_after_a_guest_reset()
+    public void On_reboot_is_parsed_and_an_API_only_vmm_is_recognised()
     {
         var restart = Options.Parse(["--kernel", "k", "--on-reboot", "restart"]);
         Assert.Equal(RebootAction.Restart, restart.OnReboot);
+        Assert.True(restart.OnRebootGiven);
         Assert.Equal(RebootAction.Exit, Options.Parse(["--kernel", "k"]).OnReboot);
-        Assert.True(Program.ShouldRestart(new VmOutcome(VmExitKind.Reset, "reset"), restart));
-        Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.PowerOff, "off"), restart));
-        Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.DebugExit, "exit"), restart));
-        Assert.False(Program.ShouldRestart(new VmOutcome(VmExitKind.Reset, "reset"), Options.Parse(["--kernel", "k"])));
+        Assert.True(Options.Parse(["--api-socket", "/run/x.sock"]).ApiOnly);
+        Assert.False(Options.Parse(["--api-socket", "/run/x.sock"]).Demo);
+        Assert.False(Options.Parse(["run", "--kernel", "k", "--api-socket", "path=/run/x.sock"]).ApiOnly);
+        Assert.True(Options.Parse(["--stats"]).Demo);
+    }
+
+    [Fact]
+    public void Config_file_and_API_options_are_checked_with_a_message_naming_the_option()
+    {
+        Assert.Contains("--config describes the whole VM: --kernel, --disk",
+            Assert.Throws<UsageException>(() => Options.Parse(["run", "--config", "vm.json", "--kernel", "k", "--disk", "path=d"])).Message);
+        Assert.Contains("--event-monitor must be path=FILE or fd=N",
+            Assert.Throws<UsageException>(() => Options.Parse(["--api-socket", "s", "--event-monitor", "events.json"])).Message);
+        Assert.Contains("--api-socket needs path=PATH, fd=N or a path",
+            Assert.Throws<UsageException>(() => Options.Parse(["--api-socket", "path="])).Message);
+        Assert.Contains("without --kernel", Assert.Throws<UsageException>(() => Options.Parse(["--api-socket", "s", "--disk", "path=d"])).Message);
+        Assert.Contains("--config belongs to 'run'", Assert.Throws<UsageException>(() => Options.Parse(["demo", "--config", "vm.json"])).Message);
+    }
+
+    [Fact]
+    public void A_config_file_that_is_missing_or_invalid_is_a_usage_error_naming_the_file_and_the_field()
+    {
+        var (status, stderr) = RunVmm("run", "--config", "/nonexistent/vm.json");
+        Assert.Equal(ExitStatus.Usage, status);
+        Assert.Equal("vmm: error: --config /nonexistent/vm.json: no such file\n", stderr);
+        string path = Path.GetTempFileName();
+        try
+        {
+            File.WriteAllText(path, """{"payload":{"kernel":"k"},"cpus":{"boot_vcpus":"two","max_vcpus":2}}""");
+            (status, stderr) = RunVmm("run", "--config", path);
+            Assert.Equal(ExitStatus.Usage, status);
+            Assert.Contains($"--config {path}: ", stderr);
+            Assert.Contains("$.cpus.boot_vcpus", stderr);
+            File.WriteAllText(path, """{"payload":{"kernel":"k"},"memory":{"size":1048576,"hugepages":true}}""");
+            (status, stderr) = RunVmm("run", "--config", path);
+            Assert.Equal(ExitStatus.Usage, status);
+            Assert.Contains("memory.hugepages: true is not supported", stderr);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+
+    [Fact]
+    public void Vmm_remote_without_a_socket_or_a_command_is_a_usage_error()
+    {
+        Assert.Equal(ExitStatus.Usage, RunVmm("remote", "ping").Status);
+        Assert.Equal(ExitStatus.Usage, RunVmm("remote", "--api-socket", "/tmp/none.sock").Status);
+        var (status, stderr) = RunVmm("remote", "--api-socket", "/tmp/none.sock", "frobnicate");
+        Assert.Equal(ExitStatus.Usage, status);
+        Assert.Contains("unknown command 'frobnicate'", stderr);
+        (status, stderr) = RunVmm("remote", "--api-socket", "/nonexistent/dir/x.sock", "ping");
+        Assert.Equal(ExitStatus.VmmError, status);
+        Assert.Contains("no vmm API answers there", stderr);
     }
 
     [Fact]

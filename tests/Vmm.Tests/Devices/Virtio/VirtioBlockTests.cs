@@ -181,6 +181,37 @@ public sealed class VirtioBlockTests : IDisposable
     }
 
     [Fact]
+    public void Completed_reads_and_writes_are_counted_in_Cloud_Hypervisor_s_names_and_failed_ones_are_not()
+    {
+        Start();
+        Request(VirtioBlock.TypeIn, 3, inLength: 4096);
+        Request(VirtioBlock.TypeOut, 100, new byte[1024]);
+        Request(VirtioBlock.TypeOut, 100, new byte[1024]);
+        Request(VirtioBlock.TypeIn, Sectors, inLength: 512); // past the end: IOERR, not counted
+        var c = _device!.Counters().ToDictionary(kv => kv.Key, kv => kv.Value);
+        Assert.Equal(4096UL, c["read_bytes"]);
+        Assert.Equal(1UL, c["read_ops"]);
+        Assert.Equal(2048UL, c["write_bytes"]);
+        Assert.Equal(2UL, c["write_ops"]);
+    }
+
+    [Fact]
+    public void A_paused_disk_serves_nothing_until_resumed_and_then_serves_what_waited()
+    {
+        var h = Start();
+        _device!.Pause(TimeSpan.FromSeconds(5));
+        ulong header = Header(VirtioBlock.TypeIn, 0), status = StatusByte(), data = h.Alloc(512, 512);
+        h.Memory.GetSpan(new GuestAddress(data), 512).Fill(Unset);
+        h.Publish(h.AddChain([new(header, 16, false), new(data, 512, true), new(status, 1, true)]));
+        h.Kick();
+        Assert.True(h.StaysIdle(300), "a paused device served a request");
+        Assert.Equal(Unset, Status(status));
+        _device.Resume();
+        h.WaitUsed();
+        Assert.Equal(VirtioBlock.StatusOk, Status(status));
+    }
+
+    [Fact]
     public void Write_reaches_the_file_and_nothing_else_changes()
     {
         Start();

@@ -1,14 +1,13 @@
-using System.Net.Sockets;
 using System.Text;
 using Tmds.Linux;
-using Vmm.Interop;
 
-namespace Vmm.Api.Http;
+namespace Vmm.Interop;
 
-/// <summary>The API socket's file: its type and identity (statx), and a bind done with libc rather than
-/// <see cref="Socket.Bind"/>, because a .NET socket bound to a path deletes that path when disposed — even after
-/// another server has replaced the file; the server removes its file itself, and only while it is still its own.</summary>
-internal static unsafe class SocketFile
+/// <summary>A Unix socket's file: its type and identity (statx), and a bind done with libc rather than
+/// System.Net.Sockets' Socket.Bind, because a .NET socket bound to a path deletes that path when disposed — even after
+/// another server has replaced the file; the API server removes its file itself, and only while it is still its own.
+/// Failures throw <see cref="SyscallException"/> naming the call and the path.</summary>
+public static unsafe class SocketFile
 {
     /// <summary>sun_path holds 108 bytes including the terminating NUL.</summary>
     public const int MaxPathBytes = 107;
@@ -33,31 +32,31 @@ internal static unsafe class SocketFile
             int errno = Errno.Last;
             if (errno == Errno.ENOENT)
                 return Kind.Missing;
-            throw new ApiSocketException($"{path}: cannot stat: {Errno.Describe(errno)}");
+            throw new SyscallException("statx", errno, path);
         }
         identity = (((ulong)buffer.stx_dev_major << 32) | buffer.stx_dev_minor, buffer.stx_ino);
         return (buffer.stx_mode & LibC.S_IFMT) == LibC.S_IFSOCK ? Kind.Socket : Kind.Other;
     }
 
-    /// <summary>A new AF_UNIX stream socket bound to <paramref name="path"/> (close-on-exec), as a .NET socket
-    /// that does not know the path.</summary>
-    public static Socket Bind(string path)
+    /// <summary>A new AF_UNIX stream socket (close-on-exec) bound to <paramref name="path"/>: its fd, which the caller
+    /// owns. A path longer than sun_path holds is an <see cref="ArgumentException"/>.</summary>
+    public static int Bind(string path)
     {
         var address = new sockaddr_un { sun_family = LibC.AF_UNIX };
         byte[] name = NulTerminated(path);
         if (name.Length - 1 > MaxPathBytes)
-            throw new ApiSocketException($"{path}: a unix socket path is at most {MaxPathBytes} bytes");
+            throw new ArgumentException($"{path}: a unix socket path is at most {MaxPathBytes} bytes", nameof(path));
         name.CopyTo(new Span<byte>((byte*)&address + 2, 108));
         int fd = LibC.socket(LibC.AF_UNIX, LibC.SOCK_STREAM | LibC.SOCK_CLOEXEC, 0);
         if (fd < 0)
-            throw new ApiSocketException($"{path}: socket(AF_UNIX) failed: {Errno.Describe(Errno.Last)}");
+            throw new SyscallException("socket(AF_UNIX)", Errno.Last, path);
         if (LibC.bind(fd, (sockaddr*)&address, (uint)sizeof(sockaddr_un)) < 0)
         {
             int errno = Errno.Last;
             LibC.close(fd);
-            throw new ApiSocketException($"{path}: cannot bind: {Errno.Describe(errno)}");
+            throw new SyscallException("bind", errno, path);
         }
-        return new Socket(new SafeSocketHandle(fd, ownsHandle: true));
+        return fd;
     }
 
     public static int ByteCount(string path) => Encoding.UTF8.GetByteCount(path);
