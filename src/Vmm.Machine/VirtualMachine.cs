@@ -207,15 +207,6 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
             v.Start();
     }
 
-    /// <summary>Starts every vCPU and blocks until the VM ends; the vCPU threads are joined.</summary>
-    public VmOutcome Run()
-    {
-        Start();
-        var outcome = Ended.GetAwaiter().GetResult();
-        StopVcpus();
-        return outcome;
-    }
-
     /// <summary>Ends the VM from the host side (vm.shutdown, a signal): vCPUs leave the guest wherever it is.</summary>
     public void Stop(string why) => Finish(new VmOutcome(VmExitKind.Stopped, why));
 

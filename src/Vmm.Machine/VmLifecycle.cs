@@ -43,7 +43,6 @@ public sealed class VmLifecycle : IDisposable
     private readonly Lock _lock = new();
     private readonly Log _log;
     private readonly IVmEventSink? _events;
-    private readonly Func<MachineConfig, Log, VirtualMachine> _build;
     private readonly Func<MachineConfig> _configure;
     private VirtualMachine? _vm;
     private volatile VmState _state = VmState.Created;
@@ -53,14 +52,12 @@ public sealed class VmLifecycle : IDisposable
 
     /// <param name="configure">Builds the machine's config at every boot (it reads the kernel and initrd files then,
     /// so a boot after a shutdown boots what is on disk now).</param>
-    public VmLifecycle(Func<MachineConfig> configure, Log log, IVmEventSink? events = null, ResetAction onReset = ResetAction.Shutdown,
-        Func<MachineConfig, Log, VirtualMachine>? build = null)
+    public VmLifecycle(Func<MachineConfig> configure, Log log, IVmEventSink? events = null, ResetAction onReset = ResetAction.Shutdown)
     {
         _configure = configure;
         _log = log;
         _events = events;
         OnReset = onReset;
-        _build = build ?? ((c, l) => new VirtualMachine(c, l));
     }
 
     /// <summary>The config of the current or last boot.</summary>
@@ -121,7 +118,7 @@ public sealed class VmLifecycle : IDisposable
     {
         Emit("vm", before);
         var config = _configure();
-        var vm = _build(config, _log);
+        var vm = new VirtualMachine(config, _log);
         Config = config;
         _vm = vm;
         _lastOutcome = null;

@@ -193,6 +193,16 @@ public sealed class KvmFixture
                 """);
     }
 
+    /// <summary>Puts the modules tools/nested-kvm keeps for test guests (virtio, ACPI button, evdev: its
+    /// virtio-modules/, with load-order) under /lib/modules of an initramfs root.</summary>
+    private static void AddGuestModules(string root)
+    {
+        string modules = Path.Combine(Path.GetDirectoryName(StockKernel())!, "virtio-modules");
+        Directory.CreateDirectory(Path.Combine(root, "lib", "modules"));
+        foreach (var f in Directory.GetFiles(modules))
+            File.Copy(f, Path.Combine(root, "lib", "modules", Path.GetFileName(f)));
+    }
+
     public const string ApiInitMarker = "vmm-api:";
 
     /// <summary>A busybox initramfs for the lifecycle scenario: loads the virtio, ACPI button and evdev modules, reads
@@ -200,7 +210,6 @@ public sealed class KvmFixture
     /// KEY_POWER event, reports any soft lockup the kernel logged and powers off.</summary>
     private static byte[] ApiInitramfs()
     {
-        string modules = Path.Combine(Path.GetDirectoryName(StockKernel())!, "virtio-modules");
         string m = ApiInitMarker;
         return BusyboxInitramfs($$"""
                 #!/bin/busybox sh
@@ -223,12 +232,7 @@ public sealed class KvmFixture
                 echo "{{m}} powering off"
                 $B poweroff -f
 
-                """, root =>
-        {
-            Directory.CreateDirectory(Path.Combine(root, "lib", "modules"));
-            foreach (var f in Directory.GetFiles(modules))
-                File.Copy(f, Path.Combine(root, "lib", "modules", Path.GetFileName(f)));
-        });
+                """, AddGuestModules);
     }
 
     public const string LinuxCommandLine = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 vmm.test=linux-boot";
@@ -247,7 +251,6 @@ public sealed class KvmFixture
     /// virtio interrupts and powers off.</summary>
     private static byte[] VirtioInitramfs()
     {
-        string modules = Path.Combine(Path.GetDirectoryName(StockKernel())!, "virtio-modules");
         string m = VirtioInitMarker;
         return BusyboxInitramfs($$"""
                 #!/bin/busybox sh
@@ -267,12 +270,7 @@ public sealed class KvmFixture
                 echo "{{m}} done"
                 $B poweroff -f
 
-                """, root =>
-        {
-            Directory.CreateDirectory(Path.Combine(root, "lib", "modules"));
-            foreach (var f in Directory.GetFiles(modules))
-                File.Copy(f, Path.Combine(root, "lib", "modules", Path.GetFileName(f)));
-        });
+                """, AddGuestModules);
     }
 
     /// <summary>The Debian cloud kernel tools/nested-kvm fetches (apt-get download) and caches.</summary>
