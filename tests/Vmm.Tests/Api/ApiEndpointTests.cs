@@ -275,12 +275,18 @@ public sealed class ApiEndpointTests : IDisposable
     {
         string config = Config(KernelFile());
         string[] endpoints = ["vm.info", "vm.create", "vm.delete", "vm.pause"];
-        var answers = await Task.WhenAll(Enumerable.Range(0, 50).Select(i => Task.Run(() =>
+        // ApiClient blocks: each request on a thread of its own, not 50 thread-pool threads (the server and the tests
+        // running alongside need the pool).
+        using var go = new ManualResetEventSlim();
+        var requests = Enumerable.Range(0, 50).Select(i => Task.Factory.StartNew(() =>
         {
             string endpoint = endpoints[i % endpoints.Length];
+            go.Wait();
             var r = endpoint == "vm.info" ? _client.Get(endpoint) : _client.Put(endpoint, endpoint == "vm.create" ? config : null);
             return (Endpoint: endpoint, Response: r);
-        }))).WaitAsync(TimeSpan.FromSeconds(20));
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToList();
+        go.Set();
+        var answers = await Task.WhenAll(requests).WaitAsync(TimeSpan.FromSeconds(20));
         foreach (var (endpoint, r) in answers)
         {
             int[] allowed = endpoint switch
