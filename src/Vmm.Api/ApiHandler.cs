@@ -115,7 +115,12 @@ public sealed class ApiHandler(VmmService service, Log log) : IHttpHandler
         }
         catch (JsonException e)
         {
-            throw new VmConfigException([e.Message]);
+            // System.Text.Json appends "Path: $.x | LineNumber: ..." to its own messages but not to those with a fixed
+            // text (a property outside the schema names itself and its type only): add where it is for those too.
+            string message = e.Path is { Length: > 0 } path && !e.Message.Contains("Path: ", StringComparison.Ordinal)
+                ? $"{e.Message} Path: {path}"
+                : e.Message;
+            throw new VmConfigException([message]);
         }
         catch (Exception e) when (e is InvalidOperationException or ArgumentException or FormatException)
         {

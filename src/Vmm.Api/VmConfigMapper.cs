@@ -104,9 +104,15 @@ public static class VmConfigMapper
 
         int nextId = 0;
         var ids = new HashSet<string>();
+        // A generated id skips the ids the config gives (CH's next_device_name skips those in use), so that a config
+        // naming a disk "_disk0" is not refused because another disk would have been given that name.
+        var named = new HashSet<string>((c.Disks ?? []).Select(d => d.Id).Concat((c.Net ?? []).Select(n => n.Id))
+            .Concat((c.Devices ?? []).Select(d => d.Id)).Concat((c.UserDevices ?? []).Select(d => d.Id)).OfType<string>());
         string Id(string? given, string prefix, string path)
         {
-            string id = given ?? $"{prefix}{nextId++}";
+            string? id = given;
+            while (id is null || given is null && named.Contains(id))
+                id = $"{prefix}{nextId++}";
             if (!ids.Add(id))
                 p.Add($"{path}.id: \"{id}\" is used by another device");
             return id;

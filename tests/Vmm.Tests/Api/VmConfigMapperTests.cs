@@ -1,0 +1,207 @@
+using System.Text;
+using Vmm.Api;
+using Vmm.Boot;
+using Vmm.Machine;
+
+namespace Vmm.Tests.Api;
+
+public sealed class VmConfigMapperTests : IDisposable
+{
+    private readonly DirectoryInfo _dir = Directory.CreateTempSubdirectory("vmm-mapper-");
+
+    public void Dispose() => _dir.Delete(recursive: true);
+
+    private static string Q(string s) => System.Text.Json.JsonSerializer.Serialize(s);
+
+    private static VmConfig Parse(string json) => ApiHandler.ParseVmConfig(Encoding.UTF8.GetBytes(json));
+
+    private static VmConfig Normalized(string json)
+    {
+        var c = Parse(json);
+        VmConfigMapper.Normalize(c);
+        return c;
+    }
+
+    private static IReadOnlyList<string> Problems(string json) =>
+        Assert.Throws<VmConfigException>(() => VmConfigMapper.Normalize(Parse(json))).Problems;
+
+    [Fact]
+    public void Ids_are_assigned_CH_style_with_one_counter_over_all_devices()
+    {
+        var c = Normalized("""
+            {"payload":{"kernel":"/k"},
+             "disks":[{"path":"/a"},{"path":"/b","id":"data"},{"path":"/c"}],
+             "net":[{"tap":"tap0"},{"tap":"tap1","id":"uplink"}],
+             "devices":[{"path":"/sys/bus/pci/devices/0000:41:00.0"}],
+             "user_devices":[{"socket":"/run/gpu.sock"}],
+             "rng":{"src":"/dev/urandom"}}
+            """);
+        Assert.Equal(["_disk0", "data", "_disk1"], c.Disks!.Select(d => d.Id));
+        Assert.Equal(["_net2", "uplink"], c.Net!.Select(n => n.Id));
+        Assert.Equal("_vfio3", c.Devices![0].Id);
+        Assert.Equal("_vfio_user4", c.UserDevices![0].Id);
+        Assert.Equal(MachineConfig.RngId, c.Rng!.Id);
+        Assert.Equal(MachineConfig.ConsoleId, c.Console!.Id);
+    }
+
+    [Fact]
+    public void A_generated_id_goes_around_the_ids_the_config_gives_as_CH_does()
+    {
+        var c = Normalized("""
+            {"payload":{"kernel":"/k"},
+             "disks":[{"path":"/a"},{"path":"/b","id":"_disk0"},{"path":"/c","id":"_disk2"}],
+             "net":[{"tap":"tap0"}]}
+            """);
+        Assert.Equal(["_disk1", "_disk0", "_disk2"], c.Disks!.Select(d => d.Id));
+        Assert.Equal("_net2", c.Net![0].Id); // one counter: _disk0 was skipped, _disk1 taken
+    }
+
+    [Fact]
+    public void Normalize_fills_in_the_defaults_vmm_runs_with()
+    {
+        var c = Normalized("""{"payload":{"kernel":"/k"},"disks":[{"path":"/a"}]}""");
+        Assert.Equal((1, 1), (c.Cpus!.BootVcpus, c.Cpus.MaxVcpus));
+        Assert.Equal((long)MachineConfig.DefaultMemory, c.Memory!.Size);
+        Assert.True(c.Memory.Shared); // guest RAM is a shared memfd
+        Assert.Equal((false, false), (c.Disks![0].Readonly, c.Disks[0].Direct));
+        Assert.Equal(("Null", "Tty"), (c.Serial!.Mode, c.Console!.Mode));
+        Assert.Null(c.Rng);
+        // Idempotent: a normalized config (what vm.info shows) normalizes to itself.
+        var again = Parse(System.Text.Json.JsonSerializer.Serialize(c, ApiJsonContext.Default.VmConfig));
+        VmConfigMapper.Normalize(again);
+        Assert.Equal(System.Text.Json.JsonSerializer.Serialize(c, ApiJsonContext.Default.VmConfig),
+            System.Text.Json.JsonSerializer.Serialize(again, ApiJsonContext.Default.VmConfig));
+    }
+
+    [Theory]
+    [InlineData("""{"disks":[{"path":"/a","id":"d"},{"path":"/b","id":"d"}]}""", "disks[1].id: \"d\" is used by another device")]
+    [InlineData("""{"disks":[{"path":"/a","id":"x"}],"net":[{"tap":"tap0","id":"x"}]}""", "net[0].id: \"x\" is used by another device")]
+    [InlineData("""{"disks":[{"path":"/a","id":"g"}],"devices":[{"path":"/sys/bus/pci/devices/0000:41:00.0","id":"g"}]}""", "devices[0].id: \"g\" is used by another device")]
+    [InlineData("""{"user_devices":[{"socket":"/a","id":"g"},{"socket":"/b","id":"g"}]}""", "user_devices[1].id: \"g\" is used by another device")]
+    public void A_duplicate_device_id_is_refused_naming_the_second(string devices, string problem)
+    {
+        string json = "{\"payload\":{\"kernel\":\"/k\"}," + devices[1..];
+        Assert.Contains(problem, Problems(json));
+    }
+
+    [Theory]
+    [InlineData(null, null, "Null", "Tty")]
+    [InlineData("""{"mode":"Tty"}""", """{"mode":"Tty"}""", "Tty", "Tty")]
+    [InlineData("""{"mode":"Tty"}""", """{"mode":"Off"}""", "Tty", "Off")]
+    [InlineData("""{"mode":"Off"}""", """{"mode":"Tty"}""", "Off", "Tty")]
+    [InlineData("""{"mode":"Null"}""", """{"mode":"File","file":"/tmp/c"}""", "Null", "File")]
+    [InlineData("""{"mode":"File","file":"/tmp/c"}""", """{"mode":"File","file":"/tmp/c"}""", "File", "File")]
+    [InlineData("""{"mode":"File","file":"/tmp/c"}""", """{"mode":"Null"}""", "File", "Null")]
+    [InlineData("""{"mode":"Off"}""", """{"mode":"Off"}""", "Off", "Off")]
+    public void Console_and_serial_modes_vmm_can_serve_are_accepted(string? serial, string? console, string serialMode, string consoleMode)
+    {
+        var c = Normalized($$"""{"payload":{"kernel":"/k"}{{(serial is null ? "" : ",\"serial\":" + serial)}}{{(console is null ? "" : ",\"console\":" + console)}}}""");
+        Assert.Equal((serialMode, consoleMode), (c.Serial!.Mode, c.Console!.Mode));
+        Assert.Equal(consoleMode == "Off" ? null : MachineConfig.ConsoleId, c.Console.Id);
+    }
+
+    [Theory]
+    [InlineData("""{"mode":"Tty"}""", """{"mode":"File","file":"/tmp/c"}""", "console.mode: File with serial.mode Tty")]
+    [InlineData("""{"mode":"File","file":"/tmp/a"}""", """{"mode":"File","file":"/tmp/b"}""", "console.file: vmm sends the UART and the virtio console to one file")]
+    [InlineData("""{"mode":"File"}""", """{"mode":"Off"}""", "serial.file: required with mode File")]
+    [InlineData("""{"mode":"Tty","file":"/tmp/a"}""", """{"mode":"Off"}""", "serial.file: not supported")]
+    [InlineData("""{"mode":"Pty"}""", """{"mode":"Off"}""", "serial.mode: Pty is not supported")]
+    [InlineData("""{"mode":"Off"}""", """{"mode":"Socket","socket":"/tmp/s"}""", "console.mode: Socket is not supported")]
+    [InlineData("""{"mode":"Off"}""", """{"mode":"Serial"}""", "console.mode: \"Serial\" is not one of Off, Pty, Tty, File, Socket, Null")]
+    [InlineData("""{"mode":"Off"}""", """{"mode":"Tty","iommu":true}""", "console.iommu: true is not supported")]
+    public void Console_and_serial_combinations_vmm_cannot_serve_are_refused(string serial, string console, string problem)
+    {
+        var problems = Problems($$"""{"payload":{"kernel":"/k"},"serial":{{serial}},"console":{{console}}}""");
+        Assert.Contains(problems, p => p.StartsWith(problem, StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void Every_problem_is_listed_at_once()
+    {
+        var problems = Problems("""{"payload":{"firmware":"/fw"},"cpus":{"boot_vcpus":0,"max_vcpus":2},"memory":{"size":0},"disks":[{}],"net":[{"tap":"a/b","mac":"01:00:00:00:00:01"}],"rng":{"src":"/dev/hwrng"}}""");
+        foreach (string field in new[] { "payload.firmware", "payload.kernel", "cpus.boot_vcpus", "cpus.max_vcpus", "memory.size", "disks[0].path", "net[0].tap", "net[0].mac", "rng.src" })
+            Assert.Contains(problems, p => p.StartsWith(field + ":", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void ToMachine_maps_payload_disks_nets_devices_and_singletons()
+    {
+        string kernel = Path.Combine(_dir.FullName, "vmlinux"), initrd = Path.Combine(_dir.FullName, "initrd");
+        File.WriteAllBytes(kernel, [1, 2, 3]);
+        File.WriteAllBytes(initrd, [4, 5]);
+        var c = Normalized($$$"""
+            {"payload":{"kernel":{{{Q(kernel)}}},"initramfs":{{{Q(initrd)}}},"cmdline":"console=hvc0"},
+             "cpus":{"boot_vcpus":3,"max_vcpus":3},"memory":{"size":536870912},
+             "disks":[{"path":"/img/root","readonly":true,"serial":"ROOT"},{"path":"/img/data","direct":true,"id":"data"}],
+             "net":[{"tap":"tap0","mac":"52:54:00:12:34:56"},{"tap":"tap1"}],
+             "devices":[{"path":"/sys/bus/pci/devices/0000:41:00.0"}],
+             "user_devices":[{"socket":"/run/gpu.sock","id":"gpu"}],
+             "rng":{"src":"/dev/random"},"serial":{"mode":"Off"},"console":{"mode":"Null"}}
+            """);
+        var output = new MemoryStream();
+        var m = VmConfigMapper.ToMachine(c, new ConsoleStreams(output, null, InteractiveTerminal: true));
+        Assert.Equal(kernel, m.Kernel.Name);
+        Assert.Equal([1, 2, 3], m.Kernel.Contents);
+        Assert.Equal(initrd, m.Module!.Name);
+        Assert.Equal([4, 5], m.Module.Contents);
+        Assert.Equal(("console=hvc0", 3, 512UL << 20), (m.Arguments, m.Cpus, m.MemoryBytes));
+        Assert.Same(output, m.SerialOutput);
+        Assert.Null(m.SerialInput);
+        Assert.True(m.ConsoleEscape);
+        Assert.Equal([new Vmm.Machine.DiskConfig("/img/root", true, false, "ROOT", "_disk0"), new Vmm.Machine.DiskConfig("/img/data", false, true, null, "data")], m.Disks);
+        Assert.Equal(("tap0", "_net1"), (m.Nets[0].Tap, m.Nets[0].Id));
+        Assert.Equal(new byte[] { 0x52, 0x54, 0, 0x12, 0x34, 0x56 }, m.Nets[0].Mac);
+        Assert.Equal(("tap1", null, "_net2"), (m.Nets[1].Tap, m.Nets[1].Mac, m.Nets[1].Id));
+        Assert.Equal([new PassthroughConfig(PassthroughKind.Vfio, "/sys/bus/pci/devices/0000:41:00.0", true, "_vfio3"),
+            new PassthroughConfig(PassthroughKind.VfioUser, "/run/gpu.sock", true, "gpu")], m.Devices);
+        Assert.True(m.VirtioConsole); // Null is a console port whose output is discarded; only Off removes it
+        Assert.True(m.VirtioRng);
+        m.Validate();
+    }
+
+    [Fact]
+    public void ToMachine_follows_platform_vfio_p2p_dma_and_console_Off()
+    {
+        string kernel = Path.Combine(_dir.FullName, "vmlinux");
+        File.WriteAllBytes(kernel, [1]);
+        var c = Normalized($$$"""
+            {"payload":{"kernel":{{{Q(kernel)}}} },"platform":{"vfio_p2p_dma":false},
+             "user_devices":[{"socket":"/run/gpu.sock"}],"console":{"mode":"Off"}}
+            """);
+        var m = VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null));
+        Assert.False(Assert.Single(m.Devices).PeerToPeer);
+        Assert.False(m.VirtioConsole);
+        Assert.False(m.VirtioRng);
+        Assert.Null(m.Module);
+        Assert.Equal("", m.Arguments);
+        Assert.Empty(m.Disks);
+        Assert.Empty(m.Nets);
+    }
+
+    [Fact]
+    public void ToMachine_names_a_missing_payload_file_and_a_built_in_kernel_replaces_payload_kernel()
+    {
+        string missing = Path.Combine(_dir.FullName, "none");
+        var c = Normalized($$$"""{"payload":{"kernel":{{{Q(missing)}}} }}""");
+        var e = Assert.Throws<ConfigException>(() => VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null)));
+        Assert.Equal($"payload.kernel {missing}: no such file", e.Message);
+
+        var builtIn = new BootFile("vmm-demo", [9]);
+        Assert.Same(builtIn, VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null), builtIn).Kernel);
+
+        c.Payload!.Initramfs = Path.Combine(_dir.FullName, "no-dir", "initrd");
+        e = Assert.Throws<ConfigException>(() => VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null), builtIn));
+        Assert.StartsWith("payload.initramfs ", e.Message);
+        Assert.EndsWith(": no such file", e.Message);
+    }
+
+    [Theory]
+    [InlineData("52:54:00:12:34:56", true)]
+    [InlineData("02:42:AC:11:00:02", true)]
+    [InlineData("01:00:5e:00:00:01", false)] // multicast
+    [InlineData("52:54:00:12:34", false)]
+    [InlineData("52:54:00:12:34:5g", false)]
+    [InlineData("525400123456", false)]
+    public void MAC_addresses_must_be_six_hex_bytes_and_unicast(string mac, bool valid) =>
+        Assert.Equal(valid, VmConfigMapper.ParseMac(mac) is not null);
+}
