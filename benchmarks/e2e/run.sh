@@ -283,7 +283,7 @@ gcc -O2 -Wall -Werror -static -o "$build/runstat" "$here/runstat.c"
 cp "$build/kvm_exit_floor" "$build/runstat" "$files/"
 
 # 3. Micro-guests (exit and start cases); the virtio-test guest (blk cases).
-if has_case exit || has_case start; then
+if has_case exit || has_case start || has_case api; then
     echo "run.sh: generating micro-guests" >&2
     dotnet run -c Release --project benchmarks/Vmm.Benchmarks -- make-guests "$files" >/dev/null
 fi

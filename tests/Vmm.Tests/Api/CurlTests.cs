@@ -203,6 +203,44 @@ public sealed class CurlTests : IDisposable
     }
 
     [Fact]
+    public void Every_endpoint_of_CH_s_document_answers_curl_with_its_status_and_body_form()
+    {
+        StartVmm(Sock);
+        // Without a VM.
+        foreach (var (method, name, status) in new[] { ("GET", "vm.info", 404), ("GET", "vm.counters", 404), ("PUT", "vm.boot", 404),
+                     ("PUT", "vm.pause", 404), ("PUT", "vm.resume", 404), ("PUT", "vm.shutdown", 404), ("PUT", "vm.reboot", 404),
+                     ("PUT", "vm.power-button", 404), ("PUT", "vm.delete", 204) })
+        {
+            var (got, body) = Curl(Sock, method, name);
+            Assert.True(got == status, $"{method} {name} without a VM: {got} {body}");
+            if (status >= 400)
+                Assert.Contains("VM is not created", Messages(body));
+        }
+        Assert.Equal((204, ""), Create(Sock));
+        // A created VM: what needs it running is 405 naming the state.
+        foreach (var (method, name) in new[] { ("GET", "vm.counters"), ("PUT", "vm.pause"), ("PUT", "vm.resume"), ("PUT", "vm.shutdown"),
+                     ("PUT", "vm.reboot"), ("PUT", "vm.power-button") })
+        {
+            var (got, body) = Curl(Sock, method, name);
+            Assert.True(got == 405, $"{method} {name} on a created VM: {got} {body}");
+            Assert.Contains(Messages(body), m => m.Contains("Created", StringComparison.Ordinal));
+        }
+        var info = Curl(Sock, "GET", "vm.info");
+        Assert.Equal(200, info.Status);
+        Assert.Equal("Created", JsonDocument.Parse(info.Body).RootElement.GetProperty("state").GetString());
+        // Everything else in CH's document: 501 naming the endpoint, whatever the body.
+        foreach (string name in Vmm.Api.ApiHandler.NotImplemented)
+        {
+            var (got, body) = Curl(Sock, "PUT", name, "-H", "Content-Type: application/json", "--data", "{}");
+            Assert.True(got == 501, $"{name}: {got} {body}");
+            Assert.Contains(Messages(body), m => m.Contains(name, StringComparison.Ordinal));
+        }
+        Assert.Equal(204, Curl(Sock, "PUT", "vm.delete").Status);
+        Assert.Equal(404, Curl(Sock, "GET", "vm.info").Status);
+        Assert.Equal((200, ""), Curl(Sock, "PUT", "vmm.shutdown"));
+    }
+
+    [Fact]
     public void Vmm_shutdown_is_200_and_the_process_exits_0_removing_its_socket()
     {
         var vmm = StartVmm(Sock);

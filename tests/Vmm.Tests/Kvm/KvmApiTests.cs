@@ -51,6 +51,7 @@ public class KvmApiTests(KvmFixture kvm)
         var ping = Step(0, "ping");
         Assert.Equal(0, ping.Status);
         Assert.Contains("\"version\"", ping.Output);
+        Api.ChSchema.AssertValid(ping.Output, "VmmPingResponse");
         Assert.Equal(1, Step(1, "info").Status);                      // no VM yet: 404
         Assert.Contains("VM is not created", steps[1].Output);
         Assert.Equal(0, Step(2, "create api-lifecycle.json").Status);
@@ -59,6 +60,7 @@ public class KvmApiTests(KvmFixture kvm)
         Assert.Contains("HTTP 405", steps[4].Output);
         Assert.True(Step(5, "boot").Status == 0, all);
         Assert.Equal("Running", State(Step(6, "info").Output));
+        Api.ChSchema.AssertValid(steps[6].Output, "VmInfo"); // with a device tree, against CH's OpenAPI document
         var info = JsonDocument.Parse(steps[6].Output).RootElement;
         Assert.Equal("0000:00:01.0", info.GetProperty("device_tree").GetProperty("_disk0").GetProperty("pci_bdf").GetString());
         Assert.Equal(0, Step(7, "pause").Status);
@@ -87,6 +89,7 @@ public class KvmApiTests(KvmFixture kvm)
         Assert.True(afterAbuse[0] == "\"state\":\"Running\"" && int.Parse(afterAbuse[2]) > int.Parse(afterAbuse[1]), $"after the hostile clients: {string.Join(' ', afterAbuse)}\n{all}");
 
         var counters = JsonDocument.Parse(Step(11, "counters").Output).RootElement;
+        Api.ChSchema.AssertValid(steps[11].Output, "VmCounters");
         Assert.True(counters.GetProperty("_disk0").GetProperty("read_ops").GetUInt64() > 0, all);
         Assert.True(counters.GetProperty("_disk0").GetProperty("read_bytes").GetUInt64() >= 16 * 4096, all);
         Assert.True(counters.GetProperty("vcpu0").GetProperty("exits").GetUInt64() > 0, all);
