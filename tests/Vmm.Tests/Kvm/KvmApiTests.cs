@@ -161,6 +161,12 @@ public class KvmApiTests(KvmFixture kvm)
         Assert.Equal("0", Marker(r.Stdout, "INFO"));
         Assert.Contains("\"kernel\":\"hlt.bin\"", r.Stdout);
         Assert.Contains("\"state\":\"Running\"", r.Stdout);
+        Assert.Equal("0", Marker(r.Stdout, "REBOOT"));
+        string events = Marker(r.Stdout, "EVENTS");
+        foreach (string e in new[] { "\"event\":\"booted\"", "\"event\":\"rebooting\"", "\"event\":\"rebooted\"" })
+            Assert.Contains(e, events);
+        Assert.True(events.IndexOf("\"event\":\"rebooting\"", StringComparison.Ordinal) < events.IndexOf("\"event\":\"rebooted\"", StringComparison.Ordinal), events);
+        Assert.EndsWith("\"source\":\"vmm\",\"event\":\"shutdown\",\"properties\":null}", events); // SIGTERM: the orderly stop's last event
         Assert.Equal("GONE", Marker(r.Stdout, "SOCKET"));
         Assert.Contains("SIGTERM: stopping the VM", r.Stderr);
     }

@@ -108,10 +108,12 @@ public sealed class KvmFixture
             // and --config booting the same VM as the flags.
             new("api-lifecycle", [], Shell: "cp disk.img api.img && sh ./api-lifecycle.sh"),
             new("api-config-file", ["run", "--config", "multiboot-config.json"]),
-            // The API controlling a VM booted from the command line; SIGTERM then stops it in order.
-            new("api-run-sigterm", [], Shell: "./vmm run --kernel hlt.bin --api-socket run.sock --log-level info & p=$!; n=0; while [ ! -S run.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; " +
-                "sleep 1; ./vmm remote --api-socket run.sock info; echo \"@@INFO $?\"; kill -TERM $p; wait $p; rc=$?; " +
-                "[ -e run.sock ] && echo '@@SOCKET LEFT' || echo '@@SOCKET GONE'; exit $rc"),
+            // The API controlling a VM booted from the command line (vm.reboot: a fresh VM); SIGTERM then stops it in order.
+            new("api-run-sigterm", [], Shell: "./vmm run --kernel hlt.bin --api-socket run.sock --event-monitor path=run-events.json --log-level info & p=$!; n=0; while [ ! -S run.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; " +
+                "sleep 1; ./vmm remote --api-socket run.sock info; echo \"@@INFO $?\"; " +
+                "./vmm remote --api-socket run.sock reboot; echo \"@@REBOOT $?\"; ./vmm remote --api-socket run.sock info | grep -o '\"state\":\"[A-Za-z]*\"'; " +
+                "kill -TERM $p; wait $p; rc=$?; " +
+                "[ -e run.sock ] && echo '@@SOCKET LEFT' || echo '@@SOCKET GONE'; echo \"@@EVENTS $(tr -d ' \\n' <run-events.json)\"; exit $rc"),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),

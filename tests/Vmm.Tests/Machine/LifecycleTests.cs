@@ -74,3 +74,23 @@ public class VmLifecycleTests
         vm.StopIfRunning("test"); // no VM running: nothing to do, no error
     }
 }
+
+public class KvmChoiceTests
+{
+    [Theory]
+    [InlineData(null, false, false, false)] // no /dev/kvm (a PVM guest kernel): nested
+    [InlineData(null, true, false, false)]  // kvm-pvm: software virtualization cannot boot a stock kernel: nested
+    [InlineData(null, true, true, true)]    // hardware-assisted: local
+    [InlineData("auto", true, true, true)]
+    [InlineData("nested", true, true, false)]
+    [InlineData("local", true, false, true)] // forced onto kvm-pvm
+    public void The_KVM_tests_use_the_local_dev_kvm_only_where_it_can_run_the_whole_suite(string? choice, bool hostHasKvm, bool hardware, bool local) =>
+        Assert.Equal(local, Vmm.Tests.TestKit.VmmRunner.DecideLocalKvm(choice, hostHasKvm, hardware));
+
+    [Fact]
+    public void Forcing_the_local_KVM_where_there_is_none_or_a_bad_choice_is_an_error_not_a_fallback()
+    {
+        Assert.Contains("no usable /dev/kvm", Assert.Throws<InvalidOperationException>(() => Vmm.Tests.TestKit.VmmRunner.DecideLocalKvm("local", false, false)).Message);
+        Assert.Contains("use local, nested or auto", Assert.Throws<InvalidOperationException>(() => Vmm.Tests.TestKit.VmmRunner.DecideLocalKvm("yes", true, true)).Message);
+    }
+}

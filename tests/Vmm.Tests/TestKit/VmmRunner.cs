@@ -39,19 +39,17 @@ public static class VmmRunner
     /// <summary>Where the KVM tests run: the local /dev/kvm only where it can run the whole suite (a usable /dev/kvm on
     /// a CPU with vmx/svm), otherwise the nested-KVM VM. VMM_TEST_KVM=local or =nested overrides the choice
     /// (local without a usable /dev/kvm is an error, not a silent fallback).</summary>
-    public static bool UseLocalKvm { get; } = DecideLocalKvm();
+    public static bool UseLocalKvm { get; } =
+        DecideLocalKvm(Environment.GetEnvironmentVariable("VMM_TEST_KVM"), HostHasKvm, CpuHasHardwareVirtualization);
 
-    private static bool DecideLocalKvm()
+    /// <summary>The rule, apart from the machine it runs on (unit-tested for every kind of host).</summary>
+    public static bool DecideLocalKvm(string? choice, bool hostHasKvm, bool hardwareVirtualization) => (choice ?? "auto") switch
     {
-        string choice = Environment.GetEnvironmentVariable("VMM_TEST_KVM") ?? "auto";
-        return choice switch
-        {
-            "local" => HostHasKvm ? true : throw new InvalidOperationException("VMM_TEST_KVM=local, but this machine has no usable /dev/kvm"),
-            "nested" => false,
-            "auto" or "" => HostHasKvm && CpuHasHardwareVirtualization,
-            _ => throw new InvalidOperationException($"VMM_TEST_KVM={choice}: use local, nested or auto"),
-        };
-    }
+        "local" => hostHasKvm ? true : throw new InvalidOperationException("VMM_TEST_KVM=local, but this machine has no usable /dev/kvm"),
+        "nested" => false,
+        "auto" or "" => hostHasKvm && hardwareVirtualization,
+        var other => throw new InvalidOperationException($"VMM_TEST_KVM={other}: use local, nested or auto"),
+    };
 
     /// <summary>Whether the KVM the tests use is hardware-assisted: the nested VM's CPU has svm (QEMU -cpu max); a
     /// local /dev/kvm is used only when forced (VMM_TEST_KVM=local) or when the CPU has vmx/svm.</summary>
