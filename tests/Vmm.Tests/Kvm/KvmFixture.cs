@@ -205,21 +205,31 @@ public sealed class KvmFixture
             File.Copy(f, Path.Combine(root, "lib", "modules", Path.GetFileName(f)));
     }
 
+    /// <summary>The start of an /init that uses the kept modules (<see cref="AddGuestModules"/>): mounts proc, sysfs and
+    /// devtmpfs, loads every module in load order (saying which failed, after <paramref name="marker"/>) and waits up
+    /// to 10 s for /dev/vda. $B is busybox.</summary>
+    internal static string ModulesInitPrologue(string marker) => $$"""
+        #!/bin/busybox sh
+        B=/bin/busybox
+        $B mkdir -p /proc /sys /dev
+        $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+        for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{marker}} insmod $mod failed"; done
+        n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+        """;
+
     public const string ApiInitMarker = "vmm-api:";
 
     /// <summary>A busybox initramfs for the lifecycle scenario: loads the virtio, ACPI button and evdev modules, reads
     /// the disk (for vm.counters), prints a tick every 0.2 s (so a pause shows), waits for the power button's
     /// KEY_POWER event, reports any soft lockup the kernel logged and powers off.</summary>
-    private static byte[] ApiInitramfs()
+    private static byte[] ApiInitramfs() => BusyboxInitramfs(ApiInitScript(), AddGuestModules);
+
+    /// <summary>/init of <see cref="ApiInitramfs"/>.</summary>
+    internal static string ApiInitScript()
     {
         string m = ApiInitMarker;
-        return BusyboxInitramfs($$"""
-                #!/bin/busybox sh
-                B=/bin/busybox
-                $B mkdir -p /proc /sys /dev
-                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
-                for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{m}} insmod $mod failed"; done
-                n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+        return $$"""
+                {{ModulesInitPrologue(m)}}
                 $B dd if=/dev/vda of=/dev/null bs=4096 count=16 2>/dev/null && echo "{{m}} read the disk"
                 ev=
                 for i in /sys/class/input/input*; do
@@ -234,7 +244,7 @@ public sealed class KvmFixture
                 echo "{{m}} powering off"
                 $B poweroff -f
 
-                """, AddGuestModules);
+                """;
     }
 
     public const string LinuxCommandLine = "console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 vmm.test=linux-boot";
@@ -255,12 +265,7 @@ public sealed class KvmFixture
     {
         string m = VirtioInitMarker;
         return BusyboxInitramfs($$"""
-                #!/bin/busybox sh
-                B=/bin/busybox
-                $B mkdir -p /proc /sys /dev
-                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
-                for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{m}} insmod $mod failed"; done
-                n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+                {{ModulesInitPrologue(m)}}
                 echo "{{m}} vda $($B cat /sys/block/vda/size) sectors, serial $($B cat /sys/block/vda/serial)"
                 echo "{{m}} sector 5: $($B dd if=/dev/vda bs=512 skip=5 count=1 2>/dev/null | $B od -An -tx1 | $B head -n 1)"
                 echo "linux-wrote-this" | $B dd of=/dev/vda bs=512 seek=1000 conv=fsync 2>/dev/null && echo "{{m}} wrote sector 1000"

@@ -94,3 +94,17 @@ public class KvmChoiceTests
         Assert.Contains("use local, nested or auto", Assert.Throws<InvalidOperationException>(() => Vmm.Tests.TestKit.VmmRunner.DecideLocalKvm("yes", true, true)).Message);
     }
 }
+
+public class GuestInitScriptTests
+{
+    [Fact]
+    public void The_lifecycle_scenario_s_init_starts_with_its_shebang_and_the_module_prologue()
+    {
+        string init = Vmm.Tests.Kvm.KvmFixture.ApiInitScript();
+        Assert.StartsWith("#!/bin/busybox sh\nB=/bin/busybox\n$B mkdir -p /proc /sys /dev\n", init);
+        Assert.Contains("\nfor mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo \"vmm-api: insmod $mod failed\"; done\n", init);
+        Assert.Contains("\n$B dd if=/dev/vda of=/dev/null bs=4096 count=16", init); // the prologue's last line ended with a newline
+        Assert.EndsWith("$B poweroff -f\n", init);
+        Assert.DoesNotContain("\n    ", init); // no stray indentation from the composition (the loop body has two spaces)
+    }
+}
