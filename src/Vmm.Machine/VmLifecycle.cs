@@ -188,7 +188,6 @@ public sealed class VmLifecycle : IDisposable
     private void StopLocked(string why, bool endRun = true)
     {
         var vm = _vm!;
-        _vm = null; // before Stop: the run's end, when it reaches OnGuestEnded, is then known to be ours
         vm.Stop($"stopped by {why}");
         ReleaseLocked(vm);
         if (endRun)
