@@ -100,6 +100,7 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
     public Serial16550 Serial => _legacy.Serial;
     public PostCodeSink PostCode => _legacy.PostCode;
     public LoadedKernel Kernel { get; } = null!;
+    public MachineConfig Config => _config;
 
     /// <summary>The devices on the PCI root bus with their ids and addresses (vm.info's device tree).</summary>
     public IReadOnlyList<PciDeviceInfo> PciDevices => _devices.Devices;

@@ -46,6 +46,7 @@ public sealed class VmLifecycle : IDisposable
     private readonly Func<MachineConfig> _configure;
     private VirtualMachine? _vm;
     private volatile VmState _state = VmState.Created;
+    private VmOutcome? _lastOutcome;
     private TaskCompletionSource<VmOutcome> _ended = NewEnded();
     private bool _disposed;
 
@@ -59,9 +60,22 @@ public sealed class VmLifecycle : IDisposable
         OnReset = onReset;
     }
 
+    /// <summary>The config of the current or last boot.</summary>
+    public MachineConfig? Config { get; private set; }
+
     public ResetAction OnReset { get; }
 
     public VmState State => _state;
+
+    /// <summary>How the last run ended (null while it runs or before the first boot).</summary>
+    public VmOutcome? LastOutcome
+    {
+        get
+        {
+            lock (_lock)
+                return _lastOutcome;
+        }
+    }
 
     /// <summary>Completes when the current (or next) run ends without a reboot following it: the outcome `vmm run`
     /// reports. A new boot after that arms a new one.</summary>
@@ -103,8 +117,11 @@ public sealed class VmLifecycle : IDisposable
     private void BootLocked(string before, string after)
     {
         Emit("vm", before);
-        var vm = new VirtualMachine(_configure(), _log);
+        var config = _configure();
+        var vm = new VirtualMachine(config, _log);
+        Config = config;
         _vm = vm;
+        _lastOutcome = null;
         if (_ended.Task.IsCompleted)
             _ended = NewEnded();
         vm.Ended.ContinueWith(t => OnGuestEnded(vm, t.Result), TaskContinuationOptions.ExecuteSynchronously);
@@ -184,51 +201,66 @@ public sealed class VmLifecycle : IDisposable
         }
     }
 
+    /// <summary>Stops the VM if it runs (vm.delete, vmm.shutdown, a signal): never throws for the state.</summary>
+    public void StopIfRunning(string why)
+    {
+        lock (_lock)
+        {
+            if (_state is VmState.Running or VmState.Paused)
+            {
+                StopLocked(why);
+                Emit("vm", "shutdown");
+            }
+        }
+    }
+
     /// <summary>Stops and releases the machine. With <paramref name="endRun"/> the run's outcome is published.</summary>
     private void StopLocked(string why, bool endRun = true)
     {
         var vm = _vm!;
-        vm.Stop($"stopped by {why}");
-        ReleaseLocked(vm);
-        if (endRun)
-            _ended.TrySetResult(vm.Ended.Result);
-    }
-
-    /// <summary>vCPUs joined, devices closed, DMA unmapped, memory released; the state is Shutdown.</summary>
-    private void ReleaseLocked(VirtualMachine vm)
-    {
         _vm = null;
-        vm.Dispose();
+        vm.Stop($"stopped by {why}");
+        vm.Dispose(); // vCPUs joined, devices closed, DMA unmapped, memory released
         LastStats = vm.DescribeStats();
+        var outcome = vm.Ended.Result;
+        _lastOutcome = outcome;
         _state = VmState.Shutdown;
+        if (endRun)
+            _ended.TrySetResult(outcome);
     }
 
-    /// <summary>The guest (or a vCPU error) ended a run: release it; a reset reboots it when so configured. Runs off the
-    /// vCPU thread (Ended continues asynchronously), since releasing joins the vCPU threads.</summary>
+    /// <summary>The guest (or a vCPU error) ended a run: release it; a reset reboots it when so configured.</summary>
     private void OnGuestEnded(VirtualMachine vm, VmOutcome outcome)
     {
-        lock (_lock)
+        // Runs off the vCPU thread (Ended continues asynchronously): releasing joins the vCPU threads.
         {
-            if (!ReferenceEquals(_vm, vm))
-                return; // the host stopped it (vm.shutdown, reboot) and has handled it
-            ReleaseLocked(vm);
-            _log.Info(outcome.Message);
-            if (outcome.Kind == VmExitKind.Reset && OnReset == ResetAction.Reboot && !_disposed)
+            lock (_lock)
             {
-                try
+                if (!ReferenceEquals(_vm, vm))
+                    return; // the host stopped it (vm.shutdown, reboot) and has handled it
+                _vm = null;
+                vm.Dispose();
+                LastStats = vm.DescribeStats();
+                _lastOutcome = outcome;
+                _state = VmState.Shutdown;
+                _log.Info(outcome.Message);
+                if (outcome.Kind == VmExitKind.Reset && OnReset == ResetAction.Reboot && !_disposed)
                 {
-                    Emit("vm", "rebooting", new Dictionary<string, string> { ["reason"] = outcome.Message });
-                    BootLocked("booting", "rebooted");
-                    return;
+                    try
+                    {
+                        Emit("vm", "rebooting", new Dictionary<string, string> { ["reason"] = outcome.Message });
+                        BootLocked("booting", "rebooted");
+                        return;
+                    }
+                    catch (Exception e)
+                    {
+                        _log.Error($"reboot after a guest reset failed: {e.Message}");
+                        _lastOutcome = new VmOutcome(VmExitKind.VmmError, $"reboot after a guest reset failed: {e.Message}");
+                    }
                 }
-                catch (Exception e)
-                {
-                    _log.Error($"reboot after a guest reset failed: {e.Message}");
-                    outcome = new VmOutcome(VmExitKind.VmmError, $"reboot after a guest reset failed: {e.Message}");
-                }
+                Emit("vm", "shutdown", new Dictionary<string, string> { ["reason"] = DescribeEnd(outcome) });
+                _ended.TrySetResult(_lastOutcome!);
             }
-            Emit("vm", "shutdown", new Dictionary<string, string> { ["reason"] = DescribeEnd(outcome) });
-            _ended.TrySetResult(outcome);
         }
     }
 

@@ -32,6 +32,16 @@ public sealed class AcpiPmDevice(IVmControl control, IInterruptLine? sci = null)
         }
     }
 
+    /// <summary>PM1 status as the OS reads it.</summary>
+    public ushort Status
+    {
+        get
+        {
+            lock (_lock)
+                return _status;
+        }
+    }
+
     private void UpdateSciLocked() => sci?.SetLevel((_status & _enable) != 0);
 
     /// <summary>The PM timer's current count (it wraps at 32 bits).</summary>
