@@ -40,10 +40,16 @@ tools/nested-kvm/setup.sh
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+stalls=artifacts/nested-kvm-stalls.log # written by the KVM tests when the nested VM froze and scenarios ran again
+rm -f "$stalls"
 set +e
 dotnet test Vmm.sln --nologo "$@" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
+if [ -s "$stalls" ]; then
+    echo "test.sh: the nested-KVM VM froze $(grep -c "nested VM stalled" "$stalls") time(s) in this run; the scenarios it left ran again in a fresh VM:"
+    sed 's/^/  /' "$stalls"
+fi
 # One plain summary line over all test assemblies.
 awk '/(Passed|Failed)! +- Failed: /{gsub(",", ""); for (i = 1; i <= NF; i++) { if ($i == "Failed:") f += $(i+1); if ($i == "Passed:") p += $(i+1); if ($i == "Skipped:") s += $(i+1) } }
      END { printf "vmm tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"

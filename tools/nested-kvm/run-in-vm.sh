@@ -12,6 +12,8 @@
 # Options:
 #   --files DIR      copied to /work in the guest (COMMAND runs with cwd /work); required to run
 #   --timeout SEC    wall-clock limit for the whole VM run (default 600)
+#   --stall SEC      the guest writes a heartbeat every 2 s; none for SEC seconds (default 90, 0: off)
+#                    means the guest kernel itself stopped: QEMU's registers are dumped, the run ends (123)
 #   --mem MB         guest RAM (default 1024); the initramfs (incl. DIR) lives in it
 #   --smp N          guest vCPUs (default 1; MTTCG uses one host thread per vCPU)
 #   --env K=V        export K=V for COMMAND (repeatable)
@@ -25,8 +27,9 @@
 # (each via its own emulated serial port; the guest kernel log goes to a third one and is only
 # shown on failure or with --console).
 #
-# Exit status: COMMAND's exit status; 124 if the timeout hit; 125 on harness failure (qemu
-# missing, kernel cannot be fetched, kvm_amd does not load / no /dev/kvm, guest died).
+# Exit status: COMMAND's exit status; 124 if the timeout hit; 123 if the guest stalled (its
+# heartbeat stopped: the whole guest kernel made no progress, see --stall); 125 on harness failure
+# (qemu missing, kernel cannot be fetched, kvm_amd does not load / no /dev/kvm, guest died).
 #
 # Environment:
 #   NESTED_KVM_CACHE       cache dir (default ${XDG_CACHE_HOME:-$HOME/.cache}/vmm-nested-kvm)
@@ -39,6 +42,7 @@ set -euo pipefail
 
 readonly HARNESS_FAIL=125
 readonly TIMEOUT_RC=124
+readonly STALL_RC=123
 readonly BASE_FORMAT=2 # bump when the base initramfs layout changes (init script changes are hashed)
 # Modules loaded in the guest (plus their deps): kvm_amd for /dev/kvm, tun for /dev/net/tun (virtio-net tests).
 readonly GUEST_MODULES="kvm_amd tun"
@@ -55,6 +59,7 @@ die() {
 note() { echo "$prog: $*" >&2; }
 
 timeout_s=600
+stall_s=90
 mem_mb=1024
 smp=1
 files_dir=
@@ -67,6 +72,7 @@ extra_libs=()
 while [ $# -gt 0 ]; do
     case $1 in
     --timeout) timeout_s=${2:?--timeout needs a value}; shift 2 ;;
+    --stall) stall_s=${2:?--stall needs a value}; shift 2 ;;
     --mem) mem_mb=${2:?--mem needs a value}; shift 2 ;;
     --smp) smp=${2:?--smp needs a value}; shift 2 ;;
     --files) files_dir=${2:?--files needs a value}; shift 2 ;;
@@ -81,8 +87,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-for v in "$timeout_s" "$mem_mb" "$smp"; do
-    case $v in '' | *[!0-9]*) echo "$prog: --timeout/--mem/--smp need positive integers" >&2; exit 2 ;; esac
+for v in "$timeout_s" "$stall_s" "$mem_mb" "$smp"; do
+    case $v in '' | *[!0-9]*) echo "$prog: --timeout/--stall/--mem/--smp need positive integers" >&2; exit 2 ;; esac
 done
 for e in "${envs[@]+"${envs[@]}"}"; do
     case $e in [A-Za-z_]*=*) ;; *) echo "$prog: bad --env '$e' (want NAME=VALUE)" >&2; exit 2 ;; esac
@@ -219,6 +225,10 @@ for f in /sys/module/kvm_amd/parameters/npt /sys/module/kvm_amd/parameters/neste
     [ -r $f ] && echo "nested-kvm: kvm_amd.${f##*/}=$(cat $f)"
 done
 ctl "NESTED-KVM-READY uptime=$(cut -d' ' -f1 /proc/uptime)"
+# Heartbeat for the host side: when these lines stop, the guest kernel itself has stopped (not just the command).
+# (Its pid is in /run/nested-kvm-heartbeat.pid: a test stops it to check the host side's stall detection.)
+( while :; do echo "NESTED-KVM-ALIVE uptime=$(cut -d' ' -f1 /proc/uptime)" >/dev/ttyS3; sleep 2; done ) </dev/null >/dev/null 2>&1 &
+echo $! >/run/nested-kvm-heartbeat.pid
 
 [ -f /nested-kvm/env ] && . /nested-kvm/env
 cd /work
@@ -322,7 +332,7 @@ run_dir=
 cleanup() {
     local pids
     pids=$(jobs -p) || true
-    [ -n "$pids" ] && kill $pids 2>/dev/null
+    [ -z "$pids" ] || kill $pids 2>/dev/null || true
     [ -n "$build_tmp" ] && rm -rf "$build_tmp"
     if [ -n "$run_dir" ]; then
         if [ "${NESTED_KVM_KEEP:-0}" = 1 ]; then note "kept $run_dir"; else rm -rf "$run_dir"; fi
@@ -408,10 +418,13 @@ pad=$(($(stat -c %s "$initrd") % 4))
 : >"$run_dir/stderr"
 : >"$run_dir/ctl"
 append="console=ttyS0 quiet panic=-1 oops=panic mitigations=off 8250.nr_uarts=4 tsc=reliable no_timer_check random.trust_cpu=on ${NESTED_KVM_APPEND:-}"
+# QEMU's monitor on a pair of FIFOs (QEMU opens them read-write, so it never waits for us): a stalled guest's
+# registers can be read from it.
+mkfifo "$run_dir/monitor.in" "$run_dir/monitor.out" || die "mkfifo failed"
 t_start=$(date +%s.%N)
 timeout -k 5 "$timeout_s" "$qemu" \
     -accel tcg -M pc -cpu "${NESTED_KVM_CPU:-max}" -m "$mem_mb" -smp "$smp" \
-    -nodefaults -no-user-config -display none -monitor none -no-reboot \
+    -nodefaults -no-user-config -display none -monitor "pipe:$run_dir/monitor" -pidfile "$run_dir/qemu.pid" -no-reboot \
     -kernel "$base_dir/vmlinuz" -initrd "$initrd" -append "$append" \
     -serial "file:$run_dir/console.log" -serial "file:$run_dir/stdout" \
     -serial "file:$run_dir/stderr" -serial "file:$run_dir/ctl" \
@@ -421,8 +434,37 @@ tail -n +1 -s 0.1 -f --pid="$qpid" "$run_dir/stdout" &
 tail_out=$!
 tail -n +1 -s 0.1 -f --pid="$qpid" "$run_dir/stderr" >&2 &
 tail_err=$!
+# Wait for QEMU; meanwhile the guest's heartbeat (and every other control line) must keep arriving: a guest
+# whose kernel stopped running (seen under load: QEMU/TCG emulating SVM for the nested guest, the whole L1 VM
+# frozen, its own watchdogs silent) is stopped after --stall seconds instead of sitting out the whole timeout.
+stalled=
+ctl_size=0
+SECONDS=0
+last_change=0
+while kill -0 "$qpid" 2>/dev/null; do
+    sleep 0.5
+    [ "$stall_s" -gt 0 ] || continue
+    size=$(stat -c %s "$run_dir/ctl" 2>/dev/null) || size=0
+    if [ "$size" != "$ctl_size" ]; then
+        ctl_size=$size
+        last_change=$SECONDS
+    elif [ $((SECONDS - last_change)) -ge "$stall_s" ]; then
+        stalled="no heartbeat for ${stall_s}s (after ${SECONDS}s of the run)"
+        break
+    fi
+done
+monitor_dump=
+if [ -n "$stalled" ]; then
+    # Ask the monitor where the (single) vCPU is. A monitor that does not answer means QEMU's main loop is stuck too.
+    { echo "info registers"; echo "info cpus"; } >"$run_dir/monitor.in" &
+    monitor_dump=$(timeout 3 cat "$run_dir/monitor.out" 2>/dev/null | tr -d '\r' | grep -av '^(qemu)' || true)
+    [ -n "$monitor_dump" ] || monitor_dump="(QEMU's monitor did not answer within 3 s: its main loop is stuck too)"
+    qemu_pid=$(cat "$run_dir/qemu.pid" 2>/dev/null) || qemu_pid=
+    [ -n "$qemu_pid" ] && kill -9 "$qemu_pid" 2>/dev/null
+    kill "$qpid" 2>/dev/null
+fi
 set +e
-wait "$qpid"
+wait "$qpid" 2>/dev/null
 qrc=$?
 wait "$tail_out" "$tail_err"
 set -e
@@ -449,6 +491,14 @@ if [ -n "$exitline" ]; then
     rc=${exitline#NESTED-KVM-EXIT=}
     case $rc in '' | *[!0-9]*) die "garbled exit marker '$exitline'" ;; esac
     exit "$rc"
+fi
+if [ -n "$stalled" ]; then
+    last_alive=$(grep -a '^NESTED-KVM-ALIVE' "$run_dir/ctl" | tail -n1 | tr -d '\r') || true
+    echo "$prog: error: the guest stalled: $stalled; last heartbeat: ${last_alive:-none} ($([ -n "$ready" ] && echo "it was running the command" || echo "it never got ready"))" >&2
+    echo "---- QEMU monitor: info registers, info cpus ----" >&2
+    echo "$monitor_dump" >&2
+    console_tail
+    exit "$STALL_RC"
 fi
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
     echo "$prog: error: timeout after ${timeout_s}s (guest $([ -n "$ready" ] && echo "was running the command" || echo "never got ready"))" >&2
