@@ -12,7 +12,7 @@
 # Options:
 #   --files DIR      copied to /work in the guest (COMMAND runs with cwd /work); required to run
 #   --timeout SEC    wall-clock limit for the whole VM run (default 600)
-#   --stall SEC      the guest writes a heartbeat every 2 s; none for SEC seconds (default 90, 0: off)
+#   --stall SEC      the guest writes a heartbeat every 2 s; none for SEC seconds (default 60, 0: off)
 #                    means the guest kernel itself stopped: QEMU's registers are dumped, the run ends (123)
 #   --mem MB         guest RAM (default 1024); the initramfs (incl. DIR) lives in it
 #   --smp N          guest vCPUs (default 1; MTTCG uses one host thread per vCPU)
@@ -59,7 +59,7 @@ die() {
 note() { echo "$prog: $*" >&2; }
 
 timeout_s=600
-stall_s=90
+stall_s=60
 mem_mb=1024
 smp=1
 files_dir=
@@ -434,9 +434,11 @@ tail -n +1 -s 0.1 -f --pid="$qpid" "$run_dir/stdout" &
 tail_out=$!
 tail -n +1 -s 0.1 -f --pid="$qpid" "$run_dir/stderr" >&2 &
 tail_err=$!
-# Wait for QEMU; meanwhile the guest's heartbeat (and every other control line) must keep arriving: a guest
-# whose kernel stopped running (seen under load: QEMU/TCG emulating SVM for the nested guest, the whole L1 VM
-# frozen, its own watchdogs silent) is stopped after --stall seconds instead of sitting out the whole timeout.
+# Wait for QEMU; meanwhile the guest's heartbeat (and every other control line) must keep arriving. A guest whose
+# kernel stopped running is stopped after --stall seconds instead of sitting out the whole timeout. Seen with QEMU
+# 7.2's TCG while the guest's KVM runs a nested guest, more often on a loaded host: the vCPU halted with IF=1 and
+# the APIC timer's vector pending in IRR, and not even an NMI from the monitor gets through (so no watchdog inside
+# the guest can fire either).
 stalled=
 ctl_size=0
 SECONDS=0
@@ -456,7 +458,7 @@ done
 monitor_dump=
 if [ -n "$stalled" ]; then
     # Ask the monitor where the (single) vCPU is. A monitor that does not answer means QEMU's main loop is stuck too.
-    { echo "info registers"; echo "info cpus"; } >"$run_dir/monitor.in" &
+    { echo "info registers"; echo "info lapic"; echo "info cpus"; } >"$run_dir/monitor.in" &
     monitor_dump=$(timeout 3 cat "$run_dir/monitor.out" 2>/dev/null | tr -d '\r' | grep -av '^(qemu)' || true)
     [ -n "$monitor_dump" ] || monitor_dump="(QEMU's monitor did not answer within 3 s: its main loop is stuck too)"
     qemu_pid=$(cat "$run_dir/qemu.pid" 2>/dev/null) || qemu_pid=
@@ -495,7 +497,7 @@ fi
 if [ -n "$stalled" ]; then
     last_alive=$(grep -a '^NESTED-KVM-ALIVE' "$run_dir/ctl" | tail -n1 | tr -d '\r') || true
     echo "$prog: error: the guest stalled: $stalled; last heartbeat: ${last_alive:-none} ($([ -n "$ready" ] && echo "it was running the command" || echo "it never got ready"))" >&2
-    echo "---- QEMU monitor: info registers, info cpus ----" >&2
+    echo "---- QEMU monitor: info registers, info lapic, info cpus ----" >&2
     echo "$monitor_dump" >&2
     console_tail
     exit "$STALL_RC"

@@ -57,16 +57,36 @@ public class NestedStallRetryTests : IDisposable
     }
 
     [Fact]
-    public void A_scenario_during_which_the_VM_freezes_twice_fails_with_both_reports_and_the_rest_still_run()
+    public void A_scenario_during_which_the_VM_keeps_freezing_fails_with_every_report_and_the_rest_still_run()
     {
-        var results = VmmRunner.RunNested(Files, [Freezes("b", 2), Plain("c")], Harness, StallLog);
+        var results = VmmRunner.RunNested(Files, [Freezes("b", 100), Plain("c")], Harness, StallLog);
 
-        Assert.Equal(3, HarnessRuns);
+        Assert.Equal(VmmRunner.MaxStallsPerScenario + 1, HarnessRuns);
         Assert.Equal(VmmRunner.NestedStallExitCode, results["b"].ExitCode);
-        Assert.Contains("the nested VM stalled twice while this scenario ran", results["b"].Stderr);
+        Assert.Contains($"the nested VM stalled {VmmRunner.MaxStallsPerScenario} times while this scenario ran", results["b"].Stderr);
+        Assert.Contains($"\n{VmmRunner.MaxStallsPerScenario}: the nested KVM harness failed with 123", results["b"].Stderr);
         Assert.Contains("fake: the guest stalled", results["b"].Stderr);
         Assert.Equal((0, "c ok\n"), (results["c"].ExitCode, results["c"].Stdout));
-        Assert.Equal(2, File.ReadAllLines(StallLog).Count(l => l.Contains("nested VM stalled in attempt")));
+        Assert.Equal(VmmRunner.MaxStallsPerScenario, File.ReadAllLines(StallLog).Count(l => l.Contains("nested VM stalled in attempt")));
+    }
+
+    [Fact]
+    public void Scenarios_the_VM_never_reached_fail_once_the_VM_froze_as_often_as_a_run_allows()
+    {
+        // Every scenario freezes the VM once: each is re-run and passes, until the run is out of VM boots.
+        var scenarios = Enumerable.Range(0, VmmRunner.MaxNestedAttempts + 1).Select(i => Freezes($"s{i}", 1)).ToList();
+
+        var results = VmmRunner.RunNested(Files, scenarios, Harness, StallLog);
+
+        Assert.Equal(VmmRunner.MaxNestedAttempts, HarnessRuns);
+        for (int i = 0; i < VmmRunner.MaxNestedAttempts - 1; i++)
+            Assert.Equal((3, $"s{i} ran\n"), (results[$"s{i}"].ExitCode, results[$"s{i}"].Stdout));
+        foreach (var name in new[] { $"s{VmmRunner.MaxNestedAttempts - 1}", $"s{VmmRunner.MaxNestedAttempts}" })
+        {
+            Assert.Equal(VmmRunner.NestedStallExitCode, results[name].ExitCode);
+            Assert.Contains($"scenario {name} has no result: the nested KVM harness failed with 123", results[name].Stderr);
+            Assert.Contains($"in attempt {VmmRunner.MaxNestedAttempts}, while scenario s{VmmRunner.MaxNestedAttempts - 1} ran", results[name].Stderr);
+        }
     }
 
     [Fact]
