@@ -108,9 +108,10 @@ public static class VmmRunner
     /// (run-in-vm.sh, or a fake in the tests of this logic), recording stalls in <paramref name="stallLog"/>.</summary>
     internal static Dictionary<string, Repo.Result> RunNested(string dir, IReadOnlyList<VmmScenario> scenarios, string harness, string stallLog)
     {
-        // The nested VM (QEMU 7.2's TCG emulating SVM for the guest's KVM) freezes as a whole now and then, more often
-        // on a loaded host (tools/nested-kvm/README.md: its vCPU halts with the APIC timer pending and takes no interrupt,
-        // not even an NMI), so even the per-scenario watchdog inside it never fires. The harness notices the missing
+        // The nested VM (QEMU 7.2's TCG emulating SVM for the guest's KVM) froze as a whole now and then under
+        // multi-threaded TCG, more often on a loaded host (tools/nested-kvm/README.md: its vCPU halts with the APIC timer
+        // pending and takes no interrupt, not even an NMI), so even the per-scenario watchdog inside it never fires. The
+        // harness now runs single-threaded TCG, which has not shown it; this stays as the safety net. The harness notices the missing
         // heartbeat and ends that VM (status 123); the scenarios without a result then run again in a fresh VM. The one
         // that was running fails once the VM froze MaxStallsPerScenario times during it, with every report. Nothing
         // else is retried: a scenario that fails, hangs (its watchdog) or times out fails.
