@@ -108,8 +108,9 @@ public class NestedStallRetryTests : IDisposable
 }
 
 /// <summary>tools/nested-kvm/run-in-vm.sh itself: a guest whose heartbeat stops is ended as stalled (status 123, with
-/// QEMU's view of its vCPU), long before the run's timeout. One short QEMU/TCG boot.</summary>
-[Collection("kvm")]
+/// QEMU's view of its vCPU), long before the run's timeout. One short QEMU/TCG boot, in a collection of its own that runs
+/// after the parallel ones (so not next to the KVM tests' nested VM, and without building their fixture).</summary>
+[Collection("nested-harness")]
 public class NestedHarnessStallTests
 {
     [Fact]
@@ -137,3 +138,6 @@ public class NestedHarnessStallTests
         }
     }
 }
+
+[CollectionDefinition("nested-harness", DisableParallelization = true)]
+public sealed class NestedHarnessCollection;

@@ -95,6 +95,9 @@ public static class VmmRunner
     /// <summary>Exit status of tools/nested-kvm/run-in-vm.sh when the nested VM's kernel stopped (its heartbeat did).</summary>
     public const int NestedStallExitCode = 123;
 
+    /// <summary>No heartbeat from the nested VM for this long means its kernel stopped (it writes one every 2 s).</summary>
+    public const int NestedStallSeconds = 60;
+
     /// <summary>Nested VM boots per test run: the first, and a fresh one for what was left each time the VM stalled.</summary>
     public const int MaxNestedAttempts = 6;
 
@@ -108,13 +111,12 @@ public static class VmmRunner
     /// (run-in-vm.sh, or a fake in the tests of this logic), recording stalls in <paramref name="stallLog"/>.</summary>
     internal static Dictionary<string, Repo.Result> RunNested(string dir, IReadOnlyList<VmmScenario> scenarios, string harness, string stallLog)
     {
-        // The nested VM (QEMU 7.2's TCG emulating SVM for the guest's KVM) froze as a whole now and then under
-        // multi-threaded TCG, more often on a loaded host (tools/nested-kvm/README.md: its vCPU halts with the APIC timer
-        // pending and takes no interrupt, not even an NMI), so even the per-scenario watchdog inside it never fires. The
-        // harness now runs single-threaded TCG, which has not shown it; this stays as the safety net. The harness notices the missing
-        // heartbeat and ends that VM (status 123); the scenarios without a result then run again in a fresh VM. The one
-        // that was running fails once the VM froze MaxStallsPerScenario times during it, with every report. Nothing
-        // else is retried: a scenario that fails, hangs (its watchdog) or times out fails.
+        // Under multi-threaded TCG the nested VM froze as a whole now and then (tools/nested-kvm/README.md: its vCPU halts
+        // with the APIC timer pending and takes no interrupt), so even the per-scenario watchdog inside it never fired.
+        // The harness now runs single-threaded TCG, which has not shown it; this stays as the safety net. The harness
+        // ends a VM whose heartbeat stopped (status 123) and the scenarios without a result run again in a fresh VM;
+        // the one that was running fails once the VM froze MaxStallsPerScenario times during it, with every report.
+        // Nothing else is retried: a scenario that fails, hangs (its watchdog) or times out fails.
         var results = new Dictionary<string, Repo.Result>();
         var pending = scenarios.ToList();
         var stalledIn = new Dictionary<string, List<string>>();
@@ -126,8 +128,10 @@ public static class VmmRunner
             pending = pending.Where(s => !results.ContainsKey(s.Name)).ToList();
             if (pending.Count == 0)
                 break;
+            // The harness's stderr is its own report (a scenario's output goes to files); its stdout holds only the
+            // finished scenarios' encoded results.
             string report = $"the nested KVM harness failed with {run.ExitCode} (123: the nested VM stalled, 124: timeout, 125: harness failure) " +
-                $"in attempt {attempt}{(inProgress is null ? "" : $", while scenario {inProgress} ran")}:\n{run.Stdout}\n{run.Stderr}";
+                $"in attempt {attempt}{(inProgress is null ? "" : $", while scenario {inProgress} ran")}:\n{run.Stderr}";
             if (run.ExitCode == NestedStallExitCode)
             {
                 Directory.CreateDirectory(Path.GetDirectoryName(stallLog)!);
@@ -158,7 +162,7 @@ public static class VmmRunner
 
     /// <summary>One nested VM boot running <paramref name="scenarios"/> in order: the results it printed (all of them
     /// when it exits 0), and the scenario that had started without finishing when it ended.</summary>
-    private static (Dictionary<string, Repo.Result> Results, int ExitCode, string Stdout, string Stderr) RunNestedOnce(
+    private static (Dictionary<string, Repo.Result> Results, int ExitCode, string Stderr) RunNestedOnce(
         string dir, IReadOnlyList<VmmScenario> scenarios, string harness, out string? inProgress)
     {
         // A shell script runs each scenario and prints its results base64-encoded between markers.
@@ -208,11 +212,8 @@ public static class VmmRunner
                     throw new InvalidOperationException($"scenario {s.Name} produced no result in the nested VM:\n{r.Stdout}\n{r.Stderr}");
             }
         }
-        return (results, r.ExitCode, r.Stdout, r.Stderr);
+        return (results, r.ExitCode, r.Stderr);
     }
-
-    /// <summary>No heartbeat from the nested VM for this long means its kernel stopped (it writes one every 2 s).</summary>
-    public const int NestedStallSeconds = 60;
 
     /// <summary>Shell function: waits up to $1 seconds (wall clock) for process $2; on timeout appends every vmm
     /// thread's name, state and kernel wait channel to file $3, kills the scenario and returns 124.</summary>
