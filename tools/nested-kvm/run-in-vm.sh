@@ -51,7 +51,7 @@ readonly GUEST_MODULES="kvm_amd tun"
 # Modules kept in the cache for the guests the tests boot (not loaded here): Linux's virtio-pci drivers, and the
 # ACPI button driver with evdev (a guest sees vm.power-button as a KEY_POWER input event), so a test initramfs can
 # load them ($cache/<pkg>/virtio-modules/, deps first in load-order; the list itself in 'requested').
-readonly VIRTIO_MODULES="virtio_pci virtio_blk virtio_net virtio_console virtio_rng button evdev"
+readonly VIRTIO_MODULES="virtio_pci virtio_blk virtio_net virtio_console virtio_rng button evdev vmw_vsock_virtio_transport virtiofs"
 
 prog=${0##*/}
 die() {
