@@ -26,6 +26,21 @@
 # "cache=writeback,aio=threads": like vmm, buffered pread/pwrite on worker threads). Where the kernel has
 # tracefs hist triggers, every blk run also gets the exits KVM itself saw (in-kernel ones included, for both
 # programs): kx= (all) kx_npf= (nested page faults: MMIO, LAPIC) kx_io= kx_hlt= kx_intr= (SVM exit codes).
+# vhost-user cases (CASES=vhost; needs io-bench, iobench.cpio.gz, vmlinuz, virtiofsd, qemu-storage-daemon): a stock
+# Linux guest whose /init (iobench=fs|blk on its command line) runs io-bench — 4 KiB random reads with 1 and
+# VH_THREADS threads, then sequential 1 MiB reads — on a virtio-fs mount (virtiofsd -o cache=none over
+# /tmp/vh-share, a file of VH_MB MiB; a fresh virtiofsd per run, as it serves one frontend and exits) or on a
+# vhost-user-blk disk (ONE qemu-storage-daemon for the whole run, both programs connect to it in turn; a raw image
+# of VH_MB MiB in /tmp). vmm then QEMU (q35, guest RAM a shared memfd as vhost-user needs), same kernel, same
+# initramfs, same backend binary. Lines: E2E case=vh-fs-vmm / vh-fs-qemu / vh-blk-vmm / vh-blk-qemu ... with
+# rr1_ios= rr1_us= rrq_ios= rrq_us= seq_ios= seq_us= (from the guest's IOBENCH lines). VH_RR (random reads per
+# measurement, default 2000), VH_THREADS (default 8), VH_SEQ_MIB (default 32), VH_MB (default 64).
+# vsock cases (CASES=vsock; needs vsock-bench, vsockbench.cpio.gz, vmlinuz): the same Linux guest runs
+# `vsock-bench serve` on port 5000; next to the VMM, vsock-bench times VS_COUNT round trips of 64 bytes and a
+# VS_MIB MiB host->guest stream, then tells the guest to power off. vmm: hybrid vsock (--vsock, the Unix socket and
+# its CONNECT handshake); QEMU: vhost-vsock-pci (the host kernel's vhost, /dev/vhost-vsock, AF_VSOCK to cid 3).
+# Lines: E2E case=vs-vmm / vs-qemu ... with pp_count= pp_us= st_bytes= st_us=. VS_COUNT (default 2000), VS_MIB
+# (default 64).
 set -u
 CASES=${CASES:-exit start linux}
 LINUX_QEMU_MACHINES=${LINUX_QEMU_MACHINES-pc microvm}
@@ -35,6 +50,20 @@ INIT_MARKER='vmm-initramfs: /init ran, powering off'
 has() { case " $CASES " in *" $1 "*) return 0 ;; esac; return 1; }
 [ -e vmlinuz ] || CASES=$(echo " $CASES " | sed 's/ linux / /')
 [ -e virtio-test.elf ] || CASES=$(echo " $CASES " | sed 's/ blk / /')
+[ -e iobench.cpio.gz ] || CASES=$(echo " $CASES " | sed 's/ vhost / /')
+[ -e vsockbench.cpio.gz ] || CASES=$(echo " $CASES " | sed 's/ vsock / /')
+VS_COUNT=${VS_COUNT:-2000}
+VS_MIB=${VS_MIB:-64}
+VS_SOCK=/tmp/vs.sock
+VH_RR=${VH_RR:-2000}
+VH_THREADS=${VH_THREADS:-8}
+VH_SEQ_MIB=${VH_SEQ_MIB:-32}
+VH_MB=${VH_MB:-64}
+VH_IMG=/tmp/vh-blk.img
+VH_SHARE=/tmp/vh-share
+VH_QSD_SOCK=/tmp/vh-qsd.sock
+VH_FS_SOCK=/tmp/vh-fs.sock
+VH_ARGS="iobench-rr=$VH_RR iobench-threads=$VH_THREADS iobench-seq=$VH_SEQ_MIB"
 BLK_CASES=${BLK_CASES:-none randread4k-qd1 randread4k-qd16 randwrite4k-qd1 randwrite4k-qd16 seqwrite1m seqread1m}
 BLK_IOS=${BLK_IOS:-500}
 BLK_QD=${BLK_QD:-16}
@@ -68,6 +97,58 @@ if has blk; then
     echo "E2E-INFO blk: image $BLK_IMG ${BLK_IMG_MB} MiB of zeros on $(awk '$2 == "/tmp" {print $3}' /proc/mounts); guest args: bench bench-ios=$BLK_IOS bench-qd=$BLK_QD bench-mib=$BLK_MIB; qemu -drive ...,$BLK_QEMU_DRIVE"
 fi
 
+if has vhost; then
+    mkdir -p $VH_SHARE
+    head -c $((VH_MB << 20)) /dev/urandom >$VH_SHARE/data.bin
+    cp $VH_SHARE/data.bin $VH_IMG
+    chmod +x virtiofsd qemu-storage-daemon io-bench
+    # One backend process for every vhost-user-blk run of both programs (read-only: the guest only reads).
+    ./qemu-storage-daemon --blockdev driver=file,node-name=f0,filename=$VH_IMG \
+        --export type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path=$VH_QSD_SOCK,writable=off \
+        >/tmp/vh-qsd.log 2>&1 &
+    VH_QSD_PID=$!
+    n=0; while [ ! -S $VH_QSD_SOCK ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+    [ -S $VH_QSD_SOCK ] || { echo "E2E-INFO vhost: qemu-storage-daemon did not start: $(cat /tmp/vh-qsd.log)"; CASES=$(echo " $CASES " | sed 's/ vhost / /'); }
+    echo "E2E-INFO vhost: $VH_MB MiB random data (blk image and fs file) on $(awk '$2 == "/tmp" {print $3}' /proc/mounts); $(./qemu-storage-daemon --version | head -n1); virtiofsd -o cache=none; guest: $VH_ARGS"
+fi
+if has vsock; then
+    chmod +x vsock-bench
+    if [ -c /dev/vhost-vsock ]; then vs_qemu="/dev/vhost-vsock present"; else vs_qemu="no /dev/vhost-vsock: QEMU's vhost-vsock cannot run"; fi
+    echo "E2E-INFO vsock: $VS_COUNT round trips of 64 bytes, $VS_MIB MiB stream host->guest; $vs_qemu"
+fi
+# One vsock case (a script, as runstat runs it): the VMM in the background, the host half of vsock-bench against it,
+# then the guest is told to quit. Prints the VSOCKBENCH lines and the VMM's output; its status is the VMM's.
+cat >vs-case.sh <<'CASE'
+#!/bin/sh
+target=$1
+shift
+"$@" >/tmp/vs-vmm.out 2>&1 &
+vpid=$!
+./vsock-bench pingpong "$target" 5000 "$VS_COUNT" 64
+./vsock-bench stream "$target" 5000 "$VS_MIB"
+./vsock-bench quit "$target" 5000
+wait $vpid
+vrc=$?
+cat /tmp/vs-vmm.out
+exit $vrc
+CASE
+chmod +x vs-case.sh
+export VS_COUNT VS_MIB
+
+# A fresh virtiofsd for one run (it serves one frontend, then exits).
+vh_fs_start() {
+    rm -f $VH_FS_SOCK
+    # sandbox=chroot: the default (namespace) pivot_root()s, which fails on this VM's root, an initramfs.
+    ./virtiofsd --socket-path=$VH_FS_SOCK -o source=$VH_SHARE -o cache=none -o sandbox=chroot >/tmp/vh-fs.log 2>&1 &
+    VH_FS_PID=$!
+    n=0; while [ ! -S $VH_FS_SOCK ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n + 1)); done
+}
+vh_fs_stop() {
+    kill $VH_FS_PID 2>/dev/null
+    wait $VH_FS_PID 2>/dev/null
+    [ "$ok" = 1 ] || { echo "virtiofsd's log:" >&2; head -c 2000 /tmp/vh-fs.log >&2; }
+}
+
 # In-kernel exit counts: a hist trigger on kvm:kvm_exit keyed by exit reason, cleared before each blk run.
 KX=/sys/kernel/tracing/events/kvm/kvm_exit
 kx_on=0
@@ -93,6 +174,8 @@ measure() {
     elif [ "$check" = hellomark ]; then
         stat=$(./runstat -t 3 -m "$HELLO" "$OUT" "$@")
         check=hello
+    elif [ "$check" = iobench ] || [ "$check" = vsockbench ]; then
+        stat=$(./runstat -t "$LINUX_TIMEOUT" "$OUT" "$@")
     elif [ "$check" = linux ]; then
         stat=$(./runstat -t "$LINUX_TIMEOUT" -m 'Linux version' -m "$INIT_MARKER" "$OUT" "$@" |
             sed 's/mark1_ns=/linux_ns=/; s/mark2_ns=/init_ns=/')
@@ -126,6 +209,21 @@ measure() {
             extra="$extra $ex"
         fi
         extra="$extra $kx"
+        ;;
+    vsockbench) # the host half's VSOCKBENCH lines
+        extra=$(awk '/^VSOCKBENCH /{ for (i = 2; i <= NF; i++) { split($i, p, "="); kv[p[1]] = p[2] }
+                    if (kv["op"] == "pingpong") printf "pp_count=%s pp_us=%s ", kv["count"], kv["us"]
+                    else printf "st_bytes=%s st_us=%s ", kv["bytes"], kv["us"] }' "$OUT")
+        case $extra in *pp_us=*st_us=*) ;; *) ok=0 ;; esac
+        ;;
+    iobench) # the guest's IOBENCH lines: random reads with 1 and VH_THREADS threads, sequential reads
+        extra=$(awk '/^IOBENCH /{ for (i = 2; i <= NF; i++) { split($i, p, "="); kv[p[1]] = p[2] }
+                    k = kv["op"] == "seqread" ? "seq" : kv["threads"] == 1 ? "rr1" : "rrq"
+                    printf "%s_ios=%s %s_us=%s ", k, kv["ios"], k, kv["us"]; if (kv["errors"] != 0) bad = 1 }
+                    END { if (bad) printf "iobench_errors=1" }' "$OUT")
+        case $extra in *seq_us=*) ;; *) ok=0 ;; esac
+        case $extra in *iobench_errors*) ok=0 ;; esac
+        grep -q 'vmm-iobench: done' "$OUT" || ok=0
         ;;
     linux) # linux_ns=-1 (no "Linux version" line) is what `quiet` gives; the summary leaves -1 out
         case $stat in *init_ns=-1*) ok=0 ;; esac
@@ -187,6 +285,37 @@ while [ $r -le "$ROUNDS" ]; do
                 -device virtio-blk-pci,drive=d0,disable-legacy=on
     done
     fi
+    if has vhost; then
+    vcmd="$LINUX_CMDLINE $VH_ARGS"
+    qmem="-M q35 -accel kvm -m 256 -object memory-backend-memfd,id=mem,size=256M,share=on -machine memory-backend=mem"
+    qcom="-display none -vga none -nic none -serial stdio -no-reboot -kernel vmlinuz -initrd iobench.cpio.gz"
+    vh_fs_start
+    measure vh-fs-vmm "$r" 0 iobench ./vmm run --kernel vmlinuz --initrd iobench.cpio.gz --memory 256M \
+        --fs "tag=bench,socket=$VH_FS_SOCK" --cmdline "$vcmd iobench=fs"
+    vh_fs_stop
+    if [ -n "$QEMU_MACHINES" ]; then
+        vh_fs_start
+        # shellcheck disable=SC2086 # word splitting of the option groups is wanted
+        measure vh-fs-qemu "$r" 0 iobench "$QEMU" $qmem $qcom -append "$vcmd iobench=fs" \
+            -chardev socket,id=fs0,path=$VH_FS_SOCK -device vhost-user-fs-pci,chardev=fs0,tag=bench
+        vh_fs_stop
+    fi
+    measure vh-blk-vmm "$r" 0 iobench ./vmm run --kernel vmlinuz --initrd iobench.cpio.gz --memory 256M \
+        --disk "vhost_user=on,socket=$VH_QSD_SOCK" --cmdline "$vcmd iobench=blk"
+    # shellcheck disable=SC2086
+    [ -n "$QEMU_MACHINES" ] && measure vh-blk-qemu "$r" 0 iobench "$QEMU" $qmem $qcom -append "$vcmd iobench=blk" \
+        -chardev socket,id=blk0,path=$VH_QSD_SOCK -device vhost-user-blk-pci,chardev=blk0
+    fi
+    if has vsock; then
+    measure vs-vmm "$r" 0 vsockbench ./vs-case.sh "unix:$VS_SOCK" ./vmm run --kernel vmlinuz --initrd vsockbench.cpio.gz \
+        --memory 256M --vsock "cid=3,socket=$VS_SOCK" --cmdline "$LINUX_CMDLINE"
+    rm -f $VS_SOCK
+    # shellcheck disable=SC2086
+    [ -n "$QEMU_MACHINES" ] && [ -c /dev/vhost-vsock ] && measure vs-qemu "$r" 0 vsockbench ./vs-case.sh vsock:3 "$QEMU" \
+        -M q35 -accel kvm -m 256 -display none -vga none -nic none -serial stdio -no-reboot -kernel vmlinuz \
+        -initrd vsockbench.cpio.gz -append "$LINUX_CMDLINE" -device vhost-vsock-pci,guest-cid=3
+    fi
     r=$((r + 1))
 done
+[ -n "${VH_QSD_PID:-}" ] && kill "$VH_QSD_PID" 2>/dev/null
 echo "E2E-DONE"

@@ -13,6 +13,11 @@
 #   benchmarks/e2e/run.sh --api                # only vmm with and without --api-socket (start-up, peak RSS)
 #   benchmarks/e2e/run.sh --blk                # only the virtio-blk cases (vmm vs QEMU q35, the virtio-test guest's
 #                                              # `bench` subtest on a raw image in the nested VM's tmpfs)
+#   benchmarks/e2e/run.sh --vhost              # only the vhost-user cases: virtio-fs (virtiofsd) and vhost-user-blk
+#                                              # (qemu-storage-daemon) under vmm and QEMU q35, the same stock Linux guest
+#                                              # running io-bench (4 KiB random reads, 1 MiB sequential reads)
+#   benchmarks/e2e/run.sh --vsock              # only the vsock cases: round trips and a stream host->guest, vmm's hybrid
+#                                              # vsock against QEMU's vhost-vsock-pci (the nested VM's /dev/vhost-vsock)
 #   benchmarks/e2e/run.sh --summarize RAWFILE  # summarise a kept raw file again
 # Environment:
 #   ROUNDS=7            measured rounds (plus one warm-up round)
@@ -205,6 +210,61 @@ summarize() {
         if (("api-vmm-api" in seen))
             printf "\nWith the API: guest line %+.1f ms, max RSS %+.1f MiB (difference of medians)\n", (A["api-vmm-api", "m"] - A["api-vmm", "m"]) / 1e6, (A["api-vmm-api", "r"] - A["api-vmm", "r"]) / 1024
         }
+        if (("vh-fs-vmm" in seen) || ("vh-blk-vmm" in seen)) {
+        print ""
+        print "vhost-user: io-bench in the same stock Linux guest, the same backend binary, vmm and QEMU q35 alternating;"
+        print "IOPS (4 KiB random reads; 1 thread, then the VH_THREADS threads) and MiB/s (1 MiB sequential reads),"
+        print "medians [min-max]; ratio = vmm / QEMU of medians, paired = median of the per-round ratios:"
+        print ""
+        print "| device | metric | vmm | QEMU | ratio | paired |"
+        print "|---|---|---|---|---|---|"
+        nm = split("rr1 rrq seq", mk, " ")
+        for (d = 1; d <= 2; d++) {
+            dev = d == 1 ? "fs" : "blk"; v = "vh-" dev "-vmm"; q = "vh-" dev "-qemu"
+            if (!(v in seen)) continue
+            for (j = 1; j <= nm; j++) {
+                m = mk[j]
+                for (r = 1; r <= maxround; r++) for (k = 1; k <= 2; k++) {
+                    pc = k == 1 ? v : q
+                    if (((pc, r, m "_us") in R) && R[pc, r, m "_us"] > 0 && R[pc, r, "ok"] == 1) {
+                        rt = R[pc, r, m "_ios"] * 1e6 / R[pc, r, m "_us"]
+                        add(pc SUBSEP m "rate", rt); VR[pc, r, m] = rt
+                    }
+                }
+                for (r = 1; r <= maxround; r++)
+                    if (((v, r, m) in VR) && ((q, r, m) in VR) && VR[q, r, m] > 0) add(dev m SUBSEP "pr", VR[v, r, m] / VR[q, r, m])
+                a = median(v SUBSEP m "rate"); al = lo[v SUBSEP m "rate"]; ah = hi[v SUBSEP m "rate"]
+                b = median(q SUBSEP m "rate"); bl = lo[q SUBSEP m "rate"]; bh = hi[q SUBSEP m "rate"]
+                vpr = median(dev m SUBSEP "pr")
+                label = m == "rr1" ? "4 KiB randread IOPS, 1 thread" : m == "rrq" ? "4 KiB randread IOPS, threads" : "seqread MiB/s"
+                printf "| %s | %s | %s [%s-%s] | %s [%s-%s] | %s | %s |\n", dev == "fs" ? "virtio-fs" : "vhost-user-blk", label, f(a, 0), f(al, 0), f(ah, 0), f(b, 0), f(bl, 0), f(bh, 0), ratio(a, b), f(vpr, 2)
+            }
+            printf "| %s | failed runs (vmm, QEMU) | %d | %d | | |\n", dev == "fs" ? "virtio-fs" : "vhost-user-blk", bad[v] + 0, bad[q] + 0
+        }
+        }
+        if ("vs-vmm" in seen) {
+        print ""
+        print "vsock: the same Linux guest serving vsock-bench; vmm hybrid vsock (Unix socket + CONNECT) vs QEMU vhost-vsock-pci"
+        print "(kernel vhost, AF_VSOCK), alternating; medians [min-max]; ratio = vmm / QEMU, paired = median of the per-round ratios:"
+        print ""
+        print "| metric | vmm | QEMU | ratio | paired |"
+        print "|---|---|---|---|---|"
+        for (j = 1; j <= 2; j++) {
+            m = j == 1 ? "rtt" : "mibs"
+            for (r = 1; r <= maxround; r++) for (k = 1; k <= 2; k++) {
+                pc = k == 1 ? "vs-vmm" : "vs-qemu"
+                if (!((pc, r, "ok") in R) || R[pc, r, "ok"] != 1) continue
+                if (m == "rtt" && R[pc, r, "pp_count"] > 0) { x = R[pc, r, "pp_us"] / R[pc, r, "pp_count"]; add(pc SUBSEP m, x); VS[pc, r, m] = x }
+                if (m == "mibs" && R[pc, r, "st_us"] > 0) { x = R[pc, r, "st_bytes"] / 1048576 * 1e6 / R[pc, r, "st_us"]; add(pc SUBSEP m, x); VS[pc, r, m] = x }
+            }
+            for (r = 1; r <= maxround; r++)
+                if ((("vs-vmm", r, m) in VS) && (("vs-qemu", r, m) in VS) && VS["vs-qemu", r, m] > 0) add("vs" m SUBSEP "pr", VS["vs-vmm", r, m] / VS["vs-qemu", r, m])
+            a = median("vs-vmm" SUBSEP m); al = lo["vs-vmm" SUBSEP m]; ah = hi["vs-vmm" SUBSEP m]
+            b = median("vs-qemu" SUBSEP m); bl = lo["vs-qemu" SUBSEP m]; bh = hi["vs-qemu" SUBSEP m]
+            printf "| %s | %s [%s-%s] | %s [%s-%s] | %s | %s |\n", m == "rtt" ? "64-byte round trip, us" : "stream host->guest, MiB/s", f(a, 0), f(al, 0), f(ah, 0), f(b, 0), f(bl, 0), f(bh, 0), ratio(a, b), f(median("vs" m SUBSEP "pr"), 2)
+        }
+        printf "| failed runs | %d | %d | | |\n", bad["vs-vmm"] + 0, bad["vs-qemu"] + 0
+        }
         if (!("linux-vmm" in seen)) exit
         print ""
         print "Linux boot: process start -> first output byte / \"Linux version\" line / /init line / process reaped"
@@ -252,6 +312,12 @@ if [ "${1:-}" = --linux ]; then
     shift
 elif [ "${1:-}" = --blk ]; then
     cases=blk
+    shift
+elif [ "${1:-}" = --vhost ]; then
+    cases=vhost
+    shift
+elif [ "${1:-}" = --vsock ]; then
+    cases=vsock
     shift
 elif [ "${1:-}" = --api ]; then
     cases=api
@@ -332,6 +398,59 @@ if has_case linux; then
     chmod 755 "$ird/init"
     (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$files/initramfs.cpio.gz"
 fi
+if has_case vhost; then
+    # The guest: the stock kernel, its virtio/fuse/virtiofs modules (tools/nested-kvm keeps them), io-bench.
+    cache=$("$repo/tools/nested-kvm/run-in-vm.sh" --prepare | tail -n1)
+    cp "$cache/vmlinuz" "$files/vmlinuz"
+    gcc -O2 -Wall -Werror -static -pthread -o "$build/io-bench" "$here/io-bench.c"
+    cp /usr/lib/qemu/virtiofsd /usr/bin/qemu-storage-daemon "$files/" ||
+        { echo "run.sh: --vhost needs qemu-system-common (virtiofsd, qemu-storage-daemon)" >&2; exit 1; }
+    ird=$build/iobench-initramfs
+    rm -rf "$ird"
+    mkdir -p "$ird/bin" "$ird/lib/modules" "$ird/proc" "$ird/sys" "$ird/dev" "$ird/mnt"
+    cp /bin/busybox "$ird/bin/busybox"
+    cp "$build/io-bench" "$ird/io-bench"
+    cp "$cache"/virtio-modules/* "$ird/lib/modules/"
+    cat >"$ird/init" <<'INIT'
+#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+for m in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$m.ko 2>/dev/null; done
+arg() { $B sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+what=$(arg iobench); rr=$(arg iobench-rr); th=$(arg iobench-threads); seq=$(arg iobench-seq)
+case $what in
+fs) $B mount -t virtiofs bench /mnt || echo "vmm-iobench: mount failed"; target=/mnt/data.bin ;;
+*) n=0; while [ ! -b /dev/vda ] && [ $n -lt 100 ]; do $B sleep 0.1; n=$((n + 1)); done; target=/dev/vda ;;
+esac
+/io-bench randread $target 4096 $rr 1 && /io-bench randread $target 4096 $rr $th && /io-bench seqread $target 1048576 $seq &&
+    echo "vmm-iobench: done"
+$B poweroff -f
+INIT
+    chmod 755 "$ird/init"
+    (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$files/iobench.cpio.gz"
+fi
+if has_case vsock; then
+    cache=$("$repo/tools/nested-kvm/run-in-vm.sh" --prepare | tail -n1)
+    cp "$cache/vmlinuz" "$files/vmlinuz"
+    gcc -O2 -Wall -Werror -static -o "$build/vsock-bench" "$here/vsock-bench.c"
+    cp "$build/vsock-bench" "$files/"
+    ird=$build/vsockbench-initramfs
+    rm -rf "$ird"
+    mkdir -p "$ird/bin" "$ird/lib/modules" "$ird/proc" "$ird/sys" "$ird/dev"
+    cp /bin/busybox "$ird/bin/busybox"
+    cp "$build/vsock-bench" "$ird/vsock-bench"
+    cp "$cache"/virtio-modules/* "$ird/lib/modules/"
+    cat >"$ird/init" <<'INIT'
+#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+for m in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$m.ko 2>/dev/null; done
+/vsock-bench serve 5000
+$B poweroff -f
+INIT
+    chmod 755 "$ird/init"
+    (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$files/vsockbench.cpio.gz"
+fi
 cp "$here/inner.sh" "$files/inner.sh"
 chmod +x "$files/inner.sh"
 
@@ -345,7 +464,9 @@ set +e
     --env "LINUX_QEMU_MACHINES=${LINUX_QEMU_MACHINES-pc microvm}" \
     --env "LINUX_CMDLINE=${LINUX_CMDLINE:-console=ttyS0 panic=-1 rdinit=/init}" \
     --env "BLK_IOS=${BLK_IOS:-500}" --env "BLK_QD=${BLK_QD:-16}" --env "BLK_MIB=${BLK_MIB:-16}" \
-    --env "BLK_IMG_MB=${BLK_IMG_MB:-64}" --env "BLK_QEMU_DRIVE=${BLK_QEMU_DRIVE-cache=writeback,aio=threads}" \
+    --env "BLK_IMG_MB=${BLK_IMG_MB:-64}" --env "VH_RR=${VH_RR:-2000}" --env "VH_THREADS=${VH_THREADS:-8}" \
+    --env "VH_SEQ_MIB=${VH_SEQ_MIB:-32}" --env "VH_MB=${VH_MB:-64}" --env "VS_COUNT=${VS_COUNT:-2000}" \
+    --env "VS_MIB=${VS_MIB:-64}" --env "BLK_QEMU_DRIVE=${BLK_QEMU_DRIVE-cache=writeback,aio=threads}" \
     --files "$files" -- ./inner.sh | tee "$raw"
 rc=${PIPESTATUS[0]}
 set -e

@@ -46,8 +46,9 @@ readonly HARNESS_FAIL=125
 readonly TIMEOUT_RC=124
 readonly STALL_RC=123
 readonly BASE_FORMAT=2 # bump when the base initramfs layout changes (init script changes are hashed)
-# Modules loaded in the guest (plus their deps): kvm_amd for /dev/kvm, tun for /dev/net/tun (virtio-net tests).
-readonly GUEST_MODULES="kvm_amd tun"
+# Modules loaded in the guest (plus their deps): kvm_amd for /dev/kvm, tun for /dev/net/tun (virtio-net tests),
+# vhost_vsock for /dev/vhost-vsock (QEMU's vhost-vsock-pci, the peer of the vsock benchmark).
+readonly GUEST_MODULES="kvm_amd tun vhost_vsock"
 # Modules kept in the cache for the guests the tests boot (not loaded here): Linux's virtio-pci drivers, and the
 # ACPI button driver with evdev (a guest sees vm.power-button as a KEY_POWER input event), so a test initramfs can
 # load them ($cache/<pkg>/virtio-modules/, deps first in load-order; the list itself in 'requested').
