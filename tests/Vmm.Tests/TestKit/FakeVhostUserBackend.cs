@@ -133,8 +133,14 @@ public sealed class FakeVhostUserBackend : IDisposable
         socket.Send(header, payload, default, fds);
     }
 
+    private bool _disposed;
+
+    /// <summary>Hangs up (a test may do this early to play a dying back-end); closes the received fds once.</summary>
     public void Dispose()
     {
+        if (_disposed)
+            return;
+        _disposed = true;
         _peer?.Shutdown();
         if (Volatile.Read(ref _peer) is null)
         {
