@@ -159,6 +159,38 @@ public sealed class VhostUserDeviceTests : IDisposable
     }
 
     [Fact]
+    public void The_transport_offers_the_forwardable_features_and_hands_out_the_vectors_irqfd()
+    {
+        using var device = VhostUserDevice.CreateBlock(_backend.Path, replyTimeout: Timeout);
+        var msi = new RecordingMsiController();
+        using var function = new VirtioPciFunction(device, _memory, msi, ioEvents: null);
+        Assert.True(function.Msix.Passthrough); // masked vectors detached, routes set on unmask
+        function.BarWrite(VirtioPciFunction.BarIndex, 0x00, [1, 0, 0, 0]); // device_feature_select = 1
+        var high = new byte[4];
+        function.BarRead(VirtioPciFunction.BarIndex, 0x04, high);
+        Assert.Equal(1u, BinaryPrimitives.ReadUInt32LittleEndian(high)); // VERSION_1 only: not RING_PACKED (bit 34)
+        function.BarWrite(VirtioPciFunction.BarIndex, 0x00, [0, 0, 0, 0]);
+        var low = new byte[4];
+        function.BarRead(VirtioPciFunction.BarIndex, 0x04, low);
+        Assert.Equal((1u << 28) | (1u << 29) | (1u << 9), BinaryPrimitives.ReadUInt32LittleEndian(low)); // not bit 30
+
+        var queue = function.Queues[0];
+        queue.MsixVector = 1;
+        Assert.Null(function.QueueIrqFd(queue)); // MSI-X off: INTx, relayed
+        int control = function.Msix.CapabilityOffset + 2;
+        function.ConfigWrite(control, [0, 0x80]); // MSI-X enable
+        Assert.Same(msi.Vectors[1].EventFd, function.QueueIrqFd(queue));
+        queue.MsixVector = VirtioPciFunction.NoVector;
+        Assert.Null(function.QueueIrqFd(queue));
+        // vmm's own interrupts on such a function signal the vector's eventfd even while the vector is masked: its
+        // irqfd is detached then, so the signal waits in the eventfd until the unmask re-attaches it.
+        function.BarWrite(VirtioPciFunction.BarIndex, 0x10, [0, 0]); // config_msix_vector = 0
+        Assert.True(function.Msix.IsVectorMasked(0));
+        function.ConfigInterrupt();
+        Assert.Contains("trigger 0", msi.Log);
+    }
+
+    [Fact]
     public void A_back_end_that_dies_while_active_puts_the_device_in_needs_reset()
     {
         using var device = VhostUserDevice.CreateBlock(_backend.Path, replyTimeout: Timeout);
