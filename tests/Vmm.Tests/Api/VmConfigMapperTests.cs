@@ -172,6 +172,8 @@ public sealed class VmConfigMapperTests : IDisposable
         Assert.Equal(["_disk0", "_disk1"], c.Disks!.Select(d => d.Id));
         Assert.Equal(["_fs2", "share2"], c.Fs!.Select(f => f.Id));
         Assert.Equal((1, 1024), (c.Fs![1].NumQueues, c.Fs[1].QueueSize)); // CH's defaults filled in
+        // What vm.info will show is still CH's schema (fs entries need num_queues and queue_size there).
+        ChSchema.AssertValid(System.Text.Json.JsonSerializer.Serialize(c, ApiJsonContext.Default.VmConfig), "VmConfig");
         var m = VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null));
         Assert.Equal(new Vmm.Machine.DiskConfig("", false, false, null, "_disk0") { VhostSocket = "/run/blk.sock", NumQueues = 2, QueueSize = 256 }, m.Disks[0]);
         Assert.Equal(new Vmm.Machine.DiskConfig("/img", Id: "_disk1"), m.Disks[1]);

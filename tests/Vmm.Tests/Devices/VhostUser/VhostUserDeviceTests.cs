@@ -131,6 +131,27 @@ public sealed class VhostUserDeviceTests : IDisposable
         Assert.Equal(0u, _backend.Last(VhostUserRequest.SetVringEnable).Num);
     }
 
+    [Fact]
+    public void A_config_write_while_active_goes_to_the_back_end_and_its_reply_is_no_hang_up()
+    {
+        using var device = VhostUserDevice.CreateBlock(_backend.Path, replyTimeout: Timeout);
+        using var queue = new DriverQueue(_memory, 0x10000, 128, maxSize: 128);
+        var interrupts = new RecordingVirtioInterrupts();
+        device.Activate(DriverQueue.Context(_memory, 1UL << 32, interrupts, queue));
+        device.WriteConfig(32, [1]); // writeback
+        var set = _backend.Last(VhostUserRequest.SetConfig);
+        Assert.Equal(new byte[] { 32, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1 }, set.Payload);
+        Assert.True(set.NeedReply);
+        var config = new byte[1];
+        device.ReadConfig(32, config);
+        Assert.Equal(1, config[0]);
+        // The relay watches the socket for hang-ups only: a reply arriving for this thread is none.
+        Thread.Sleep(100);
+        Assert.Empty(interrupts.NeedsResetReasons);
+        Assert.Null(device.Failure);
+        device.Deactivate();
+    }
+
     private sealed class IrqfdInterrupts : IVirtioInterrupts
     {
         public EventFd Irqfd { get; } = new();
