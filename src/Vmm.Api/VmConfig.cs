@@ -20,7 +20,7 @@ public sealed class VmConfig
     public List<NetConfig>? Net { get; set; }
     public RngConfig? Rng { get; set; }
     public JsonElement? Balloon { get; set; }
-    public JsonElement? Fs { get; set; }
+    public List<FsConfig>? Fs { get; set; }
     public JsonElement? GenericVhostUser { get; set; }
     public JsonElement? Pmem { get; set; }
     public ConsoleConfig? Serial { get; set; }
@@ -105,6 +105,21 @@ public sealed class DiskConfig
     public bool? Sparse { get; set; }
     public string? ImageType { get; set; }
     public string? LockGranularity { get; set; }
+}
+
+/// <summary>CH's FsConfig: a virtio-fs device served by the vhost-user back-end (virtiofsd) at socket;
+/// num_queues counts the request queues.</summary>
+public sealed class FsConfig
+{
+    [JsonRequired]
+    public string? Tag { get; set; }
+    [JsonRequired]
+    public string? Socket { get; set; }
+    public int? NumQueues { get; set; }
+    public int? QueueSize { get; set; }
+    public int? PciSegment { get; set; }
+    public int? PciDeviceId { get; set; }
+    public string? Id { get; set; }
 }
 
 public sealed class NetConfig

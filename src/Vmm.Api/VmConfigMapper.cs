@@ -71,7 +71,6 @@ public static class VmConfigMapper
 
         Unsupported(p, "rate_limit_groups", c.RateLimitGroups, "rate limiting is not supported");
         Unsupported(p, "balloon", c.Balloon, "virtio-balloon is not supported");
-        Unsupported(p, "fs", c.Fs, "virtio-fs is not supported yet");
         Unsupported(p, "generic_vhost_user", c.GenericVhostUser, "vhost-user devices are not supported yet");
         Unsupported(p, "pmem", c.Pmem, "virtio-pmem is not supported");
         Unsupported(p, "vdpa", c.Vdpa, "vDPA is not supported");
@@ -107,7 +106,8 @@ public static class VmConfigMapper
         // A generated id skips the ids the config gives (CH's next_device_name skips those in use), so that a config
         // naming a disk "_disk0" is not refused because another disk would have been given that name.
         var named = new HashSet<string>((c.Disks ?? []).Select(d => d.Id).Concat((c.Net ?? []).Select(n => n.Id))
-            .Concat((c.Devices ?? []).Select(d => d.Id)).Concat((c.UserDevices ?? []).Select(d => d.Id)).OfType<string>());
+            .Concat((c.Devices ?? []).Select(d => d.Id)).Concat((c.UserDevices ?? []).Select(d => d.Id))
+            .Concat((c.Fs ?? []).Select(f => f.Id)).OfType<string>());
         string Id(string? given, string prefix, string path)
         {
             string? id = given;
@@ -121,15 +121,32 @@ public static class VmConfigMapper
         {
             var d = c.Disks![i];
             string at = $"disks[{i}]";
-            if (string.IsNullOrEmpty(d.Path))
-                p.Add($"{at}.path: required (vhost-user disks are not supported yet)");
             d.Readonly ??= false;
             d.Direct ??= false;
+            if (d.VhostUser == true)
+            {
+                // The back-end (qemu-storage-daemon) owns the image: vmm only forwards the device.
+                if (string.IsNullOrEmpty(d.VhostSocket))
+                    p.Add($"{at}.vhost_socket: required with vhost_user: true (the back-end's socket)");
+                Unsupported(p, at + ".path", string.IsNullOrEmpty(d.Path) ? null : d.Path, "a vhost-user disk's image belongs to its back-end");
+                NotTrue(p, at + ".readonly", d.Readonly, "the vhost-user back-end decides (e.g. qemu-storage-daemon's writable=off)");
+                NotTrue(p, at + ".direct", d.Direct, "the vhost-user back-end opens the image");
+                Unsupported(p, at + ".serial", d.Serial, "the vhost-user back-end answers GET_ID");
+                if (d.NumQueues is < 1 or > 64)
+                    p.Add($"{at}.num_queues: {d.NumQueues} is not supported (1 to 64)");
+                CheckQueueSize(p, at + ".queue_size", d.QueueSize);
+                d.NumQueues ??= 1;
+                d.QueueSize ??= 128;
+            }
+            else
+            {
+                if (string.IsNullOrEmpty(d.Path))
+                    p.Add($"{at}.path: required (or vhost_user: true with vhost_socket)");
+                Only(p, at + ".num_queues", d.NumQueues, 1, "vmm serves one queue per disk (more with vhost_user)");
+                Only(p, at + ".queue_size", d.QueueSize, 128, "vmm's queues hold up to 256 descriptors; set 128 (CH's default) or leave it out");
+                Unsupported(p, at + ".vhost_socket", d.VhostSocket, "only with vhost_user: true");
+            }
             NotTrue(p, at + ".iommu", d.Iommu, "a virtual IOMMU is not supported");
-            Only(p, at + ".num_queues", d.NumQueues, 1, "vmm serves one queue per disk");
-            Only(p, at + ".queue_size", d.QueueSize, 128, "vmm's queues hold up to 256 descriptors; set 128 (CH's default) or leave it out");
-            NotTrue(p, at + ".vhost_user", d.VhostUser, "vhost-user disks are not supported yet");
-            Unsupported(p, at + ".vhost_socket", d.VhostSocket, "vhost-user disks are not supported yet");
             Unsupported(p, at + ".rate_limiter_config", d.RateLimiterConfig, "rate limiting is not supported");
             Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
             Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
@@ -171,6 +188,24 @@ public static class VmConfigMapper
             if (n.OffloadTso == false || n.OffloadUfo == false || n.OffloadCsum == false)
                 p.Add($"{at}.offload_*: turning offloads off is not supported (vmm offers checksum offload and no TSO/UFO)");
             n.Id = Id(n.Id, "_net", at);
+        }
+        for (int i = 0; i < (c.Fs?.Count ?? 0); i++)
+        {
+            var f = c.Fs![i];
+            string at = $"fs[{i}]";
+            int tagBytes = System.Text.Encoding.UTF8.GetByteCount(f.Tag ?? "");
+            if (tagBytes is 0 or > 36)
+                p.Add($"{at}.tag: \"{f.Tag}\" must be 1 to 36 bytes (the virtio-fs tag field)");
+            if (string.IsNullOrEmpty(f.Socket))
+                p.Add($"{at}.socket: required (virtiofsd's --socket-path)");
+            if (f.NumQueues is < 1 or > 63)
+                p.Add($"{at}.num_queues: {f.NumQueues} is not supported (1 to 63 request queues)");
+            CheckQueueSize(p, at + ".queue_size", f.QueueSize);
+            Only(p, at + ".pci_segment", f.PciSegment, 0, "vmm has one PCI segment");
+            Unsupported(p, at + ".pci_device_id", f.PciDeviceId, "vmm assigns PCI slots in config order");
+            f.NumQueues ??= 1;
+            f.QueueSize ??= 1024;
+            f.Id = Id(f.Id, "_fs", at);
         }
         if (c.Rng is { } rng)
         {
@@ -241,7 +276,13 @@ public static class VmConfigMapper
             SerialOutput = console.Output,
             SerialInput = console.Input,
             ConsoleEscape = console.InteractiveTerminal,
-            Disks = (c.Disks ?? []).Select(d => new Machine.DiskConfig(d.Path!, d.Readonly == true, d.Direct == true, d.Serial, d.Id)).ToList(),
+            Disks = (c.Disks ?? []).Select(d => new Machine.DiskConfig(d.Path ?? "", d.Readonly == true, d.Direct == true, d.Serial, d.Id)
+            {
+                VhostSocket = d.VhostUser == true ? d.VhostSocket : null,
+                NumQueues = d.NumQueues ?? 1,
+                QueueSize = (ushort)(d.QueueSize ?? 128),
+            }).ToList(),
+            Fs = (c.Fs ?? []).Select(f => new Machine.FsConfig(f.Tag!, f.Socket!, f.NumQueues ?? 1, (ushort)(f.QueueSize ?? 1024), f.Id)).ToList(),
             Nets = (c.Net ?? []).Select(n => new Machine.NetConfig(n.Tap!, n.Mac is null ? null : ParseMac(n.Mac), n.Id)).ToList(),
             VirtioConsole = c.Console!.Mode != "Off",
             VirtioRng = c.Rng is not null,
@@ -301,6 +342,13 @@ public static class VmConfigMapper
         NotTrue(p, at + ".iommu", c.Iommu, "a virtual IOMMU is not supported");
         Only(p, at + ".pci_segment", c.PciSegment, 0, "vmm has one PCI segment");
         Unsupported(p, at + ".pci_device_id", c.PciDeviceId, "vmm assigns PCI slots in config order");
+    }
+
+    /// <summary>A queue size a vhost-user device can be given: a power of two up to 32768 (virtio 1.2 §2.7).</summary>
+    private static void CheckQueueSize(List<string> p, string path, int? size)
+    {
+        if (size is { } s && (s is < 1 or > 32768 || (s & (s - 1)) != 0))
+            p.Add($"{path}: {s} is not supported (a power of two up to 32768)");
     }
 
     private static void Unsupported(List<string> p, string path, object? value, string why)

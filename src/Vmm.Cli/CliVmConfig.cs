@@ -33,13 +33,28 @@ public static class CliVmConfig
             },
             Cpus = new CpusConfig { BootVcpus = o.Cpus, MaxVcpus = o.Cpus },
             Memory = new MemoryConfig { Size = checked((long)o.Memory) },
-            Disks = o.Disks.Count == 0 ? null : o.Disks.Select(d => new Api.DiskConfig
+            Disks = o.Disks.Count == 0 ? null : o.Disks.Select(d => d.VhostSocket is null ? new Api.DiskConfig
             {
                 Path = d.Path,
                 Readonly = d.ReadOnly,
                 Direct = d.Direct,
                 Serial = d.Serial,
                 Id = d.Id,
+            } : new Api.DiskConfig
+            {
+                VhostUser = true,
+                VhostSocket = d.VhostSocket,
+                NumQueues = d.NumQueues,
+                QueueSize = d.QueueSize,
+                Id = d.Id,
+            }).ToList(),
+            Fs = o.Fs.Count == 0 ? null : o.Fs.Select(f => new Api.FsConfig
+            {
+                Tag = f.Tag,
+                Socket = f.Socket,
+                NumQueues = f.NumQueues,
+                QueueSize = f.QueueSize,
+                Id = f.Id,
             }).ToList(),
             Net = o.Nets.Count == 0 ? null : o.Nets.Select(n => new Api.NetConfig
             {

@@ -31,6 +31,7 @@ public sealed class Options
     public List<DiskConfig> Disks { get; } = [];
     public List<NetConfig> Nets { get; } = [];
     public List<PassthroughConfig> Devices { get; } = [];
+    public List<FsConfig> Fs { get; } = [];
     public bool VirtioConsole { get; set; }
     public bool Rng { get; set; }
     /// <summary>--api-socket: <c>path=PATH</c>, <c>fd=N</c> or a bare path (Cloud Hypervisor's forms).</summary>
@@ -76,6 +77,12 @@ public sealed class Options
                                a virtio-blk disk on a raw image (repeatable); readonly=on rejects writes,
                                direct=on bypasses the host page cache (O_DIRECT); serial is what GET_ID
                                answers (at most 20 bytes)
+          --disk vhost_user=on,socket=PATH[,num_queues=N][,queue_size=N]
+                               a virtio-blk disk served by a vhost-user back-end (qemu-storage-daemon
+                               --export type=vhost-user-blk); the back-end owns the image
+          --fs tag=TAG,socket=PATH[,num_queues=N][,queue_size=N]
+                               a virtio-fs share served by virtiofsd at PATH (repeatable); the guest
+                               mounts it with 'mount -t virtiofs TAG DIR'. See docs/vhost-user.md
           --net tap=NAME[,mac=MAC]
                                a virtio-net interface on tap NAME (created if absent; needs CAP_NET_ADMIN),
                                MAC e.g. 52:54:00:12:34:56 (default: random 52:54:00:xx:xx:xx)
@@ -162,7 +169,7 @@ public sealed class Options
                 return args[++i];
             }
             if (arg is "--kernel" or "--initrd" or "--cmdline" or "--memory" or "--cpus" or "--serial" or "--disk" or "--net"
-                or "--device" or "--console" or "--rng")
+                or "--device" or "--console" or "--rng" or "--fs")
                 o.VmFlags.Add(arg);
             switch (arg)
             {
@@ -216,6 +223,7 @@ public sealed class Options
                 case "--disk": o.Disks.Add(ParseDisk(Value())); break;
                 case "--net": o.Nets.Add(ParseNet(Value())); break;
                 case "--device": o.Devices.Add(ParseDevice(Value())); break;
+                case "--fs": o.Fs.Add(ParseFs(Value())); break;
                 case "--console":
                 {
                     string v = Value();
@@ -292,13 +300,60 @@ public sealed class Options
 
     public static DiskConfig ParseDisk(string text)
     {
-        var kv = ParseKeyValues(text, "--disk", ["path", "readonly", "direct", "serial"]);
+        var kv = ParseKeyValues(text, "--disk", ["path", "readonly", "direct", "serial", "vhost_user", "socket", "num_queues", "queue_size"]);
+        if (OnOff(kv, "vhost_user", "--disk"))
+        {
+            // Cloud Hypervisor's form: the back-end owns the image, so the image options do not apply.
+            foreach (string key in new[] { "path", "readonly", "direct", "serial" }.Where(kv.ContainsKey))
+                throw new UsageException($"--disk: {key} does not go with vhost_user=on (the back-end owns the image)");
+            if (!kv.TryGetValue("socket", out string? socket) || socket.Length == 0)
+                throw new UsageException("--disk vhost_user=on needs socket=PATH");
+            return new DiskConfig("")
+            {
+                VhostSocket = socket,
+                NumQueues = Count(kv, "num_queues", "--disk", 1, 64, 1),
+                QueueSize = QueueSize(kv, "--disk", 128),
+            };
+        }
+        foreach (string key in new[] { "socket", "num_queues", "queue_size" }.Where(kv.ContainsKey))
+            throw new UsageException($"--disk: {key} needs vhost_user=on");
         if (!kv.TryGetValue("path", out string? path) || path.Length == 0)
             throw new UsageException("--disk needs path=FILE");
         kv.TryGetValue("serial", out string? serial);
         if (serial is not null && (serial.Length > 20 || serial.Any(c => c < 0x20 || c > 0x7E)))
             throw new UsageException($"--disk: serial '{serial}' must be at most 20 printable ASCII characters");
         return new DiskConfig(path, OnOff(kv, "readonly", "--disk"), OnOff(kv, "direct", "--disk"), serial);
+    }
+
+    /// <summary>Cloud Hypervisor's --fs: tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,id=ID].</summary>
+    public static FsConfig ParseFs(string text)
+    {
+        var kv = ParseKeyValues(text, "--fs", ["tag", "socket", "num_queues", "queue_size", "id"]);
+        if (!kv.TryGetValue("tag", out string? tag) || tag.Length == 0)
+            throw new UsageException("--fs needs tag=TAG");
+        if (System.Text.Encoding.UTF8.GetByteCount(tag) > 36)
+            throw new UsageException($"--fs: tag '{tag}' is longer than 36 bytes");
+        if (!kv.TryGetValue("socket", out string? socket) || socket.Length == 0)
+            throw new UsageException("--fs needs socket=PATH (virtiofsd's --socket-path)");
+        kv.TryGetValue("id", out string? id);
+        return new FsConfig(tag, socket, Count(kv, "num_queues", "--fs", 1, 63, 1), QueueSize(kv, "--fs", 1024), id);
+    }
+
+    private static int Count(Dictionary<string, string> kv, string key, string option, int min, int max, int fallback)
+    {
+        if (!kv.TryGetValue(key, out string? v))
+            return fallback;
+        if (!int.TryParse(v, NumberStyles.None, CultureInfo.InvariantCulture, out int n) || n < min || n > max)
+            throw new UsageException($"{option}: {key} must be a number from {min} to {max}, not '{v}'");
+        return n;
+    }
+
+    private static ushort QueueSize(Dictionary<string, string> kv, string option, int fallback)
+    {
+        int n = Count(kv, "queue_size", option, 1, 32768, fallback);
+        if ((n & (n - 1)) != 0)
+            throw new UsageException($"{option}: queue_size must be a power of two, not {n}");
+        return (ushort)n;
     }
 
     public static PassthroughConfig ParseDevice(string text)

@@ -1,6 +1,7 @@
 using Vmm.Devices;
 using Vmm.Devices.Legacy;
 using Vmm.Devices.Pci;
+using Vmm.Devices.VhostUser;
 using Vmm.Devices.Vfio;
 using Vmm.Devices.Vfio.Kernel;
 using Vmm.Devices.Vfio.User;
@@ -170,6 +171,12 @@ internal sealed class DeviceManager
         {
             foreach (var disk in config.Disks)
             {
+                if (disk.VhostSocket is string socket)
+                {
+                    devices.Add((ConnectVhostUser($"--disk vhost_user=on,socket={socket}",
+                        () => VhostUserDevice.CreateBlock(socket, disk.NumQueues, disk.QueueSize)), disk.Id ?? "", "disk"));
+                    continue;
+                }
                 try
                 {
                     devices.Add((new VirtioBlock(disk.Path, disk.ReadOnly, disk.Direct, disk.Serial), disk.Id ?? "", "disk"));
@@ -197,6 +204,11 @@ internal sealed class DeviceManager
             }
             if (config.VirtioRng)
                 devices.Add((new VirtioRng(), MachineConfig.RngId, "rng"));
+            foreach (var fs in config.Fs)
+            {
+                devices.Add((ConnectVhostUser($"--fs tag={fs.Tag},socket={fs.Socket}",
+                    () => VhostUserDevice.CreateFs(fs.Socket, fs.Tag, fs.NumQueues, fs.QueueSize)), fs.Id ?? "", "fs"));
+            }
         }
         catch
         {
@@ -205,6 +217,22 @@ internal sealed class DeviceManager
             throw;
         }
         return devices;
+    }
+
+    /// <summary>Connects to a vhost-user back-end and runs the handshake; an absent socket, a back-end that refuses or
+    /// breaks the protocol is one configuration error naming the option.</summary>
+    private VhostUserDevice ConnectVhostUser(string option, Func<VhostUserDevice> connect)
+    {
+        try
+        {
+            var device = connect();
+            _log.Info($"{device.Name}: back-end features 0x{device.BackendFeatures:x}, protocol features 0x{device.ProtocolFeatures:x}");
+            return device;
+        }
+        catch (Exception e) when (e is VhostUserException or ArgumentException)
+        {
+            throw new ConfigException($"{option}: {e.Message}");
+        }
     }
 
     /// <summary>Opens one passed-through device, maps all guest RAM for its DMA and builds the PCI function the guest

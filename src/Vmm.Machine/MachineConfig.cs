@@ -47,7 +47,10 @@ public sealed record MachineConfig
     /// <summary>Devices passed through with VFIO or vfio-user, in PCI slot order after the virtio devices.</summary>
     public IReadOnlyList<PassthroughConfig> Devices { get; init; } = [];
 
-    public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0;
+    /// <summary>virtio-fs devices served by vhost-user back-ends (virtiofsd), after the other virtio devices.</summary>
+    public IReadOnlyList<FsConfig> Fs { get; init; } = [];
+
+    public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0 || Fs.Count > 0;
 
     public void Validate()
     {
@@ -65,23 +68,47 @@ public sealed record MachineConfig
         if (HasPciDevices && !InKernelIrqchip)
             throw new ConfigException("PCI devices need the in-kernel irqchip for their MSI-X and INTx interrupts (drop --no-irqchip)");
         // Slot 0 is the host bridge.
-        int devices = Disks.Count + Nets.Count + (VirtioConsole ? 1 : 0) + (VirtioRng ? 1 : 0) + Devices.Count;
+        int devices = Disks.Count + Nets.Count + (VirtioConsole ? 1 : 0) + (VirtioRng ? 1 : 0) + Devices.Count + Fs.Count;
         if (devices > 31)
             throw new ConfigException($"{devices} PCI devices requested; the root bus has 31 free slots");
         foreach (var group in Nets.GroupBy(n => n.Tap).Where(g => g.Count() > 1))
             throw new ConfigException($"--net tap={group.Key} is given {group.Count()} times; each interface needs its own tap");
         foreach (var group in Devices.GroupBy(d => (d.Kind, d.Kind == PassthroughKind.Vfio ? Path.TrimEndingDirectorySeparator(Path.GetFullPath(d.Path)) : d.Path)).Where(g => g.Count() > 1))
             throw new ConfigException($"--device {group.First()} is given {group.Count()} times; a device can be passed through once");
-        foreach (var group in Disks.GroupBy(d => Path.GetFullPath(d.Path)).Where(g => g.Count() > 1 && g.Any(d => !d.ReadOnly)))
+        foreach (var group in Disks.Where(d => d.VhostSocket is null).GroupBy(d => Path.GetFullPath(d.Path)).Where(g => g.Count() > 1 && g.Any(d => !d.ReadOnly)))
             throw new ConfigException($"--disk path={group.First().Path} is attached {group.Count()} times and writable: that corrupts the image");
+        // A vhost-user back-end serves one front-end: a second connection would wait forever or steal the first.
+        foreach (var group in Disks.Select(d => d.VhostSocket).Concat(Fs.Select(f => f.Socket)).OfType<string>()
+                     .GroupBy(s => Path.GetFullPath(s)).Where(g => g.Count() > 1))
+            throw new ConfigException($"vhost-user socket {group.First()} is given {group.Count()} times; each back-end serves one device");
+        foreach (var group in Fs.GroupBy(f => f.Tag).Where(g => g.Count() > 1))
+            throw new ConfigException($"--fs tag={group.Key} is given {group.Count()} times; the guest mounts a file system by its tag");
+        // Before any KVM call: the back-end must be listening already (vmm is the vhost-user client).
+        foreach (var disk in Disks.Where(d => d.VhostSocket is not null && !File.Exists(d.VhostSocket)))
+            throw new ConfigException($"--disk vhost_user=on,socket={disk.VhostSocket}: no such socket (start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={disk.VhostSocket})");
+        foreach (var fs in Fs.Where(f => !File.Exists(f.Socket)))
+            throw new ConfigException($"--fs tag={fs.Tag},socket={fs.Socket}: no such socket (start virtiofsd --socket-path={fs.Socket} first)");
     }
 }
 
 /// <summary>An invalid machine configuration; the message says which option and why.</summary>
 public sealed class ConfigException(string message) : Exception(message);
 
-/// <summary>One <c>--disk</c>: a raw image served by virtio-blk.</summary>
-public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null, string? Id = null);
+/// <summary>One <c>--disk</c>: a raw image served by virtio-blk, or (with <see cref="VhostSocket"/>) a virtio-blk
+/// device served by a vhost-user back-end such as qemu-storage-daemon (then <paramref name="Path"/> is empty).</summary>
+public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null, string? Id = null)
+{
+    /// <summary>The vhost-user back-end's socket (CH's vhost_user + vhost_socket), or null for an image served by vmm.</summary>
+    public string? VhostSocket { get; init; }
+
+    /// <summary>Queues and their size; only vhost-user disks take other values than 1 and 128.</summary>
+    public int NumQueues { get; init; } = 1;
+    public ushort QueueSize { get; init; } = 128;
+}
+
+/// <summary>One <c>--fs</c>: a virtio-fs device the guest mounts by <paramref name="Tag"/>, served by the vhost-user
+/// back-end (virtiofsd) at <paramref name="Socket"/> with <paramref name="NumQueues"/> request queues.</summary>
+public sealed record FsConfig(string Tag, string Socket, int NumQueues = 1, ushort QueueSize = 1024, string? Id = null);
 
 /// <summary>One <c>--net</c>: a virtio-net interface on tap <paramref name="Tap"/>.</summary>
 public sealed record NetConfig(string Tap, byte[]? Mac = null, string? Id = null);

@@ -37,7 +37,8 @@ public interface IMsiController
 /// bits and sends them when unmasked, as the spec requires.
 /// In passthrough mode (a VFIO device) the device signals the vectors' eventfds itself: masking detaches a vector's
 /// eventfd from its interrupt (<see cref="IMsiVector.SetMasked"/>) so signals wait in it, and the PBA reads
-/// <see cref="IMsiVector.IsPending"/>; <see cref="Signal"/> is not used.</summary>
+/// <see cref="IMsiVector.IsPending"/>; <see cref="Signal"/> just signals the eventfd (a virtio transport's config
+/// interrupt while a vhost-user back-end signals the queue vectors).</summary>
 public sealed class MsixTable
 {
     public const int EntrySize = 16;
@@ -166,6 +167,12 @@ public sealed class MsixTable
     {
         if ((uint)vector >= (uint)Count)
             return false;
+        if (_maskApplied is not null)
+        {
+            // Passthrough: the eventfd is the interrupt. Masked, it is detached and keeps the signal until unmasked.
+            _vectors[vector].Trigger();
+            return true;
+        }
         lock (_lock)
         {
             if (!Enabled || FunctionMasked || IsVectorMasked(vector))

@@ -10,6 +10,7 @@ public enum VirtioDeviceType : ushort
     Block = 2,
     Console = 3,
     Entropy = 4,
+    Fs = 26,
 }
 
 /// <summary>Feature bits and status values shared by every virtio device.</summary>
@@ -41,6 +42,15 @@ public abstract class VirtioDevice : IDisposable
 
     /// <summary>Device-specific feature bits offered (the transport adds VERSION_1, INDIRECT_DESC, EVENT_IDX).</summary>
     public abstract ulong DeviceFeatures { get; }
+
+    /// <summary>Everything the transport offers the driver: the device's bits plus the transport's. A device whose
+    /// rings another process serves (vhost-user) offers only the transport bits that process supports.</summary>
+    public virtual ulong OfferedFeatures => DeviceFeatures | VirtioFeatures.TransportFeatures;
+
+    /// <summary>True when something outside this process signals the queues' MSI-X eventfds (a vhost-user back-end
+    /// writes the irqfds itself): the transport then keeps every vector's route current and detaches masked
+    /// vectors' eventfds, as for a passed-through device, so such signals are never lost or delivered masked.</summary>
+    public virtual bool SignalsVectorsDirectly => false;
 
     public abstract int QueueCount { get; }
 
@@ -87,6 +97,14 @@ public sealed class VirtioContext(GuestMemory memory, ulong features, SplitQueue
     public IReadOnlyList<EventFd> Kicks { get; } = kicks;
 
     public bool Negotiated(int bit) => VirtioFeatures.Has(Features, bit);
+
+    /// <summary>The eventfd that is queue <paramref name="queue"/>'s interrupt in the kernel (its MSI-X vector's
+    /// irqfd), or null when there is none (INTx, no vector, or a transport without irqfds).</summary>
+    public EventFd? QueueIrqFd(int queue) => interrupts.QueueIrqFd(Queues[queue]);
+
+    /// <summary>Interrupts the driver for queue <paramref name="queue"/> unconditionally: for rings another process
+    /// serves, which already decided (EVENT_IDX, NO_INTERRUPT) that the driver wants one.</summary>
+    public void RaiseQueueInterrupt(int queue) => interrupts.QueueInterrupt(Queues[queue]);
 
     /// <summary>Interrupts the driver for queue <paramref name="queue"/> if it asked for one.</summary>
     public void NotifyUsed(int queue)
@@ -135,6 +153,9 @@ public interface IVirtioInterrupts
     void QueueInterrupt(SplitQueue queue);
     void ConfigInterrupt();
     void NeedsReset(string why);
+
+    /// <summary>The irqfd behind <paramref name="queue"/>'s interrupt, if signalling it is the interrupt.</summary>
+    EventFd? QueueIrqFd(SplitQueue queue) => null;
 }
 
 /// <summary>A device thread: waits on the queues' kick eventfds (and any extra fds, e.g. a tap), and calls the

@@ -77,7 +77,8 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
             AddVirtioCap(CapDevice, DeviceOffset, (uint)device.ConfigSize);
         // VIRTIO_PCI_CAP_PCI_CFG: a window into the BAR through configuration space (bar, offset, length, data).
         _pciCfgCap = AddVirtioCap(CapPciCfg, 0, 0, extra: 0, writableWindow: true);
-        Msix = new MsixTable(Config, _queues.Length + 1, BarIndex, MsixTableOffset, MsixPbaOffset, msi, device.Name);
+        Msix = new MsixTable(Config, _queues.Length + 1, BarIndex, MsixTableOffset, BarIndex, MsixPbaOffset, msi, device.Name,
+            passthrough: device.SignalsVectorsDirectly, capabilityOffset: 0);
     }
 
     public override string Name => _device.Name;
@@ -247,7 +248,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
     private void ComposeCommon(Span<byte> c)
     {
         c.Clear();
-        ulong deviceFeatures = _device.DeviceFeatures | VirtioFeatures.TransportFeatures;
+        ulong deviceFeatures = _device.OfferedFeatures;
         BinaryPrimitives.WriteUInt32LittleEndian(c[0x00..], _deviceFeatureSelect);
         BinaryPrimitives.WriteUInt32LittleEndian(c[0x04..], _deviceFeatureSelect switch
         {
@@ -373,7 +374,7 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
         // FEATURES_OK only for a subset of what we offered that includes VERSION_1 (modern devices only).
         if ((value & VirtioFeatures.StatusFeaturesOk) != 0 && (_status & VirtioFeatures.StatusFeaturesOk) == 0)
         {
-            ulong offered = _device.DeviceFeatures | VirtioFeatures.TransportFeatures;
+            ulong offered = _device.OfferedFeatures;
             if ((_driverFeatures & ~offered) != 0 || !VirtioFeatures.Has(_driverFeatures, VirtioFeatures.Version1))
                 value &= unchecked((byte)~VirtioFeatures.StatusFeaturesOk);
         }
@@ -424,6 +425,12 @@ public sealed class VirtioPciFunction : PciFunction, IVirtioInterrupts, IDisposa
     // ---- interrupts (called from device threads) ----
 
     public void QueueInterrupt(SplitQueue queue) => Interrupt(queue.MsixVector, isrBit: 1);
+
+    /// <summary>With MSI-X on and a vector assigned, for a device whose vectors are signalled directly: the
+    /// vector's irqfd, so a back-end's signal is the interrupt. Otherwise null (the device relays through
+    /// <see cref="QueueInterrupt"/>).</summary>
+    public EventFd? QueueIrqFd(SplitQueue queue) =>
+        Msix.Passthrough && Msix.Enabled && queue.MsixVector < Msix.Count ? Msix.Vector(queue.MsixVector).EventFd : null;
 
     public void ConfigInterrupt()
     {

@@ -160,6 +160,49 @@ public sealed class VmConfigMapperTests : IDisposable
     }
 
     [Fact]
+    public void Fs_and_vhost_user_disks_are_mapped_with_defaults_and_ids()
+    {
+        string kernel = Path.Combine(_dir.FullName, "vmlinux");
+        File.WriteAllBytes(kernel, [1]);
+        var c = Normalized($$$"""
+            {"payload":{"kernel":{{{Q(kernel)}}}},
+             "disks":[{"vhost_user":true,"vhost_socket":"/run/blk.sock","num_queues":2,"queue_size":256},{"path":"/img"}],
+             "fs":[{"tag":"kataShared","socket":"/run/fs.sock","num_queues":1,"queue_size":1024},{"tag":"two","socket":"/run/fs2.sock","id":"share2"}]}
+            """);
+        Assert.Equal(["_disk0", "_disk1"], c.Disks!.Select(d => d.Id));
+        Assert.Equal(["_fs2", "share2"], c.Fs!.Select(f => f.Id));
+        Assert.Equal((1, 1024), (c.Fs![1].NumQueues, c.Fs[1].QueueSize)); // CH's defaults filled in
+        // What vm.info will show is still CH's schema (fs entries need num_queues and queue_size there).
+        ChSchema.AssertValid(System.Text.Json.JsonSerializer.Serialize(c, ApiJsonContext.Default.VmConfig), "VmConfig");
+        var m = VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null));
+        Assert.Equal(new Vmm.Machine.DiskConfig("", false, false, null, "_disk0") { VhostSocket = "/run/blk.sock", NumQueues = 2, QueueSize = 256 }, m.Disks[0]);
+        Assert.Equal(new Vmm.Machine.DiskConfig("/img", Id: "_disk1"), m.Disks[1]);
+        Assert.Equal([new Vmm.Machine.FsConfig("kataShared", "/run/fs.sock", 1, 1024, "_fs2"), new Vmm.Machine.FsConfig("two", "/run/fs2.sock", 1, 1024, "share2")], m.Fs);
+        Assert.True(m.HasPciDevices);
+    }
+
+    [Fact]
+    public void Fs_and_vhost_user_disk_fields_vmm_cannot_serve_are_refused_naming_the_field()
+    {
+        var problems = Problems("""
+            {"payload":{"kernel":"/k"},
+             "disks":[{"vhost_user":true,"path":"/img","readonly":true},{"path":"/img2","vhost_socket":"/s"},{"vhost_user":true,"vhost_socket":"/s","queue_size":100,"num_queues":0}],
+             "fs":[{"tag":"0123456789012345678901234567890123456","socket":""},{"tag":"ok","socket":"/f","queue_size":3000,"num_queues":64}]}
+            """);
+        Assert.Equal([
+            "disks[0].vhost_socket: required with vhost_user: true (the back-end's socket)",
+            "disks[0].path: not supported: a vhost-user disk's image belongs to its back-end",
+            "disks[0].readonly: true is not supported: the vhost-user back-end decides (e.g. qemu-storage-daemon's writable=off)",
+            "disks[1].vhost_socket: not supported: only with vhost_user: true",
+            "disks[2].num_queues: 0 is not supported (1 to 64)",
+            "disks[2].queue_size: 100 is not supported (a power of two up to 32768)",
+            "fs[0].tag: \"0123456789012345678901234567890123456\" must be 1 to 36 bytes (the virtio-fs tag field)",
+            "fs[0].socket: required (virtiofsd's --socket-path)",
+            "fs[1].num_queues: 64 is not supported (1 to 63 request queues)",
+            "fs[1].queue_size: 3000 is not supported (a power of two up to 32768)"], problems);
+    }
+
+    [Fact]
     public void ToMachine_follows_platform_vfio_p2p_dma_and_console_Off()
     {
         string kernel = Path.Combine(_dir.FullName, "vmlinux");

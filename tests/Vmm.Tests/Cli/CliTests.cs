@@ -58,6 +58,14 @@ public class CliTests
     [InlineData(new[] { "--device", "vfio=/a,vfio-user=/b" }, "--device needs exactly one of vfio=")]
     [InlineData(new[] { "--device", "vfio=" }, "--device: vfio= needs a path")]
     [InlineData(new[] { "--device", "vfio=/a,p2p=maybe" }, "--device: p2p must be on or off")]
+    [InlineData(new[] { "--fs", "socket=/s" }, "--fs needs tag=TAG")]
+    [InlineData(new[] { "--fs", "tag=a" }, "--fs needs socket=PATH")]
+    [InlineData(new[] { "--fs", "tag=a,socket=/s,queue_size=100" }, "--fs: queue_size must be a power of two, not 100")]
+    [InlineData(new[] { "--fs", "tag=a,socket=/s,num_queues=0" }, "--fs: num_queues must be a number from 1 to 63, not '0'")]
+    [InlineData(new[] { "--fs", "tag=0123456789012345678901234567890123456,socket=/s" }, "--fs: tag '0123456789012345678901234567890123456' is longer than 36 bytes")]
+    [InlineData(new[] { "--disk", "vhost_user=on" }, "--disk vhost_user=on needs socket=PATH")]
+    [InlineData(new[] { "--disk", "vhost_user=on,socket=/s,path=/i" }, "--disk: path does not go with vhost_user=on")]
+    [InlineData(new[] { "--disk", "path=/i,socket=/s" }, "--disk: socket needs vhost_user=on")]
     public void Bad_command_lines_name_the_option(string[] args, string message)
     {
         var e = Assert.Throws<UsageException>(() => Options.Parse(args));
@@ -79,6 +87,8 @@ public class CliTests
     [InlineData("--device vfio=/sys/bus/mdev/devices/")]
     [InlineData("--device vfio-user=")]
     [InlineData("p2p=on")]
+    [InlineData("--fs tag=")]
+    [InlineData("--disk vhost_user=on,socket=")]
     [InlineData("--help")]
     public void Help_documents_every_option(string option) => Assert.Contains(option, Options.HelpText);
 
@@ -243,6 +253,55 @@ public class CliTests
             "--device", "vfio-user=/run/gpu.sock,p2p=on"]);
         Assert.Equal([new PassthroughConfig(PassthroughKind.Vfio, "/sys/bus/pci/devices/0000:41:00.0"),
             new PassthroughConfig(PassthroughKind.VfioUser, "/run/gpu.sock", PeerToPeer: true)], o.Devices);
+    }
+
+    [Fact]
+    public void Fs_and_vhost_user_disks_parse_in_cloud_hypervisors_forms_into_the_vm_config()
+    {
+        var o = Options.Parse(["run", "--kernel", "k", "--fs", "tag=shared,socket=/run/fs.sock,num_queues=2,queue_size=512",
+            "--disk", "vhost_user=on,socket=/run/blk.sock,num_queues=2", "--disk", "path=/img"]);
+        Assert.Equal([new FsConfig("shared", "/run/fs.sock", 2, 512)], o.Fs);
+        Assert.Equal(new DiskConfig("") { VhostSocket = "/run/blk.sock", NumQueues = 2, QueueSize = 128 }, o.Disks[0]);
+        Assert.Null(o.Disks[1].VhostSocket);
+        var c = CliVmConfig.From(o);
+        Assert.Equal(("shared", "/run/fs.sock", 2, 512), (c.Fs![0].Tag, c.Fs[0].Socket, c.Fs[0].NumQueues, c.Fs[0].QueueSize));
+        Assert.Equal((true, "/run/blk.sock", null, 2), (c.Disks![0].VhostUser, c.Disks[0].VhostSocket, c.Disks[0].Path, c.Disks[0].NumQueues));
+        Vmm.Api.VmConfigMapper.Normalize(c); // what the CLI builds passes the API's checks
+        Assert.Equal(["_disk0", "_disk1"], c.Disks.Select(d => d.Id));
+        Assert.Equal("_fs2", c.Fs[0].Id);
+    }
+
+    [Fact]
+    public void Vhost_user_sockets_are_checked_before_anything_starts()
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-vhost-cfg-").FullName;
+        try
+        {
+            string socket = Path.Combine(dir, "fs.sock");
+            var config = new MachineConfig { Kernel = new Vmm.Boot.BootFile("k", []), Fs = [new FsConfig("shared", socket)] };
+            var e = Assert.Throws<ConfigException>(config.Validate);
+            Assert.Equal($"--fs tag=shared,socket={socket}: no such socket (start virtiofsd --socket-path={socket} first)", e.Message);
+            config = new MachineConfig { Kernel = new Vmm.Boot.BootFile("k", []), Disks = [new DiskConfig("") { VhostSocket = socket }] };
+            e = Assert.Throws<ConfigException>(config.Validate);
+            Assert.StartsWith($"--disk vhost_user=on,socket={socket}: no such socket", e.Message);
+            using var listening = Vmm.Interop.UnixSocket.Listen(socket);
+            config.Validate();
+            config = new MachineConfig
+            {
+                Kernel = new Vmm.Boot.BootFile("k", []),
+                Disks = [new DiskConfig("") { VhostSocket = socket }],
+                Fs = [new FsConfig("shared", socket)],
+            };
+            e = Assert.Throws<ConfigException>(config.Validate);
+            Assert.Equal($"vhost-user socket {socket} is given 2 times; each back-end serves one device", e.Message);
+            config = new MachineConfig { Kernel = new Vmm.Boot.BootFile("k", []), Fs = [new FsConfig("a", socket), new FsConfig("a", socket + "2")] };
+            e = Assert.Throws<ConfigException>(config.Validate);
+            Assert.Equal("--fs tag=a is given 2 times; the guest mounts a file system by its tag", e.Message);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
     }
 
     [Fact]

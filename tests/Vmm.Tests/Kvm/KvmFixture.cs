@@ -42,6 +42,10 @@ public sealed class KvmFixture
             ["api-lifecycle.json"] = Encoding.UTF8.GetBytes(ApiScenario.LifecycleConfig),
             ["multiboot-config.json"] = Encoding.UTF8.GetBytes(ApiScenario.MultibootConfig),
             ["api-lifecycle.sh"] = Encoding.UTF8.GetBytes(ApiScenario.LifecycleScript),
+            // The host's vhost-user back-ends (Debian qemu-system-common); the harness brings their libraries along.
+            ["virtiofsd"] = File.ReadAllBytes(VhostUserBackendProcess.Virtiofsd),
+            ["qemu-storage-daemon"] = File.ReadAllBytes(VhostUserBackendProcess.StorageDaemon),
+            ["vhost-initramfs.cpio.gz"] = VhostUserInitramfs(),
         };
         Results = VmmRunner.RunAll(vmm, files, Selected(
         [
@@ -114,6 +118,24 @@ public sealed class KvmFixture
                 "./vmm remote --api-socket run.sock reboot; echo \"@@REBOOT $?\"; ./vmm remote --api-socket run.sock info | grep -o '\"state\":\"[A-Za-z]*\"'; " +
                 "kill -TERM $p; wait $p; rc=$?; " +
                 "[ -e run.sock ] && echo '@@SOCKET LEFT' || echo '@@SOCKET GONE'; echo \"@@EVENTS $(tr -d ' \\n' <run-events.json)\"; exit $rc"),
+            // Linux's virtiofs and virtio-blk drivers on vhost-user devices served by the real back-ends (virtiofsd,
+            // qemu-storage-daemon) next to vmm: the guest's kicks go to them through KVM ioeventfds, their completions
+            // come back as MSI-X through the irqfds (tests/Vmm.Tests/Kvm/KvmVhostUserTests.cs).
+            // 'quiet': every console byte is a UART exit, and under a loaded nested VM the boot log alone outlasted the
+            // scenario timeout (measured: 72 s of guest time in 240 s).
+            new("linux-virtiofs", [], Shell: "mkdir -p share && echo host-wrote-this > share/from-host.txt && chmod +x virtiofsd && " +
+                "{ ./virtiofsd --socket-path=fs.sock -o source=$PWD/share -o cache=none -o sandbox=chroot >virtiofsd.out 2>&1 & } && " +
+                "n=0; while [ ! -S fs.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; " +
+                "./vmm run --kernel vmlinuz --initrd vhost-initramfs.cpio.gz --memory 256M --cmdline 'console=ttyS0 quiet panic=-1 rdinit=/init vmm.vhost=fs' " +
+                "--fs tag=hostshare,socket=fs.sock --log-level info; rc=$?; echo; echo \"@@GUESTFILE $(cat share/from-guest.txt 2>&1)\"; " +
+                "echo @@VIRTIOFSD; cat virtiofsd.out; exit $rc"),
+            new("linux-vhost-user-blk", [], Shell: "cp disk.img vu.img && chmod +x qemu-storage-daemon && " +
+                "{ ./qemu-storage-daemon --blockdev driver=file,node-name=f,filename=vu.img " +
+                "--export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=blk.sock,writable=on >qsd.out 2>&1 & } && " +
+                "n=0; while [ ! -S blk.sock ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done; " +
+                "./vmm run --kernel vmlinuz --initrd vhost-initramfs.cpio.gz --memory 256M --cmdline 'console=ttyS0 quiet panic=-1 rdinit=/init vmm.vhost=blk' " +
+                "--disk vhost_user=on,socket=blk.sock --log-level info; rc=$?; kill %1 2>/dev/null; echo; " +
+                "echo \"@@SECTOR1000 $(dd if=vu.img bs=512 skip=1000 count=1 2>/dev/null | head -c 16)\"; echo @@QSD; cat qsd.out; exit $rc"),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),
@@ -273,6 +295,42 @@ public sealed class KvmFixture
                 echo "{{m}} net $($B cat /sys/class/net/eth0/address)"
                 $B ip link set eth0 up && echo "{{m}} eth0 up"
                 echo "{{m}} hello on hvc0" > /dev/hvc0
+                $B grep virtio /proc/interrupts | while read l; do echo "{{m}} irq $l"; done
+                echo "{{m}} done"
+                $B poweroff -f
+
+                """, AddGuestModules);
+    }
+
+    public const string VhostInitMarker = "vmm-vhost:";
+
+    /// <summary>A busybox initramfs for the vhost-user scenarios: loads the kept modules (virtio, fuse, virtiofs), then
+    /// with vmm.vhost=fs mounts the virtio-fs tag "hostshare", reads the host's file and writes one for the host to
+    /// check; with vmm.vhost=blk reads /dev/vda and writes sector 1000. Lists the virtio interrupts, powers off.</summary>
+    private static byte[] VhostUserInitramfs()
+    {
+        string m = VhostInitMarker;
+        return BusyboxInitramfs($$"""
+                #!/bin/busybox sh
+                B=/bin/busybox
+                $B mkdir -p /proc /sys /dev /mnt
+                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+                for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{m}} insmod $mod failed"; done
+                case "$($B cat /proc/cmdline)" in
+                *vmm.vhost=fs*)
+                  $B mount -t virtiofs hostshare /mnt && echo "{{m}} mounted hostshare"
+                  echo "{{m}} host file: $($B cat /mnt/from-host.txt)"
+                  echo guest-wrote-this > /mnt/from-guest.txt && $B sync && echo "{{m}} wrote from-guest.txt"
+                  echo "{{m}} ls: $($B ls /mnt | $B tr '\n' ' ')"
+                  $B umount /mnt && echo "{{m}} unmounted"
+                  ;;
+                *vmm.vhost=blk*)
+                  n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+                  echo "{{m}} vda $($B cat /sys/block/vda/size) sectors"
+                  echo "{{m}} sector 5: $($B dd if=/dev/vda bs=512 skip=5 count=1 2>/dev/null | $B od -An -tx1 | $B head -n 1)"
+                  echo "linux-wrote-this" | $B dd of=/dev/vda bs=512 seek=1000 conv=fsync 2>/dev/null && echo "{{m}} wrote sector 1000"
+                  ;;
+                esac
                 $B grep virtio /proc/interrupts | while read l; do echo "{{m}} irq $l"; done
                 echo "{{m}} done"
                 $B poweroff -f

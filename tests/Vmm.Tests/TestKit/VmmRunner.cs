@@ -73,7 +73,12 @@ public static class VmmRunner
             File.Copy(vmmBinary, Path.Combine(dir, "vmm"));
             File.SetUnixFileMode(Path.Combine(dir, "vmm"), UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute | UnixFileMode.GroupRead | UnixFileMode.GroupExecute | UnixFileMode.OtherRead | UnixFileMode.OtherExecute);
             foreach (var (name, content) in files)
+            {
                 File.WriteAllBytes(Path.Combine(dir, name), content);
+                // ELF files executable: tools/nested-kvm copies the libraries of executables only (e.g. virtiofsd's).
+                if (content.AsSpan().StartsWith((ReadOnlySpan<byte>)[0x7F, (byte)'E', (byte)'L', (byte)'F']))
+                    File.SetUnixFileMode(Path.Combine(dir, name), File.GetUnixFileMode(Path.Combine(dir, name)) | UnixFileMode.UserExecute);
+            }
             return UseLocalKvm ? RunLocally(dir, scenarios) : RunNested(dir, scenarios, Repo.PathTo("tools", "nested-kvm", "run-in-vm.sh"), StallLog);
         }
         finally
