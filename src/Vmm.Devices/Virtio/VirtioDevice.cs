@@ -10,6 +10,7 @@ public enum VirtioDeviceType : ushort
     Block = 2,
     Console = 3,
     Entropy = 4,
+    Vsock = 19,
 }
 
 /// <summary>Feature bits and status values shared by every virtio device.</summary>
