@@ -346,7 +346,7 @@ public sealed class VirtioVsock : VirtioDevice
     }
 
     /// <summary>"CONNECT &lt;decimal port&gt;", nothing else.</summary>
-    internal static bool TryParseConnect(ReadOnlySpan<byte> line, out uint port)
+    public static bool TryParseConnect(ReadOnlySpan<byte> line, out uint port)
     {
         port = 0;
         ReadOnlySpan<byte> prefix = "CONNECT "u8;
