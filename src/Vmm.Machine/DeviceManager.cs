@@ -6,6 +6,7 @@ using Vmm.Devices.Vfio.Kernel;
 using Vmm.Devices.Vfio.User;
 using Vmm.Devices.Virtio;
 using Vmm.Devices.Virtio.Net;
+using Vmm.Devices.Virtio.Vsock;
 using Vmm.Kvm;
 using Vmm.Memory;
 using static Vmm.Interop.KvmConstants;
@@ -197,6 +198,17 @@ internal sealed class DeviceManager
             }
             if (config.VirtioRng)
                 devices.Add((new VirtioRng(), MachineConfig.RngId, "rng"));
+            if (config.Vsock is { } vsock)
+            {
+                try
+                {
+                    devices.Add((new VirtioVsock(vsock.Cid, vsock.Socket), vsock.Id ?? "", "vsock"));
+                }
+                catch (Exception e) when (e is ArgumentException or Vmm.Interop.SyscallException or IOException or UnauthorizedAccessException)
+                {
+                    throw new ConfigException($"--vsock socket={vsock.Socket}: {e.Message}");
+                }
+            }
         }
         catch
         {

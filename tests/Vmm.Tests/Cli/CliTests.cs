@@ -58,6 +58,12 @@ public class CliTests
     [InlineData(new[] { "--device", "vfio=/a,vfio-user=/b" }, "--device needs exactly one of vfio=")]
     [InlineData(new[] { "--device", "vfio=" }, "--device: vfio= needs a path")]
     [InlineData(new[] { "--device", "vfio=/a,p2p=maybe" }, "--device: p2p must be on or off")]
+    [InlineData(new[] { "--vsock", "cid=3" }, "--vsock needs cid=N,socket=PATH")]
+    [InlineData(new[] { "--vsock", "socket=/s" }, "--vsock needs cid=N,socket=PATH")]
+    [InlineData(new[] { "--vsock", "cid=2,socket=/s" }, "--vsock: cid '2' must be a number from 3 to 4294967294")]
+    [InlineData(new[] { "--vsock", "cid=x,socket=/s" }, "--vsock: cid 'x' must be a number")]
+    [InlineData(new[] { "--vsock", "cid=3,socket=/s,port=1" }, "--vsock: unknown key 'port'")]
+    [InlineData(new[] { "--vsock", "cid=3,socket=/s", "--vsock", "cid=4,socket=/t" }, "--vsock is given twice")]
     public void Bad_command_lines_name_the_option(string[] args, string message)
     {
         var e = Assert.Throws<UsageException>(() => Options.Parse(args));
@@ -79,6 +85,7 @@ public class CliTests
     [InlineData("--device vfio=/sys/bus/mdev/devices/")]
     [InlineData("--device vfio-user=")]
     [InlineData("p2p=on")]
+    [InlineData("--vsock cid=N,socket=PATH")]
     [InlineData("--help")]
     public void Help_documents_every_option(string option) => Assert.Contains(option, Options.HelpText);
 
@@ -161,6 +168,16 @@ public class CliTests
         {
             File.Delete(path);
         }
+    }
+
+    [Fact]
+    public void Vsock_parses_CH_syntax_into_the_vm_config()
+    {
+        var o = Options.Parse(["--kernel", "k", "--vsock", "cid=42,socket=/run/v.sock"]);
+        Assert.Equal(new VsockConfig(42, "/run/v.sock"), o.Vsock);
+        var config = CliVmConfig.From(o);
+        Assert.Equal((42L, "/run/v.sock"), (config.Vsock!.Cid, config.Vsock.Socket));
+        Assert.Contains("--vsock", Assert.Throws<UsageException>(() => Options.Parse(["run", "--config", "vm.json", "--vsock", "cid=3,socket=/s"])).Message);
     }
 
     [Fact]
