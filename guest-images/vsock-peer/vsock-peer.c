@@ -15,7 +15,8 @@
  * FNV-1a hash of the plain data, so the test can compare them:
  *   vsock-peer: <mode> port P: sent N received N fnv HASH ok        (sender)
  *   vsock-peer: <mode> port P: echoed N fnv HASH                     (server)
- * A failure prints "vsock-peer: <mode> ... FAILED: why" and exits 1. Every mode gives up after 150 s.
+ * A failure prints "vsock-peer: <mode> ... FAILED: why" and exits 1. Every mode gives up after 600 s (a nested
+ * TCG boot of the guest alone can take minutes).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -191,7 +192,7 @@ static int host_connect_once(const char *path, int *out)
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
-    alarm(150);
+    alarm(600);
     if (argc < 3) {
         fprintf(stderr, "usage: vsock-peer guest-serve PORT | guest-connect PORT BYTES | host-connect PATH PORT BYTES | host-serve PATH_PORT\n");
         return 2;
@@ -219,9 +220,9 @@ int main(int argc, char **argv)
         port = (unsigned)strtoul(argv[3], NULL, 10);
         int fd = -1, tries = 0;
         while (!host_connect_once(argv[2], &fd)) {
-            if (++tries == 280) {
+            if (++tries == 1100) {
                 errno = 0;
-                fail("no OK after 280 tries");
+                fail("no OK after 1100 tries");
             }
             usleep(500000);
         }

@@ -89,7 +89,7 @@ public sealed class KvmFixture
             // virtio-vsock under Linux's own vsock transport: the host connects to a guest port through the hybrid
             // socket (CONNECT/OK), then the guest connects to host port 7000 (vmm -> v.sock_7000, served by
             // vsock-peer); 300000 bytes each way, echoed transformed, so credit updates happen both ways.
-            new("linux-vsock", [], Shell: "chmod +x vsock-peer && (./vsock-peer host-serve v.sock_7000 >serve.out 2>&1 &) && " +
+            new("linux-vsock", [], Shell: "chmod +x vsock-peer; (./vsock-peer host-serve v.sock_7000 >serve.out 2>&1 &); " +
                 "(./vmm run --kernel vmlinuz --initrd vsock-initramfs.cpio.gz --memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init' " +
                 "--vsock cid=3,socket=v.sock --log-level info; echo \"@@VMM $?\" >vmm.rc) & vp=$!; " +
                 "./vsock-peer host-connect v.sock 5000 300000 >connect.out 2>&1; echo \"@@CONNECT $?\"; wait $vp; " +

@@ -285,7 +285,9 @@ public sealed class VirtioVsock : VirtioDevice
 
     private void OnSocketEvent(VsockConnection c, uint events)
     {
-        bool hangup = (events & (Epoll.Hup | Epoll.Err | Epoll.RdHup)) != 0;
+        // Hup/Err: the peer is gone both ways. RdHup alone is a half-close (shutdown(SHUT_WR)): the peer still
+        // reads, and with edge triggering every later event (e.g. writable again) carries it too.
+        bool hangup = (events & (Epoll.Hup | Epoll.Err)) != 0;
         switch (c.State)
         {
             case VsockState.AwaitingConnect:

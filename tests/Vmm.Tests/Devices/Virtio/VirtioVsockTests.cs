@@ -405,6 +405,52 @@ public sealed class VirtioVsockTests
     }
 
     [Fact]
+    public void A_host_half_close_lets_the_guest_go_on_sending_through_a_full_socket()
+    {
+        using var rig = new Rig();
+        rig.PostRx(8);
+        var (client, port) = rig.Established(1650);
+        using var _ = client;
+        client.Shutdown(SocketShutdown.Send);
+        var (shutdown, _) = rig.NextRx();
+        Assert.Equal((VsockHeader.OpShutdown, VsockHeader.ShutdownSend), (shutdown.Op, shutdown.Flags));
+
+        // More than the socket buffers hold: the device waits for "writable" events, which carry RDHUP from now on.
+        var expected = new List<byte>();
+        byte[]? got = null;
+        var reader = new Thread(() =>
+        {
+            try
+            {
+                got = ReadExactly(client, 300_000);
+            }
+            catch (Exception)
+            {
+                // got stays null: the assertion below reports it (an exception here would end the test host)
+            }
+        });
+        reader.Start();
+        uint credit = 0;
+        for (int i = 0; i < 10; i++)
+        {
+            var chunk = Pattern(30_000, i);
+            expected.AddRange(chunk);
+            // Keep to the credit: wait for the device's fwd_cnt before overrunning its 64 KiB.
+            while (30_000u * (uint)(i + 1) - credit > VirtioVsock.BufferSize)
+            {
+                var (update, _) = rig.NextRx();
+                Assert.Equal(VsockHeader.OpCreditUpdate, update.Op);
+                credit = update.FwdCnt;
+                rig.PostRx(1);
+            }
+            rig.Send(VsockHeader.OpRw, 1650, port, chunk);
+        }
+        Assert.True(reader.Join(20_000), "the host reader is still waiting");
+        Assert.Equal(expected.ToArray(), got);
+        Assert.Equal(0, rig.Vsock.ResetsSent);
+    }
+
+    [Fact]
     public void A_guest_rst_closes_the_host_socket()
     {
         using var rig = new Rig();
