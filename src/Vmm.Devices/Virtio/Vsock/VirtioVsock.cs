@@ -78,6 +78,7 @@ public sealed class VirtioVsock : VirtioDevice
     private bool _holding;
     private ushort _heldHead;
     private int _heldCount;
+    private long _heldCapacity;
 
     private VirtioContext? _context;
     private bool _rxStopped, _txStopped;
@@ -756,7 +757,7 @@ public sealed class VirtioVsock : VirtioDevice
         if (context is null)
             return;
         var queue = context.Queues[RxQueue];
-        int delivered = 0;
+        int delivered = 0, idle = 0;
         while (!_rxStopped && (_orphanCount > 0 || _rxQueue.Count > 0))
         {
             if (delivered == RxBudget)
@@ -768,7 +769,14 @@ public sealed class VirtioVsock : VirtioDevice
                 break;
             uint written = _orphanCount > 0 ? EmitOrphanReset(context.Memory) : EmitNext(context.Memory);
             if (written == 0)
-                continue; // that connection had nothing after all; the chain stays held
+            {
+                // That connection had nothing after all; the chain stays held. Once every queued connection had
+                // its turn without a packet (e.g. data but a buffer with no room past the header), stop.
+                if (++idle > _rxQueue.Count + 1)
+                    break;
+                continue;
+            }
+            idle = 0;
             queue.Complete(_heldHead, written);
             _holding = false;
             delivered++;
@@ -792,9 +800,13 @@ public sealed class VirtioVsock : VirtioDevice
                 return false;
             }
             long capacity = 0;
+            bool mapped = true;
             foreach (var d in chain.Writable)
+            {
                 capacity += d.Length;
-            if (result == PopResult.BadChain || chain.ReadableCount > 0 || capacity < VsockHeader.Size)
+                mapped &= context.Memory.TryGetSpan(new GuestAddress(d.Address), (int)d.Length, out _);
+            }
+            if (result == PopResult.BadChain || chain.ReadableCount > 0 || capacity < VsockHeader.Size || !mapped)
             {
                 _badChains++; // a receive buffer must be writable and hold at least a header
                 queue.Complete(chain.Head, 0);
@@ -803,6 +815,7 @@ public sealed class VirtioVsock : VirtioDevice
             }
             chain.Writable.CopyTo(_held);
             _heldCount = chain.Writable.Length;
+            _heldCapacity = capacity;
             _heldHead = chain.Head;
             _holding = true;
             return true;
@@ -862,6 +875,11 @@ public sealed class VirtioVsock : VirtioDevice
                     c.CreditRequested = true; // ask once; the guest's next packet carries its credit anyway
                     return Control(memory, c, VsockHeader.OpCreditRequest);
                 }
+            }
+            else if (_heldCapacity == VsockHeader.Size)
+            {
+                // No room for data in this buffer: spend it on our credit (harmless), so the next one gets the data.
+                return Control(memory, c, VsockHeader.OpCreditUpdate);
             }
             else
             {

@@ -51,6 +51,18 @@ public sealed class VirtioVsockTests
             Rx.Kick.Signal();
         }
 
+        /// <summary>Posts one receive chain of a single buffer of <paramref name="size"/> bytes and kicks.</summary>
+        public void PostOneRx(uint size)
+        {
+            ulong b = 0x100000UL + 0x2000UL * (ulong)(_rxSlot++ % 256);
+            ushort head = Rx.AddChain((b, size, true));
+            _rxBase[head] = b - 0x100 + H; // data follows the header in the same buffer
+            _rxWhole[head] = b;
+            Rx.Kick.Signal();
+        }
+
+        private readonly Dictionary<uint, ulong> _rxWhole = [];
+
         /// <summary>The next packet the device put in a receive buffer.</summary>
         public (VsockHeader Header, byte[] Data) NextRx(int timeoutMs = 10_000)
         {
@@ -58,7 +70,7 @@ public sealed class VirtioVsockTests
             var (id, len) = Rx.Used(_rxSeen++);
             Assert.True(len >= H, $"used length {len}");
             ulong b = _rxBase[id];
-            var header = VsockHeader.Read(Memory.GetSpan(new GuestAddress(b), H));
+            var header = VsockHeader.Read(Memory.GetSpan(new GuestAddress(_rxWhole.Remove(id, out ulong whole) ? whole : b), H));
             Assert.Equal(header.Len, len - H);
             return (header, Memory.GetSpan(new GuestAddress(b + 0x100), (int)header.Len).ToArray());
         }
@@ -448,6 +460,24 @@ public sealed class VirtioVsockTests
         Assert.True(reader.Join(20_000), "the host reader is still waiting");
         Assert.Equal(expected.ToArray(), got);
         Assert.Equal(0, rig.Vsock.ResetsSent);
+    }
+
+    [Fact]
+    public void Receive_buffers_with_no_room_past_the_header_still_move_things_along()
+    {
+        using var rig = new Rig();
+        rig.PostOneRx(H); // room for a header only: the REQUEST fits
+        var (client, request) = rig.HostConnect(1660);
+        using var _ = client;
+        rig.Send(VsockHeader.OpResponse, 1660, request.SrcPort);
+        Assert.Equal($"OK {request.SrcPort}\n", ReadLine(client));
+        client.Send("data"u8);
+        rig.PostOneRx(H);
+        var (update, _) = rig.NextRx(); // the data cannot fit: the buffer carries our credit instead
+        Assert.Equal(VsockHeader.OpCreditUpdate, update.Op);
+        rig.PostOneRx(4096); // one buffer, header and data together
+        var (rw, data) = rig.NextRx();
+        Assert.Equal((VsockHeader.OpRw, "data"), (rw.Op, Encoding.ASCII.GetString(data)));
     }
 
     [Fact]
