@@ -541,7 +541,9 @@ public sealed class VirtioVsock : VirtioDevice
                 c.ToHost = ArrayPool<byte>.Shared.Rent(BufferSize);
                 c.Prefix = Encoding.ASCII.GetBytes($"OK {c.LocalPort}\n");
                 FlushToHost(c);
-                Schedule(c); // the client may have written before the OK
+                // The client may have written right behind its CONNECT line: that edge was consumed then.
+                c.HostReadable = true;
+                Schedule(c);
                 break;
             case VsockHeader.OpRst:
                 Forget(c); // the guest closed it: the host peer sees its socket closed

@@ -249,6 +249,23 @@ public sealed class VirtioVsockTests
     }
 
     [Fact]
+    public void Bytes_a_client_sends_right_behind_its_connect_line_reach_the_guest_after_the_handshake()
+    {
+        using var rig = new Rig();
+        rig.PostRx();
+        using var client = Client(rig.Path);
+        client.Send("CONNECT 1250\nearly bird"u8);
+        var (request, _) = rig.NextRx();
+        Assert.Equal((VsockHeader.OpRequest, 1250u), (request.Op, request.DstPort));
+        Assert.True(rig.RxIdle(), "data before the guest accepted");
+
+        rig.Send(VsockHeader.OpResponse, 1250, request.SrcPort);
+        Assert.Equal($"OK {request.SrcPort}\n", ReadLine(client));
+        var (rw, data) = rig.NextRx();
+        Assert.Equal((VsockHeader.OpRw, "early bird"), (rw.Op, Encoding.ASCII.GetString(data)));
+    }
+
+    [Fact]
     public void A_guest_connects_to_PATH_port_and_bytes_flow_both_ways()
     {
         using var rig = new Rig();
