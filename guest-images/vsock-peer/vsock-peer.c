@@ -13,7 +13,7 @@
  * to drain, so several hundred KiB pass through vmm's credit flow control both ways), half-closes, reads to
  * end of stream and checks every byte (each echoed byte is the sent one XOR 0xA5). Both ends print the
  * FNV-1a hash of the plain data, so the test can compare them:
- *   vsock-peer: <mode> port P: sent N received N fnv HASH ok        (sender)
+ *   vsock-peer: <mode> port P: sent N received N fnv HASH ok in T ms (R MB/s each way)   (sender)
  *   vsock-peer: <mode> port P: echoed N fnv HASH                     (server)
  * A failure prints "vsock-peer: <mode> ... FAILED: why" and exits 1. Every mode gives up after 600 s (a nested
  * TCG boot of the guest alone can take minutes).
@@ -29,6 +29,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define XOR 0xA5
@@ -82,9 +83,17 @@ static void serve(int fd)
     printf("vsock-peer: %s port %u: echoed %llu fnv %016llx\n", mode, port, (unsigned long long)total, (unsigned long long)h);
 }
 
+static double now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
 /* Send `bytes` of the pattern while checking the echo; half-close once sent; read to end of stream. */
 static void exchange(int fd, uint64_t bytes)
 {
+    double start = now_ms();
     static uint8_t out[16384], in[65536];
     uint64_t sent = 0, received = 0, h = 0xcbf29ce484222325ULL;
     int shut = 0;
@@ -138,8 +147,9 @@ static void exchange(int fd, uint64_t bytes)
         }
     }
     close(fd);
-    printf("vsock-peer: %s port %u: sent %llu received %llu fnv %016llx ok\n", mode, port,
-           (unsigned long long)sent, (unsigned long long)received, (unsigned long long)h);
+    double ms = now_ms() - start;
+    printf("vsock-peer: %s port %u: sent %llu received %llu fnv %016llx ok in %.0f ms (%.2f MB/s each way)\n", mode, port,
+           (unsigned long long)sent, (unsigned long long)received, (unsigned long long)h, ms, ms > 0 ? sent / ms / 1e3 : 0.0);
 }
 
 static int unix_addr(const char *path, struct sockaddr_un *a)

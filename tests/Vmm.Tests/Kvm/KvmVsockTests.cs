@@ -8,7 +8,7 @@ namespace Vmm.Tests.Kvm;
 /// 300000 bytes go each way and come back transformed (guest-images/vsock-peer checks every byte; both ends print
 /// the FNV-1a hash of the data, compared here).</summary>
 [Collection("kvm")]
-public class KvmVsockTests(KvmFixture kvm)
+public class KvmVsockTests(KvmFixture kvm, Xunit.Abstractions.ITestOutputHelper output)
 {
     private const string M = KvmFixture.VsockInitMarker;
 
@@ -43,5 +43,7 @@ public class KvmVsockTests(KvmFixture kvm)
         Assert.Equal(sent, echoed);
 
         Assert.Contains("@@SOCKET GONE", r.Stdout); // vmm removed its listening socket on exit
+        foreach (Match line in Regex.Matches(r.Stdout, @"vsock-peer: .*"))
+            output.WriteLine(line.Value.TrimEnd()); // the senders' times, for the record
     }
 }
