@@ -29,7 +29,7 @@ public sealed class VmConfig
     public List<DeviceConfig>? Devices { get; set; }
     public List<UserDeviceConfig>? UserDevices { get; set; }
     public JsonElement? Vdpa { get; set; }
-    public JsonElement? Vsock { get; set; }
+    public VsockConfig? Vsock { get; set; }
     public JsonElement? Numa { get; set; }
     public bool? Iommu { get; set; }
     public bool? Watchdog { get; set; }
@@ -153,6 +153,19 @@ public sealed class RngConfig
     public int? PciSegment { get; set; }
     public int? PciDeviceId { get; set; }
     public bool? Iommu { get; set; }
+}
+
+/// <summary>CH's VsockConfig: the guest's cid and the host socket of the hybrid vsock.</summary>
+public sealed class VsockConfig
+{
+    [JsonRequired]
+    public long Cid { get; set; }
+    [JsonRequired]
+    public string? Socket { get; set; }
+    public bool? Iommu { get; set; }
+    public int? PciSegment { get; set; }
+    public int? PciDeviceId { get; set; }
+    public string? Id { get; set; }
 }
 
 /// <summary>CH's ConsoleConfig (also its SerialConfig: the same shape). Mode: Off, Pty, Tty, File, Socket, Null.</summary>

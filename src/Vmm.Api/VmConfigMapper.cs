@@ -74,7 +74,6 @@ public static class VmConfigMapper
         Unsupported(p, "generic_vhost_user", c.GenericVhostUser, "vhost-user devices are not supported yet");
         Unsupported(p, "pmem", c.Pmem, "virtio-pmem is not supported");
         Unsupported(p, "vdpa", c.Vdpa, "vDPA is not supported");
-        Unsupported(p, "vsock", c.Vsock, "virtio-vsock is not supported yet");
         Unsupported(p, "numa", c.Numa, "NUMA topologies are not supported");
         NotTrue(p, "iommu", c.Iommu, "a virtual IOMMU is not supported");
         NotTrue(p, "watchdog", c.Watchdog, "the virtio watchdog is not supported");
@@ -107,7 +106,7 @@ public static class VmConfigMapper
         // naming a disk "_disk0" is not refused because another disk would have been given that name.
         var named = new HashSet<string>((c.Disks ?? []).Select(d => d.Id).Concat((c.Net ?? []).Select(n => n.Id))
             .Concat((c.Devices ?? []).Select(d => d.Id)).Concat((c.UserDevices ?? []).Select(d => d.Id))
-            .Concat((c.Fs ?? []).Select(f => f.Id)).OfType<string>());
+            .Concat((c.Fs ?? []).Select(f => f.Id)).Append(c.Vsock?.Id).OfType<string>());
         string Id(string? given, string prefix, string path)
         {
             string? id = given;
@@ -216,6 +215,19 @@ public static class VmConfigMapper
             Unsupported(p, "rng.pci_device_id", rng.PciDeviceId, "vmm assigns PCI slots in config order");
             rng.Id ??= MachineConfig.RngId;
         }
+        if (c.Vsock is { } vsock)
+        {
+            if (vsock.Cid < (long)Machine.VsockConfig.MinCid || vsock.Cid > (long)Machine.VsockConfig.MaxCid)
+                p.Add($"vsock.cid: {vsock.Cid} is not a guest cid ({Machine.VsockConfig.MinCid} to {Machine.VsockConfig.MaxCid}; 0-2 are reserved)");
+            if (string.IsNullOrEmpty(vsock.Socket))
+                p.Add("vsock.socket: required (the Unix socket host clients connect to)");
+            else if (System.Text.Encoding.UTF8.GetByteCount(vsock.Socket) > Machine.VsockConfig.MaxSocketPath)
+                p.Add($"vsock.socket: \"{vsock.Socket}\" is longer than {Machine.VsockConfig.MaxSocketPath} bytes (PATH_port must fit a Unix socket address)");
+            NotTrue(p, "vsock.iommu", vsock.Iommu, "a virtual IOMMU is not supported");
+            Only(p, "vsock.pci_segment", vsock.PciSegment, 0, "vmm has one PCI segment");
+            Unsupported(p, "vsock.pci_device_id", vsock.PciDeviceId, "vmm assigns PCI slots in config order");
+            vsock.Id = Id(vsock.Id, "_vsock", "vsock");
+        }
         c.Serial ??= new ConsoleConfig { Mode = "Null" };
         c.Console ??= new ConsoleConfig { Mode = "Tty" };
         CheckConsole(p, "serial", c.Serial);
@@ -286,6 +298,7 @@ public static class VmConfigMapper
             Nets = (c.Net ?? []).Select(n => new Machine.NetConfig(n.Tap!, n.Mac is null ? null : ParseMac(n.Mac), n.Id)).ToList(),
             VirtioConsole = c.Console!.Mode != "Off",
             VirtioRng = c.Rng is not null,
+            Vsock = c.Vsock is { } v ? new Machine.VsockConfig((ulong)v.Cid, v.Socket!, v.Id) : null,
             Devices = devices,
         };
     }

@@ -63,6 +63,7 @@ public static class CliVmConfig
                 Id = n.Id,
             }).ToList(),
             Rng = o.Rng ? new RngConfig { Src = VmConfigMapper.DefaultRngSource } : null,
+            Vsock = o.Vsock is { } v ? new Api.VsockConfig { Cid = (long)v.Cid, Socket = v.Socket, Id = v.Id } : null,
             Serial = serial,
             Console = console,
             Devices = o.Devices.Any(d => d.Kind == PassthroughKind.Vfio)

@@ -34,6 +34,7 @@ public sealed class Options
     public List<FsConfig> Fs { get; } = [];
     public bool VirtioConsole { get; set; }
     public bool Rng { get; set; }
+    public VsockConfig? Vsock { get; set; }
     /// <summary>--api-socket: <c>path=PATH</c>, <c>fd=N</c> or a bare path (Cloud Hypervisor's forms).</summary>
     public string? ApiSocket { get; set; }
     public string? ConfigFile { get; set; }
@@ -89,6 +90,10 @@ public sealed class Options
           --console MODE       serial (default) or virtio: a virtio-console port shares the --serial
                                output and takes the console input instead of COM1
           --rng                a virtio-rng device fed from the host CSPRNG
+          --vsock cid=N,socket=PATH
+                               a virtio-vsock device, guest cid N (3 or more), host end on Unix sockets
+                               (Firecracker's hybrid vsock): host clients connect to PATH and send
+                               "CONNECT port\n"; guest connects to host port P reach PATH_P. See docs/vsock.md
           --device vfio=/sys/bus/pci/devices/DDDD:BB:DD.F[,p2p=on]
           --device vfio=/sys/bus/mdev/devices/UUID[,p2p=on]
           --device vfio-user=SOCKET[,p2p=on]
@@ -169,7 +174,7 @@ public sealed class Options
                 return args[++i];
             }
             if (arg is "--kernel" or "--initrd" or "--cmdline" or "--memory" or "--cpus" or "--serial" or "--disk" or "--net"
-                or "--device" or "--console" or "--rng" or "--fs")
+                or "--device" or "--console" or "--rng" or "--fs" or "--vsock")
                 o.VmFlags.Add(arg);
             switch (arg)
             {
@@ -236,6 +241,11 @@ public sealed class Options
                     break;
                 }
                 case "--rng": o.Rng = true; break;
+                case "--vsock":
+                    if (o.Vsock is not null)
+                        throw new UsageException("--vsock is given twice; a VM has one vsock device");
+                    o.Vsock = ParseVsock(Value());
+                    break;
                 case "--stats": o.Stats = true; break;
                 case "--no-irqchip": o.NoIrqchip = true; break;
                 case "--on-reboot":
@@ -387,6 +397,17 @@ public sealed class Options
                 throw new UsageException($"--net: mac '{m}' is a multicast address");
         }
         return new NetConfig(tap, mac);
+    }
+
+    public static VsockConfig ParseVsock(string text)
+    {
+        var kv = ParseKeyValues(text, "--vsock", ["cid", "socket", "id"]);
+        if (!kv.TryGetValue("cid", out string? c) || !kv.TryGetValue("socket", out string? socket) || socket.Length == 0)
+            throw new UsageException("--vsock needs cid=N,socket=PATH");
+        if (!ulong.TryParse(c, NumberStyles.None, CultureInfo.InvariantCulture, out ulong cid) || cid < VsockConfig.MinCid || cid > VsockConfig.MaxCid)
+            throw new UsageException($"--vsock: cid '{c}' must be a number from {VsockConfig.MinCid} to {VsockConfig.MaxCid} (0-2 are reserved)");
+        kv.TryGetValue("id", out string? id);
+        return new VsockConfig(cid, socket, id);
     }
 
     /// <summary>"128M", "2G", "512K", "1T", "4096" (bytes); "MiB"/"MB" spellings too (all binary units).</summary>

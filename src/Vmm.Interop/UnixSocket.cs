@@ -280,7 +280,7 @@ public sealed unsafe class UnixSocket : IDisposable
         return new UnixSocket(fd);
     }
 
-    private static sockaddr_un Address(string path)
+    internal static sockaddr_un Address(string path)
     {
         var address = new sockaddr_un { sun_family = LibC.AF_UNIX };
         int length = Encoding.UTF8.GetByteCount(path);

@@ -7,6 +7,7 @@ using Vmm.Devices.Vfio.Kernel;
 using Vmm.Devices.Vfio.User;
 using Vmm.Devices.Virtio;
 using Vmm.Devices.Virtio.Net;
+using Vmm.Devices.Virtio.Vsock;
 using Vmm.Kvm;
 using Vmm.Memory;
 using static Vmm.Interop.KvmConstants;
@@ -208,6 +209,17 @@ internal sealed class DeviceManager
             {
                 devices.Add((ConnectVhostUser($"--fs tag={fs.Tag},socket={fs.Socket}",
                     () => VhostUserDevice.CreateFs(fs.Socket, fs.Tag, fs.NumQueues, fs.QueueSize)), fs.Id ?? "", "fs"));
+            }
+            if (config.Vsock is { } vsock)
+            {
+                try
+                {
+                    devices.Add((new VirtioVsock(vsock.Cid, vsock.Socket), vsock.Id ?? "", "vsock"));
+                }
+                catch (Exception e) when (e is ArgumentException or Vmm.Interop.SyscallException or IOException or UnauthorizedAccessException)
+                {
+                    throw new ConfigException($"--vsock socket={vsock.Socket}: {e.Message}");
+                }
             }
         }
         catch

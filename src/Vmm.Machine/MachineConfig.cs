@@ -44,13 +44,16 @@ public sealed record MachineConfig
     /// <summary>A virtio-rng device fed from the host CSPRNG.</summary>
     public bool VirtioRng { get; init; }
 
+    /// <summary>A virtio-vsock device with its host end on Unix sockets (Firecracker's hybrid vsock).</summary>
+    public VsockConfig? Vsock { get; init; }
+
     /// <summary>Devices passed through with VFIO or vfio-user, in PCI slot order after the virtio devices.</summary>
     public IReadOnlyList<PassthroughConfig> Devices { get; init; } = [];
 
     /// <summary>virtio-fs devices served by vhost-user back-ends (virtiofsd), after the other virtio devices.</summary>
     public IReadOnlyList<FsConfig> Fs { get; init; } = [];
 
-    public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0 || Fs.Count > 0;
+    public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0 || Fs.Count > 0 || Vsock is not null;
 
     public void Validate()
     {
@@ -68,9 +71,16 @@ public sealed record MachineConfig
         if (HasPciDevices && !InKernelIrqchip)
             throw new ConfigException("PCI devices need the in-kernel irqchip for their MSI-X and INTx interrupts (drop --no-irqchip)");
         // Slot 0 is the host bridge.
-        int devices = Disks.Count + Nets.Count + (VirtioConsole ? 1 : 0) + (VirtioRng ? 1 : 0) + Devices.Count + Fs.Count;
+        int devices = Disks.Count + Nets.Count + (VirtioConsole ? 1 : 0) + (VirtioRng ? 1 : 0) + Devices.Count + Fs.Count + (Vsock is null ? 0 : 1);
         if (devices > 31)
             throw new ConfigException($"{devices} PCI devices requested; the root bus has 31 free slots");
+        if (Vsock is { } vsock)
+        {
+            if (vsock.Cid < VsockConfig.MinCid || vsock.Cid > VsockConfig.MaxCid)
+                throw new ConfigException($"--vsock cid={vsock.Cid}: the guest cid must be {VsockConfig.MinCid} to {VsockConfig.MaxCid} (0-2 are reserved: hypervisor, local, host)");
+            if (vsock.Socket.Length == 0 || System.Text.Encoding.UTF8.GetByteCount(vsock.Socket) > VsockConfig.MaxSocketPath)
+                throw new ConfigException($"--vsock socket={vsock.Socket}: the path must be 1 to {VsockConfig.MaxSocketPath} bytes (PATH_port must fit a Unix socket address)");
+        }
         foreach (var group in Nets.GroupBy(n => n.Tap).Where(g => g.Count() > 1))
             throw new ConfigException($"--net tap={group.Key} is given {group.Count()} times; each interface needs its own tap");
         foreach (var group in Devices.GroupBy(d => (d.Kind, d.Kind == PassthroughKind.Vfio ? Path.TrimEndingDirectorySeparator(Path.GetFullPath(d.Path)) : d.Path)).Where(g => g.Count() > 1))
@@ -112,6 +122,14 @@ public sealed record FsConfig(string Tag, string Socket, int NumQueues = 1, usho
 
 /// <summary>One <c>--net</c>: a virtio-net interface on tap <paramref name="Tap"/>.</summary>
 public sealed record NetConfig(string Tap, byte[]? Mac = null, string? Id = null);
+
+/// <summary><c>--vsock</c>: guest cid <paramref name="Cid"/>; host clients connect to <paramref name="Socket"/>, guest
+/// connects to port P reach <c>Socket_P</c>.</summary>
+public sealed record VsockConfig(ulong Cid, string Socket, string? Id = null)
+{
+    public const ulong MinCid = 3, MaxCid = uint.MaxValue - 1; // VMADDR_CID_ANY (-1U) is not a cid either
+    public const int MaxSocketPath = 100;
+}
 
 public enum PassthroughKind
 {

@@ -11,6 +11,7 @@ public enum VirtioDeviceType : ushort
     Console = 3,
     Entropy = 4,
     Fs = 26,
+    Vsock = 19,
 }
 
 /// <summary>Feature bits and status values shared by every virtio device.</summary>

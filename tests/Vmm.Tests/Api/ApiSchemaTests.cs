@@ -172,7 +172,7 @@ public sealed class ApiSchemaTests : IDisposable
     [InlineData("cpus", "max_vcpus", "4", "cpus.max_vcpus")]
     [InlineData("cpus", "topology", "{\"threads_per_core\":1,\"cores_per_die\":1,\"dies_per_package\":1,\"packages\":1}", "cpus.topology")]
     [InlineData("platform", "num_pci_segments", "2", "platform.num_pci_segments")]
-    [InlineData("", "vsock", "{\"cid\":3,\"socket\":\"/run/kata/clh.sock\"}", "vsock")]
+    [InlineData("", "vsock", "{\"cid\":3,\"socket\":\"/run/kata/clh.sock\",\"iommu\":true}", "vsock.iommu")]
     [InlineData("", "fs", "[{\"tag\":\"kataShared\",\"socket\":\"/run/virtiofsd.sock\",\"num_queues\":1,\"queue_size\":1024,\"pci_segment\":1}]", "fs[0].pci_segment")]
     [InlineData("", "balloon", "{\"size\":0,\"free_page_reporting\":true}", "balloon")]
     [InlineData("", "iommu", "true", "iommu")]

@@ -203,6 +203,46 @@ public sealed class VmConfigMapperTests : IDisposable
     }
 
     [Fact]
+    public void Vsock_takes_CH_shape_gets_a_CH_style_id_and_reaches_the_machine()
+    {
+        string kernel = Path.Combine(_dir.FullName, "vmlinux");
+        File.WriteAllBytes(kernel, [1]);
+        var c = Normalized($$$"""
+            {"payload":{"kernel":{{{Q(kernel)}}} },"disks":[{"path":"/a"}],"vsock":{"cid":42,"socket":"/run/v.sock"}}
+            """);
+        Assert.Equal("_vsock1", c.Vsock!.Id);
+        var m = VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null));
+        Assert.Equal(new Vmm.Machine.VsockConfig(42, "/run/v.sock", "_vsock1"), m.Vsock);
+        Assert.True(m.HasPciDevices);
+        m.Validate();
+        var named = Normalized("""{"payload":{"kernel":"/k"},"vsock":{"cid":3,"socket":"/s","id":"vs"}}""");
+        Assert.Equal("vs", named.Vsock!.Id);
+    }
+
+    [Theory]
+    [InlineData("""{"cid":2,"socket":"/s"}""", "vsock.cid: 2 is not a guest cid")]
+    [InlineData("""{"cid":4294967295,"socket":"/s"}""", "vsock.cid: 4294967295 is not a guest cid")]
+    [InlineData("""{"cid":3,"socket":""}""", "vsock.socket: required")]
+    [InlineData("""{"cid":3,"socket":"/s","iommu":true}""", "vsock.iommu: true is not supported")]
+    [InlineData("""{"cid":3,"socket":"/s","pci_segment":1}""", "vsock.pci_segment: 1 is not supported")]
+    [InlineData("""{"cid":3,"socket":"/s","id":"_disk0"}""", "vsock.id: \"_disk0\" is used by another device")]
+    public void A_vsock_vmm_cannot_serve_is_refused_naming_the_field(string vsock, string problem)
+    {
+        var problems = Problems($$"""{"payload":{"kernel":"/k"},"disks":[{"path":"/a","id":"_disk0"}],"vsock":{{vsock}}}""");
+        Assert.Contains(problems, p => p.StartsWith(problem, StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void A_vsock_socket_path_too_long_or_a_reserved_cid_is_one_config_error()
+    {
+        var tooLong = new MachineConfig { Kernel = new BootFile("k", [1]), Vsock = new Vmm.Machine.VsockConfig(3, "/" + new string('x', 120)) };
+        Assert.StartsWith("--vsock socket=/xxx", Assert.Throws<ConfigException>(tooLong.Validate).Message);
+        var reserved = new MachineConfig { Kernel = new BootFile("k", [1]), Vsock = new Vmm.Machine.VsockConfig(1, "/s") };
+        Assert.Equal("--vsock cid=1: the guest cid must be 3 to 4294967294 (0-2 are reserved: hypervisor, local, host)",
+            Assert.Throws<ConfigException>(reserved.Validate).Message);
+    }
+
+    [Fact]
     public void ToMachine_follows_platform_vfio_p2p_dma_and_console_Off()
     {
         string kernel = Path.Combine(_dir.FullName, "vmlinux");

@@ -66,6 +66,12 @@ public class CliTests
     [InlineData(new[] { "--disk", "vhost_user=on" }, "--disk vhost_user=on needs socket=PATH")]
     [InlineData(new[] { "--disk", "vhost_user=on,socket=/s,path=/i" }, "--disk: path does not go with vhost_user=on")]
     [InlineData(new[] { "--disk", "path=/i,socket=/s" }, "--disk: socket needs vhost_user=on")]
+    [InlineData(new[] { "--vsock", "cid=3" }, "--vsock needs cid=N,socket=PATH")]
+    [InlineData(new[] { "--vsock", "socket=/s" }, "--vsock needs cid=N,socket=PATH")]
+    [InlineData(new[] { "--vsock", "cid=2,socket=/s" }, "--vsock: cid '2' must be a number from 3 to 4294967294")]
+    [InlineData(new[] { "--vsock", "cid=x,socket=/s" }, "--vsock: cid 'x' must be a number")]
+    [InlineData(new[] { "--vsock", "cid=3,socket=/s,port=1" }, "--vsock: unknown key 'port'")]
+    [InlineData(new[] { "--vsock", "cid=3,socket=/s", "--vsock", "cid=4,socket=/t" }, "--vsock is given twice")]
     public void Bad_command_lines_name_the_option(string[] args, string message)
     {
         var e = Assert.Throws<UsageException>(() => Options.Parse(args));
@@ -89,6 +95,7 @@ public class CliTests
     [InlineData("p2p=on")]
     [InlineData("--fs tag=")]
     [InlineData("--disk vhost_user=on,socket=")]
+    [InlineData("--vsock cid=N,socket=PATH")]
     [InlineData("--help")]
     public void Help_documents_every_option(string option) => Assert.Contains(option, Options.HelpText);
 
@@ -171,6 +178,16 @@ public class CliTests
         {
             File.Delete(path);
         }
+    }
+
+    [Fact]
+    public void Vsock_parses_CH_syntax_into_the_vm_config()
+    {
+        var o = Options.Parse(["--kernel", "k", "--vsock", "cid=42,socket=/run/v.sock"]);
+        Assert.Equal(new VsockConfig(42, "/run/v.sock"), o.Vsock);
+        var config = CliVmConfig.From(o);
+        Assert.Equal((42L, "/run/v.sock"), (config.Vsock!.Cid, config.Vsock.Socket));
+        Assert.Contains("--vsock", Assert.Throws<UsageException>(() => Options.Parse(["run", "--config", "vm.json", "--vsock", "cid=3,socket=/s"])).Message);
     }
 
     [Fact]

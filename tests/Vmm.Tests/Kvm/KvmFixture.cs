@@ -22,6 +22,8 @@ public sealed class KvmFixture
             ["virtio-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "virtio-test.elf")),
             ["net-responder"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "net-responder")),
             ["api-abuse"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "api-abuse")),
+            ["vsock-peer"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "vsock-peer")),
+            ["vsock-initramfs.cpio.gz"] = VsockInitramfs(),
             ["disk.img"] = VirtioTestDisk.Original(),
             ["module.txt"] = Encoding.ASCII.GetBytes("hello from module 0\n"),
             ["pio.bin"] = MicroGuests.PortIo(),
@@ -88,6 +90,16 @@ public sealed class KvmFixture
             new("linux-virtio-intx", [], Shell: "cp disk.img lx2.img && unshare -n ./vmm run --kernel vmlinuz --initrd virtio-initramfs.cpio.gz " +
                 "--memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init pci=nomsi' --disk path=lx2.img,serial=linux-disk --net tap=tap0,mac=52:54:00:12:34:56 " +
                 "--rng --console virtio --log-level info; rc=$?; echo; echo \"@@SECTOR1000 $(dd if=lx2.img bs=512 skip=1000 count=1 2>/dev/null | head -c 16)\"; exit $rc"),
+            // virtio-vsock under Linux's own vsock transport: the host connects to a guest port through the hybrid
+            // socket (CONNECT/OK), then the guest connects to host port 7000 (vmm -> v.sock_7000, served by
+            // vsock-peer); 300000 bytes each way, echoed transformed, so credit updates happen both ways.
+            new("linux-vsock", [], Shell: "chmod +x vsock-peer; (./vsock-peer host-serve v.sock_7000 >serve.out 2>&1 &); " +
+                "(./vmm run --kernel vmlinuz --initrd vsock-initramfs.cpio.gz --memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init' " +
+                "--vsock cid=3,socket=v.sock --log-level info; echo \"@@VMM $?\" >vmm.rc) & vp=$!; " +
+                "./vsock-peer host-connect v.sock 5000 300000 >connect.out 2>&1; echo \"@@CONNECT $?\"; wait $vp; " +
+                "n=0; while [ -e v.sock_7000 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; " +
+                "echo @@HOST; cat connect.out serve.out vmm.rc; [ -e v.sock ] && echo '@@SOCKET LEFT' || echo '@@SOCKET GONE'; " +
+                "exit $(cut -d' ' -f2 vmm.rc)"),
             new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
             // The vfio-user test GPU (tests/Vmm.TestGpu, its own process) passed through to the GPU test guest.
             new("vfio-user-gpu", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +
@@ -336,6 +348,34 @@ public sealed class KvmFixture
                 $B poweroff -f
 
                 """, AddGuestModules);
+    }
+
+    public const string VsockInitMarker = "vmm-linux-vsock:";
+
+    /// <summary>A busybox initramfs whose /init loads the kept modules (virtio-pci, vsock and its virtio transport),
+    /// serves one host-initiated connection on vsock port 5000 with vsock-peer (echo, transformed), connects to host
+    /// port 7000 and exchanges 300000 bytes, and powers off.</summary>
+    private static byte[] VsockInitramfs()
+    {
+        string m = VsockInitMarker;
+        return BusyboxInitramfs($$"""
+                #!/bin/busybox sh
+                B=/bin/busybox
+                $B mkdir -p /proc /sys /dev
+                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
+                for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{m}} insmod $mod failed"; done
+                echo "{{m}} modules loaded, $($B ls /dev/vsock)"
+                /bin/vsock-peer guest-serve 5000
+                /bin/vsock-peer guest-connect 7000 300000
+                echo "{{m}} done"
+                $B poweroff -f
+
+                """, root =>
+        {
+            AddGuestModules(root);
+            File.Copy(Repo.PathTo("guest-images", "build", "vsock-peer"), Path.Combine(root, "bin", "vsock-peer"));
+            Repo.MustRun("chmod", "755", Path.Combine(root, "bin", "vsock-peer"));
+        });
     }
 
     /// <summary>The Debian cloud kernel tools/nested-kvm fetches (apt-get download) and caches.</summary>
