@@ -91,6 +91,15 @@ public static class MemoryLayout
     /// pins active-low as ACPI says for GSI entries, which KVM's IOAPIC does not model (a raised line is asserted).</summary>
     public static uint PciIntxGsi(int slot, int pin) => PciIntxFirstGsi + (uint)((slot + pin) & 3);
 
+    /// <summary>The PCI hotplug register block (PCIU, PCID, B0EJ, PSEG: four 32-bit registers, as Cloud Hypervisor lays
+    /// them out): in the hole, above the ECAM area's room for more buses and below the IOAPIC, where nothing decodes.</summary>
+    public const ulong PciHotplugAddress = 0xFEB0_0000;
+    public const ulong PciHotplugSize = 0x10;
+
+    /// <summary>The IOAPIC input of the ACPI Generic Event Device (hotplug notifications): the first GSI above the
+    /// four PCI INTx lines (16-19) and the ISA IRQs.</summary>
+    public const uint GedGsi = 20;
+
     public const ulong IoApicAddress = 0xFEC0_0000;
     public const ulong LocalApicAddress = 0xFEE0_0000;
 
