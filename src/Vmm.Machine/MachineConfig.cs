@@ -47,6 +47,10 @@ public sealed record MachineConfig
     /// <summary>Devices passed through with VFIO or vfio-user, in PCI slot order after the virtio devices.</summary>
     public IReadOnlyList<PassthroughConfig> Devices { get; init; } = [];
 
+    /// <summary>The least size of the 64-bit PCI window (CH's pci_segments mmio64_aperture_weight × 64 GiB): room
+    /// for the 64-bit BARs of devices hot-added later, since the window is fixed in the DSDT at boot.</summary>
+    public ulong Pci64MinimumSize { get; init; } = Memory.MemoryLayout.Pci64DefaultSize;
+
     public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0;
 
     public void Validate()
@@ -80,11 +84,29 @@ public sealed record MachineConfig
 /// <summary>An invalid machine configuration; the message says which option and why.</summary>
 public sealed class ConfigException(string message) : Exception(message);
 
+/// <summary>A device on the PCI root bus that is plugged by its config, at boot or later (<c>DeviceManager.HotPlug</c>):
+/// a disk, an interface, a passed-through device. A new kind (vsock, virtio-fs) implements this and gets a case in
+/// <c>DeviceManager.Create</c>; cold plug, hotplug and removal then work for it unchanged.</summary>
+public interface IPciDeviceConfig
+{
+    /// <summary>The device's id (vm.info, vm.remove-device); the API fills one in when none is given.</summary>
+    string? Id { get; }
+
+    /// <summary>What the logs call the kind of device ("disk", "net", "vfio").</summary>
+    string DeviceType { get; }
+}
+
 /// <summary>One <c>--disk</c>: a raw image served by virtio-blk.</summary>
-public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null, string? Id = null);
+public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null, string? Id = null) : IPciDeviceConfig
+{
+    public string DeviceType => "disk";
+}
 
 /// <summary>One <c>--net</c>: a virtio-net interface on tap <paramref name="Tap"/>.</summary>
-public sealed record NetConfig(string Tap, byte[]? Mac = null, string? Id = null);
+public sealed record NetConfig(string Tap, byte[]? Mac = null, string? Id = null) : IPciDeviceConfig
+{
+    public string DeviceType => "net";
+}
 
 public enum PassthroughKind
 {
@@ -97,7 +119,9 @@ public enum PassthroughKind
 /// <summary>One <c>--device</c>: a device passed through to the guest. <paramref name="Path"/> is a sysfs device
 /// directory for <see cref="PassthroughKind.Vfio"/>, a socket for <see cref="PassthroughKind.VfioUser"/>.
 /// <paramref name="PeerToPeer"/> maps the BARs of every passed-through device for this device's DMA.</summary>
-public sealed record PassthroughConfig(PassthroughKind Kind, string Path, bool PeerToPeer = false, string? Id = null)
+public sealed record PassthroughConfig(PassthroughKind Kind, string Path, bool PeerToPeer = false, string? Id = null) : IPciDeviceConfig
 {
+    public string DeviceType => "vfio";
+
     public override string ToString() => $"{(Kind == PassthroughKind.Vfio ? "vfio" : "vfio-user")}={Path}";
 }

@@ -56,9 +56,9 @@ public static class MemoryLayout
 
     /// <summary>The 64-bit window grown to hold <paramref name="barSizes"/> (powers of two) placed largest first, each
     /// naturally aligned, as <c>PciRootBus</c> places them: never smaller than <see cref="Pci64DefaultSize"/>, so
-    /// guests keep room to move BARs. Four 128 GiB GPU BARs above 128 MiB of RAM need [4 GiB, 640 GiB).
+    /// guests keep room to move BARs, nor than <paramref name="minimumSize"/> (room kept for hot-added devices). Four 128 GiB GPU BARs above 128 MiB of RAM need [4 GiB, 640 GiB).
     /// Other VMMs use a fixed window here and the fourth large-BAR GPU does not fit.</summary>
-    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, IEnumerable<ulong> barSizes)
+    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, IEnumerable<ulong> barSizes, ulong minimumSize = Pci64DefaultSize)
     {
         ulong start = Pci64WindowStart(ramSize);
         ulong next = start;
@@ -72,7 +72,7 @@ public static class MemoryLayout
             next = at + size;
         }
         ulong end = (next + Pci64Alignment - 1) & ~(Pci64Alignment - 1);
-        return (start, Math.Max(Pci64DefaultSize, end - start));
+        return (start, Math.Max(Math.Max(Pci64DefaultSize, minimumSize), end - start));
     }
 
     /// <summary>The highest guest-physical address x86-64 can express (52 bits, the architectural MAXPHYADDR limit).</summary>

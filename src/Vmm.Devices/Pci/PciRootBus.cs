@@ -357,17 +357,26 @@ public sealed class SharedInterruptLine(IInterruptLine pin)
 {
     private readonly Lock _lock = new();
     private ulong _asserted;
-    private int _sources;
+    private ulong _connected;
 
-    /// <summary>A line for one more function.</summary>
+    /// <summary>A line for one more function; disposing it (hot removal) deasserts it and frees its place.</summary>
     public IInterruptLine Connect()
     {
         lock (_lock)
         {
-            if (_sources == 64)
+            if (_connected == ulong.MaxValue)
                 throw new PciConfigException("more than 64 functions on one interrupt line");
-            return new Source(this, _sources++);
+            int index = System.Numerics.BitOperations.TrailingZeroCount(~_connected);
+            _connected |= 1UL << index;
+            return new Source(this, index);
         }
+    }
+
+    private void Disconnect(int source)
+    {
+        Set(source, false);
+        lock (_lock)
+            _connected &= ~(1UL << source);
     }
 
     private void Set(int source, bool level)
@@ -382,8 +391,20 @@ public sealed class SharedInterruptLine(IInterruptLine pin)
         }
     }
 
-    private sealed class Source(SharedInterruptLine line, int index) : IInterruptLine
+    private sealed class Source(SharedInterruptLine line, int index) : IInterruptLine, IDisposable
     {
-        public void SetLevel(bool asserted) => line.Set(index, asserted);
+        private int _disposed;
+
+        public void SetLevel(bool asserted)
+        {
+            if (Volatile.Read(ref _disposed) == 0)
+                line.Set(index, asserted);
+        }
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) == 0)
+                line.Disconnect(index);
+        }
     }
 }
