@@ -138,6 +138,89 @@ public sealed class VmmService : IDisposable
         _exit.TrySetResult(status);
     }
 
+    // ------------------------------------------------------------------ hotplug
+
+    /// <summary>vm.add-disk: hot-adds a virtio-blk disk; the config keeps it (a reboot boots with it, vm.info shows it).</summary>
+    public PciDeviceInfoResponse AddDisk(DiskConfig d) => Add("The disk could not be added", "vm.add-disk", "disk", "_disk", d, d.Id, id => d.Id = id,
+        VmConfigMapper.CheckDisk, (_, x) => VmConfigMapper.ToMachine(x), c => c.Disks ??= []);
+
+    /// <summary>vm.add-net: hot-adds a virtio-net interface on a tap.</summary>
+    public PciDeviceInfoResponse AddNet(NetConfig n) => Add("The network device could not be added", "vm.add-net", "net", "_net", n, n.Id, id => n.Id = id,
+        VmConfigMapper.CheckNet, (_, x) => VmConfigMapper.ToMachine(x), c => c.Net ??= []);
+
+    /// <summary>vm.add-device: hot-adds a host PCI device through VFIO.</summary>
+    public PciDeviceInfoResponse AddDevice(DeviceConfig d) => Add("The device could not be added", "vm.add-device", "device", "_vfio", d, d.Id, id => d.Id = id,
+        VmConfigMapper.CheckDevice, (c, x) => VmConfigMapper.ToMachine(x, VmConfigMapper.PeerToPeer(c)), c => c.Devices ??= []);
+
+    /// <summary>vm.add-user-device: hot-adds a device served by a vfio-user server.</summary>
+    public PciDeviceInfoResponse AddUserDevice(UserDeviceConfig d) => Add("The user device could not be added", "vm.add-user-device", "user_device", "_vfio_user", d, d.Id,
+        id => d.Id = id, VmConfigMapper.CheckUserDevice, (c, x) => VmConfigMapper.ToMachine(x, VmConfigMapper.PeerToPeer(c)), c => c.UserDevices ??= []);
+
+    // vm.add-fs, vm.add-vsock: a config class, its VmConfigMapper check and ToMachine (an IPciDeviceConfig the
+    // DeviceManager can create), and one line here like those above.
+
+    /// <summary>One hot-add: checks the body as vm.create checks that kind of entry, gives it an id when it has none
+    /// (CH's style: prefix and the lowest number no device uses), refuses an id in use, plugs it while the VM runs,
+    /// and adds it to the config. CH answers with the device's id and PCI address.</summary>
+    private PciDeviceInfoResponse Add<T>(string what, string endpoint, string at, string prefix, T body, string? givenId, Action<string> setId,
+        Action<List<string>, string, T> check, Func<VmConfig, T, IPciDeviceConfig> toMachine, Func<VmConfig, List<T>> list)
+    {
+        lock (_lock)
+        {
+            if (_config is null || _lifecycle is null)
+                throw new ApiException(404, "Error from API", what, "VM is not created");
+            var problems = new List<string>();
+            check(problems, at, body);
+            if (problems.Count > 0)
+                throw new ApiException(400, ["Error from API", what, .. problems]);
+            var ids = DeviceIds();
+            string id = givenId ?? Enumerable.Range(0, int.MaxValue).Select(n => $"{prefix}{n}").First(n => !ids.Contains(n));
+            if (ids.Contains(id))
+                throw new ApiException(400, "Error from API", what, $"Identifier {id} is not unique");
+            setId(id);
+            var info = Invoke(what, l => l.AddDevice(toMachine(_config, body), endpoint), _lifecycle);
+            list(_config).Add(body);
+            return new PciDeviceInfoResponse { Id = info.Id, Bdf = info.Bdf };
+        }
+    }
+
+    /// <summary>vm.remove-device: asks the guest to eject the device and waits (up to <paramref name="timeout"/>, by
+    /// default 10 s) until it did; then the device is gone from the config too.</summary>
+    public void RemoveDevice(string id, TimeSpan? timeout = null)
+    {
+        const string what = "The device could not be removed";
+        var lifecycle = Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
+        // Not under the service lock: the guest takes its time, and info must answer meanwhile.
+        Invoke(what, l =>
+        {
+            l.RemoveDevice(id, timeout ?? DefaultEjectTimeout);
+            return 0;
+        }, lifecycle);
+        lock (_lock)
+        {
+            if (_config is null)
+                return;
+            _config.Disks?.RemoveAll(d => d.Id == id);
+            _config.Net?.RemoveAll(n => n.Id == id);
+            _config.Devices?.RemoveAll(d => d.Id == id);
+            _config.UserDevices?.RemoveAll(d => d.Id == id);
+        }
+    }
+
+    /// <summary>How long vm.remove-device waits for the guest's eject.</summary>
+    public static readonly TimeSpan DefaultEjectTimeout = TimeSpan.FromSeconds(10);
+
+    /// <summary>Every device id in use: the config's and those of the running machine (console, rng).</summary>
+    private HashSet<string> DeviceIds()
+    {
+        var ids = new HashSet<string>((_config!.Disks ?? []).Select(d => d.Id).Concat((_config.Net ?? []).Select(n => n.Id))
+            .Concat((_config.Devices ?? []).Select(d => d.Id)).Concat((_config.UserDevices ?? []).Select(d => d.Id))
+            .Concat([_config.Rng?.Id, _config.Console?.Id]).OfType<string>());
+        foreach (var d in _lifecycle?.Machine?.PciDevices ?? [])
+            ids.Add(d.Id);
+        return ids;
+    }
+
     public VmInfo Info()
     {
         VmConfig config;
@@ -196,12 +279,23 @@ public sealed class VmmService : IDisposable
     }
 
     /// <summary>One lifecycle action with the errors translated: the state (405), the config (400), KVM or vmm (500).</summary>
-    private void Act(string what, Action<VmLifecycle> action)
+    private void Act(string what, Action<VmLifecycle> action) => Invoke(what, l =>
     {
-        var lifecycle = Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
+        action(l);
+        return 0;
+    });
+
+    /// <summary><see cref="Act"/> with a result; an unknown device id is 404.</summary>
+    private T Invoke<T>(string what, Func<VmLifecycle, T> action, VmLifecycle? lifecycle = null)
+    {
+        lifecycle ??= Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
         try
         {
-            action(lifecycle);
+            return action(lifecycle);
+        }
+        catch (KeyNotFoundException e)
+        {
+            throw new ApiException(404, "Error from API", what, e.Message);
         }
         catch (VmStateException e)
         {
