@@ -142,8 +142,8 @@ public sealed class ApiHandler(VmmService service, Log log) : IHttpHandler
     }
 
     /// <summary>A vm.add-* call: the body parsed as CH's config object of that kind, then CH's answer, 200 with
-    /// PciDeviceInfo (the id and the PCI address).</summary>
-    private static HttpResponse Added<T>(ReadOnlyMemory<byte> body, JsonTypeInfo<T> type, Func<T, PciDeviceInfoResponse> add) where T : class
+    /// PciDeviceInfo (the id and the PCI address) for a hotplug, 204 for a device added to the config only.</summary>
+    private static HttpResponse Added<T>(ReadOnlyMemory<byte> body, JsonTypeInfo<T> type, Func<T, PciDeviceInfoResponse?> add) where T : class
     {
         T config;
         try
@@ -154,7 +154,8 @@ public sealed class ApiHandler(VmmService service, Log log) : IHttpHandler
         {
             return HttpResponse.Error(400, ["Failed to deserialize JSON", .. e.Problems]);
         }
-        return Json(200, add(config), ApiJsonContext.Default.PciDeviceInfoResponse);
+        // 204: added to the config of a VM not running (CH's "cold added").
+        return add(config) is { } info ? Json(200, info, ApiJsonContext.Default.PciDeviceInfoResponse) : HttpResponse.NoContent();
     }
 
     private HttpResponse RemoveDevice(ReadOnlyMemory<byte> body)

@@ -140,29 +140,31 @@ public sealed class VmmService : IDisposable
 
     // ------------------------------------------------------------------ hotplug
 
-    /// <summary>vm.add-disk: hot-adds a virtio-blk disk; the config keeps it (a reboot boots with it, vm.info shows it).</summary>
-    public PciDeviceInfoResponse AddDisk(DiskConfig d) => Add("The disk could not be added", "vm.add-disk", "disk", "_disk", d, d.Id, id => d.Id = id,
+    /// <summary>vm.add-disk: a virtio-blk disk, hot-added to a running VM; the config keeps it (a reboot boots with it,
+    /// vm.info shows it). Null when the VM is not running (added to the config only).</summary>
+    public PciDeviceInfoResponse? AddDisk(DiskConfig d) => Add("The disk could not be added", "vm.add-disk", "disk", "_disk", d, d.Id, id => d.Id = id,
         VmConfigMapper.CheckDisk, (_, x) => VmConfigMapper.ToMachine(x), c => c.Disks ??= []);
 
     /// <summary>vm.add-net: hot-adds a virtio-net interface on a tap.</summary>
-    public PciDeviceInfoResponse AddNet(NetConfig n) => Add("The network device could not be added", "vm.add-net", "net", "_net", n, n.Id, id => n.Id = id,
+    public PciDeviceInfoResponse? AddNet(NetConfig n) => Add("The network device could not be added", "vm.add-net", "net", "_net", n, n.Id, id => n.Id = id,
         VmConfigMapper.CheckNet, (_, x) => VmConfigMapper.ToMachine(x), c => c.Net ??= []);
 
     /// <summary>vm.add-device: hot-adds a host PCI device through VFIO.</summary>
-    public PciDeviceInfoResponse AddDevice(DeviceConfig d) => Add("The device could not be added", "vm.add-device", "device", "_vfio", d, d.Id, id => d.Id = id,
+    public PciDeviceInfoResponse? AddDevice(DeviceConfig d) => Add("The device could not be added", "vm.add-device", "device", "_vfio", d, d.Id, id => d.Id = id,
         VmConfigMapper.CheckDevice, (c, x) => VmConfigMapper.ToMachine(x, VmConfigMapper.PeerToPeer(c)), c => c.Devices ??= []);
 
     /// <summary>vm.add-user-device: hot-adds a device served by a vfio-user server.</summary>
-    public PciDeviceInfoResponse AddUserDevice(UserDeviceConfig d) => Add("The user device could not be added", "vm.add-user-device", "user_device", "_vfio_user", d, d.Id,
+    public PciDeviceInfoResponse? AddUserDevice(UserDeviceConfig d) => Add("The user device could not be added", "vm.add-user-device", "user_device", "_vfio_user", d, d.Id,
         id => d.Id = id, VmConfigMapper.CheckUserDevice, (c, x) => VmConfigMapper.ToMachine(x, VmConfigMapper.PeerToPeer(c)), c => c.UserDevices ??= []);
 
     // vm.add-fs, vm.add-vsock: a config class, its VmConfigMapper check and ToMachine (an IPciDeviceConfig the
     // DeviceManager can create), and one line here like those above.
 
-    /// <summary>One hot-add: checks the body as vm.create checks that kind of entry, gives it an id when it has none
-    /// (CH's style: prefix and the lowest number no device uses), refuses an id in use, plugs it while the VM runs,
-    /// and adds it to the config. CH answers with the device's id and PCI address.</summary>
-    private PciDeviceInfoResponse Add<T>(string what, string endpoint, string at, string prefix, T body, string? givenId, Action<string> setId,
+    /// <summary>One vm.add-*: checks the body as vm.create checks that kind of entry, gives it an id when it has none
+    /// (CH's style: prefix and the lowest number no device uses), refuses an id in use (409), and adds it to the config.
+    /// A running VM gets it at once (hotplug; CH's answer: 200 with the device's id and PCI address); a VM not booted
+    /// or shut down gets it at the next boot (null: CH's 204, "cold added"); a paused one refuses (405).</summary>
+    private PciDeviceInfoResponse? Add<T>(string what, string endpoint, string at, string prefix, T body, string? givenId, Action<string> setId,
         Action<List<string>, string, T> check, Func<VmConfig, T, IPciDeviceConfig> toMachine, Func<VmConfig, List<T>> list)
     {
         lock (_lock)
@@ -176,20 +178,35 @@ public sealed class VmmService : IDisposable
             var ids = DeviceIds();
             string id = givenId ?? Enumerable.Range(0, int.MaxValue).Select(n => $"{prefix}{n}").First(n => !ids.Contains(n));
             if (ids.Contains(id))
-                throw new ApiException(400, "Error from API", what, $"Identifier {id} is not unique");
+                throw new ApiException(409, "Error from API", what, $"Identifier {id} is not unique");
             setId(id);
-            var info = Invoke(what, l => l.AddDevice(toMachine(_config, body), endpoint), _lifecycle);
+            PciDeviceInfoResponse? answer = null;
+            if (_lifecycle.State is not (VmState.Created or VmState.Shutdown))
+            {
+                var info = Invoke(what, l => l.AddDevice(toMachine(_config, body), endpoint), _lifecycle);
+                answer = new PciDeviceInfoResponse { Id = info.Id, Bdf = info.Bdf };
+            }
             list(_config).Add(body);
-            return new PciDeviceInfoResponse { Id = info.Id, Bdf = info.Bdf };
+            return answer;
         }
     }
 
-    /// <summary>vm.remove-device: asks the guest to eject the device and waits (up to <paramref name="timeout"/>, by
-    /// default 10 s) until it did; then the device is gone from the config too.</summary>
+    /// <summary>vm.remove-device: on a running VM asks the guest to eject the device and waits (up to
+    /// <paramref name="timeout"/>, by default 10 s) until it did; the device leaves the config too (on a VM not running,
+    /// that is all). An unknown id is 404.</summary>
     public void RemoveDevice(string id, TimeSpan? timeout = null)
     {
         const string what = "The device could not be removed";
         var lifecycle = Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
+        if (lifecycle.State is VmState.Created or VmState.Shutdown)
+        {
+            lock (_lock)
+            {
+                if (_config is null || RemoveFromConfig(_config, id) == 0)
+                    throw new ApiException(404, "Error from API", what, $"no device with id \"{id}\"");
+            }
+            return;
+        }
         // Not under the service lock: the guest takes its time, and info must answer meanwhile.
         Invoke(what, l =>
         {
@@ -198,14 +215,14 @@ public sealed class VmmService : IDisposable
         }, lifecycle);
         lock (_lock)
         {
-            if (_config is null)
-                return;
-            _config.Disks?.RemoveAll(d => d.Id == id);
-            _config.Net?.RemoveAll(n => n.Id == id);
-            _config.Devices?.RemoveAll(d => d.Id == id);
-            _config.UserDevices?.RemoveAll(d => d.Id == id);
+            if (_config is not null)
+                RemoveFromConfig(_config, id);
         }
     }
+
+    private static int RemoveFromConfig(VmConfig c, string id) =>
+        (c.Disks?.RemoveAll(d => d.Id == id) ?? 0) + (c.Net?.RemoveAll(n => n.Id == id) ?? 0)
+        + (c.Devices?.RemoveAll(d => d.Id == id) ?? 0) + (c.UserDevices?.RemoveAll(d => d.Id == id) ?? 0);
 
     /// <summary>How long vm.remove-device waits for the guest's eject.</summary>
     public static readonly TimeSpan DefaultEjectTimeout = TimeSpan.FromSeconds(10);

@@ -42,6 +42,8 @@ public sealed class KvmFixture
             ["api-lifecycle.json"] = Encoding.UTF8.GetBytes(ApiScenario.LifecycleConfig),
             ["multiboot-config.json"] = Encoding.UTF8.GetBytes(ApiScenario.MultibootConfig),
             ["api-lifecycle.sh"] = Encoding.UTF8.GetBytes(ApiScenario.LifecycleScript),
+            ["hotplug-initramfs.cpio.gz"] = BusyboxInitramfs(HotplugScenario.InitScript(), AddGuestModules),
+            ["hotplug.sh"] = Encoding.UTF8.GetBytes(HotplugScenario.Script),
         };
         Results = VmmRunner.RunAll(vmm, files, Selected(
         [
@@ -114,6 +116,9 @@ public sealed class KvmFixture
                 "./vmm remote --api-socket run.sock reboot; echo \"@@REBOOT $?\"; ./vmm remote --api-socket run.sock info | grep -o '\"state\":\"[A-Za-z]*\"'; " +
                 "kill -TERM $p; wait $p; rc=$?; " +
                 "[ -e run.sock ] && echo '@@SOCKET LEFT' || echo '@@SOCKET GONE'; echo \"@@EVENTS $(tr -d ' \\n' <run-events.json)\"; exit $rc"),
+            // PCI hotplug through the API and ACPI (KvmHotplugTests): a disk, a NIC and a test GPU added to a running
+            // Linux that booted with no PCI devices, used by it, and removed again.
+            new("linux-hotplug", [], Shell: "unshare -n sh ./hotplug.sh"),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),
