@@ -30,7 +30,7 @@ public static class RemoteCommand
 
     /// <summary>The hot-add commands: endpoint and the keys of their key=value argument, true for on/off keys
     /// (JSON booleans), false for strings.</summary>
-    private static readonly Dictionary<string, (string Endpoint, Dictionary<string, bool> Keys)> s_addCommands = new()
+    public static readonly IReadOnlyDictionary<string, (string Endpoint, Dictionary<string, bool> Keys)> AddCommands = new Dictionary<string, (string, Dictionary<string, bool>)>
     {
         ["add-disk"] = ("vm.add-disk", new() { ["path"] = false, ["readonly"] = true, ["direct"] = true, ["serial"] = false, ["id"] = false }),
         ["add-net"] = ("vm.add-net", new() { ["tap"] = false, ["mac"] = false, ["id"] = false }),
@@ -78,7 +78,7 @@ public static class RemoteCommand
             socket = socket[5..];
         byte[]? body = null;
         (string Method, string Endpoint) command;
-        if (s_addCommands.TryGetValue(rest[0], out var add))
+        if (AddCommands.TryGetValue(rest[0], out var add))
         {
             if (rest.Count != 2)
                 return Usage($"vmm remote {rest[0]} needs one argument, key=value[,key=value...] (vmm remote --help)");
@@ -140,7 +140,7 @@ public static class RemoteCommand
 
     /// <summary>ch-remote's "key=value,key=value" argument as the JSON object of the endpoint (on/off keys become
     /// booleans); an unknown or repeated key is a usage error.</summary>
-    internal static byte[] AddBody(string command, string argument, Dictionary<string, bool> keys)
+    public static byte[] AddBody(string command, string argument, Dictionary<string, bool> keys)
     {
         using var stream = new MemoryStream();
         using (var json = new Utf8JsonWriter(stream))
