@@ -38,6 +38,9 @@ public static class HotplugScenario
         r remove-device hpdisk
         r info
         wait_for 'vmm-hotplug: done' 60
+        # The guest powers off; with an API socket the process stays until vmm.shutdown.
+        n=0; while ! ./vmm remote --api-socket $S info 2>/dev/null | grep -q '"state":"Shutdown"' && [ $n -lt 150 ]; do sleep 0.2; n=$((n+1)); done
+        r shutdown-vmm
         wait $VPID
         echo "@@VMM-EXIT $?"
         wait

@@ -41,7 +41,7 @@ public class KvmHotplugTests(KvmFixture kvm)
         [
             "add-disk path=hp.img,serial=hotplug-disk,id=hpdisk", "add-net tap=tap0,mac=52:54:00:12:34:57", "add-user-device socket=gpu2.sock,id=biggpu",
             "add-user-device socket=gpu1.sock,id=gpu", "add-disk path=hp.img,id=hpdisk", "info", "remove-device hpdisk", "remove-device _net0",
-            "remove-device gpu", "remove-device hpdisk", "info",
+            "remove-device gpu", "remove-device hpdisk", "info", "shutdown-vmm",
         ];
         Assert.True(steps.Select(s => s.Command).SequenceEqual(expected), all);
 
@@ -96,7 +96,8 @@ public class KvmHotplugTests(KvmFixture kvm)
         foreach (string gone in new[] { "gone blk", "gone net", "gone gpu", "vda gone", "eth0 gone", "done" })
             Has(console, $"{M} {gone}");
         Assert.False(console.Contains("still there", StringComparison.Ordinal) || console.Contains("missing", StringComparison.Ordinal), all);
-        Has(r.Stdout, "@@VMM-EXIT 0"); // the guest powered off after all that
+        Has(r.Stdout, "@@VMM-EXIT 0"); // the guest powered off after all that, and vmm.shutdown ended vmm
+        Assert.True(steps[11].Status == 0, all);
 
         // vmm: each eject released the device; the event monitor told of each removal.
         string stderr = Section(r.Stdout, "VMM-STDERR");
