@@ -285,7 +285,7 @@ internal sealed class DeviceManager
         catch (PciConfigException e)
         {
             string hint = hot
-                ? $"the PCI windows are fixed at boot: 32-bit 0x{MemoryLayout.PciMmio32Start:x}-0x{MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size - 1:x}, " +
+                ? $"The PCI windows are fixed at boot: 32-bit 0x{MemoryLayout.PciMmio32Start:x}-0x{MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size - 1:x}, " +
                   $"64-bit 0x{Window64.Start:x}-0x{Window64.Start + Window64.Size - 1:x}; boot with room for hot-added 64-bit BARs " +
                   "(--pci-segment pci_segment=0,mmio64_aperture_weight=N or VmConfig pci_segments: a 64-bit window of N × 64 GiB) or remove a device first"
                 : $"32-bit BARs and expansion ROMs must lie below 4 GiB, in the 32-bit PCI window " +

@@ -554,4 +554,21 @@ public class PciRootBusTests
         Assert.Throws<PciConfigException>(() => shared.Connect());
         lines[63].SetLevel(true); // the highest source bit works
     }
+
+    [Fact]
+    public void A_disconnected_source_deasserts_the_line_goes_quiet_and_frees_its_place()
+    {
+        var pin = new RecordingInterruptLine();
+        var shared = new SharedInterruptLine(pin);
+        var lines = Enumerable.Range(0, 64).Select(_ => shared.Connect()).ToArray();
+        lines[5].SetLevel(true);
+        ((IDisposable)lines[5]).Dispose(); // hot removal of a device holding the line up
+        Assert.False(pin.Level);
+        lines[5].SetLevel(true);            // a late signal from the removed device changes nothing
+        Assert.False(pin.Level);
+        var again = shared.Connect();       // its place serves the next device
+        again.SetLevel(true);
+        Assert.True(pin.Level);
+        Assert.Throws<PciConfigException>(() => shared.Connect());
+    }
 }
