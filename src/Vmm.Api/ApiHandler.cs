@@ -29,13 +29,20 @@ public sealed class ApiHandler(VmmService service, Log log) : IHttpHandler
         ["vm.delete"] = (Method.Put, false),
         ["vm.info"] = (Method.Get, false),
         ["vm.counters"] = (Method.Get, false),
+        ["vm.add-disk"] = (Method.Put, true),
+        ["vm.add-net"] = (Method.Put, true),
+        ["vm.add-device"] = (Method.Put, true),
+        ["vm.add-user-device"] = (Method.Put, true),
+        ["vm.add-fs"] = (Method.Put, true),
+        ["vm.add-vsock"] = (Method.Put, true),
+        ["vm.remove-device"] = (Method.Put, true),
     };
 
     /// <summary>The rest of CH's document (cloud-hypervisor.yaml): known, not implemented yet.</summary>
     public static readonly IReadOnlyList<string> NotImplemented =
     [
-        "vm.nmi", "vm.resize", "vm.resize-disk", "vm.resize-zone", "vm.add-device", "vm.remove-device", "vm.add-disk", "vm.add-fs",
-        "vm.add-generic-vhost-user", "vm.add-pmem", "vm.add-net", "vm.add-vsock", "vm.add-vdpa", "vm.add-user-device", "vm.snapshot",
+        "vm.nmi", "vm.resize", "vm.resize-disk", "vm.resize-zone",
+        "vm.add-generic-vhost-user", "vm.add-pmem", "vm.add-vdpa", "vm.snapshot",
         "vm.coredump", "vm.restore", "vm.receive-migration", "vm.send-migration",
     ];
 
@@ -78,6 +85,13 @@ public sealed class ApiHandler(VmmService service, Log log) : IHttpHandler
                 "vm.delete" => Done(service.Delete),
                 "vm.info" => Json(200, service.Info(), ApiJsonContext.Default.VmInfo),
                 "vm.counters" => Json(200, service.Counters(), ApiJsonContext.Default.DictionaryStringDictionaryStringUInt64),
+                "vm.add-disk" => Added(request.Body, ApiJsonContext.Default.DiskConfig, service.AddDisk),
+                "vm.add-net" => Added(request.Body, ApiJsonContext.Default.NetConfig, service.AddNet),
+                "vm.add-device" => Added(request.Body, ApiJsonContext.Default.DeviceConfig, service.AddDevice),
+                "vm.add-user-device" => Added(request.Body, ApiJsonContext.Default.UserDeviceConfig, service.AddUserDevice),
+                "vm.add-fs" => Added(request.Body, ApiJsonContext.Default.FsConfig, service.AddFs),
+                "vm.add-vsock" => Added(request.Body, ApiJsonContext.Default.VsockConfig, service.AddVsock),
+                "vm.remove-device" => RemoveDevice(request.Body),
                 _ => HttpResponse.Error(500, "internal error", $"{name} has no handler"),
             };
         }
@@ -106,12 +120,15 @@ public sealed class ApiHandler(VmmService service, Log log) : IHttpHandler
 
     /// <summary>Parses a VmConfig (vm.create's body, `vmm run --config`): malformed JSON, invalid UTF-8, a wrong type,
     /// a missing required field and a property outside CH's schema each give one message naming where.</summary>
-    public static VmConfig ParseVmConfig(ReadOnlySpan<byte> json)
+    public static VmConfig ParseVmConfig(ReadOnlySpan<byte> json) => Parse(json, ApiJsonContext.Default.VmConfig);
+
+    /// <summary>Parses a body of CH's schema (<see cref="ParseVmConfig"/>'s rules) as <typeparamref name="T"/>.</summary>
+    public static T Parse<T>(ReadOnlySpan<byte> json, JsonTypeInfo<T> type) where T : class
     {
         try
         {
-            return JsonSerializer.Deserialize(json, ApiJsonContext.Default.VmConfig)
-                ?? throw new VmConfigException(["the body is null, not a VmConfig object"]);
+            return JsonSerializer.Deserialize(json, type)
+                ?? throw new VmConfigException([$"the body is null, not a {typeof(T).Name} object"]);
         }
         catch (JsonException e)
         {
@@ -126,6 +143,38 @@ public sealed class ApiHandler(VmmService service, Log log) : IHttpHandler
         {
             throw new VmConfigException([e.Message]); // e.g. invalid UTF-8 inside a string
         }
+    }
+
+    /// <summary>A vm.add-* call: the body parsed as CH's config object of that kind, then CH's answer, 200 with
+    /// PciDeviceInfo (the id and the PCI address) for a hotplug, 204 for a device added to the config only.</summary>
+    private static HttpResponse Added<T>(ReadOnlyMemory<byte> body, JsonTypeInfo<T> type, Func<T, PciDeviceInfoResponse?> add) where T : class
+    {
+        T config;
+        try
+        {
+            config = Parse(body.Span, type);
+        }
+        catch (VmConfigException e)
+        {
+            return HttpResponse.Error(400, ["Failed to deserialize JSON", .. e.Problems]);
+        }
+        // 204: added to the config of a VM not running (CH's "cold added").
+        return add(config) is { } info ? Json(200, info, ApiJsonContext.Default.PciDeviceInfoResponse) : HttpResponse.NoContent();
+    }
+
+    private HttpResponse RemoveDevice(ReadOnlyMemory<byte> body)
+    {
+        VmRemoveDevice request;
+        try
+        {
+            request = Parse(body.Span, ApiJsonContext.Default.VmRemoveDevice);
+        }
+        catch (VmConfigException e)
+        {
+            return HttpResponse.Error(400, ["Failed to deserialize JSON", .. e.Problems]);
+        }
+        service.RemoveDevice(request.Id!);
+        return HttpResponse.NoContent();
     }
 
     private HttpResponse VmmShutdown()

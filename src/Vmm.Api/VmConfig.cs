@@ -250,6 +250,13 @@ public sealed class DeviceNode
     public string? PciBdf { get; set; }
 }
 
+/// <summary>vm.remove-device's body.</summary>
+public sealed class VmRemoveDevice
+{
+    [JsonRequired]
+    public string? Id { get; set; }
+}
+
 public sealed class PciDeviceInfoResponse
 {
     public required string Id { get; set; }
@@ -268,6 +275,11 @@ public sealed class PciDeviceInfoResponse
 [JsonSerializable(typeof(VmmPingResponse))]
 [JsonSerializable(typeof(VmInfo))]
 [JsonSerializable(typeof(PciDeviceInfoResponse))]
+[JsonSerializable(typeof(DiskConfig))]
+[JsonSerializable(typeof(NetConfig))]
+[JsonSerializable(typeof(DeviceConfig))]
+[JsonSerializable(typeof(UserDeviceConfig))]
+[JsonSerializable(typeof(VmRemoveDevice))]
 [JsonSerializable(typeof(Dictionary<string, Dictionary<string, ulong>>))]
 [JsonSerializable(typeof(List<string>))]
 public sealed partial class ApiJsonContext : JsonSerializerContext;

@@ -79,7 +79,7 @@ public static class VmConfigMapper
         NotTrue(p, "watchdog", c.Watchdog, "the virtio watchdog is not supported");
         Unsupported(p, "rtc", c.Rtc, "the CMOS RTC always runs on host time");
         NotTrue(p, "pvpanic", c.Pvpanic, "pvpanic is not supported");
-        Unsupported(p, "pci_segments", c.PciSegments, "vmm has one PCI segment");
+        Mmio64Weight(c, p);
         Unsupported(p, "tpm", c.Tpm, "a TPM is not supported");
         NotTrue(p, "landlock_enable", c.LandlockEnable, "Landlock is not supported yet");
         Unsupported(p, "landlock_rules", c.LandlockRules, "Landlock is not supported yet");
@@ -120,90 +120,21 @@ public static class VmConfigMapper
         {
             var d = c.Disks![i];
             string at = $"disks[{i}]";
-            d.Readonly ??= false;
-            d.Direct ??= false;
-            if (d.VhostUser == true)
-            {
-                // The back-end (qemu-storage-daemon) owns the image: vmm only forwards the device.
-                if (string.IsNullOrEmpty(d.VhostSocket))
-                    p.Add($"{at}.vhost_socket: required with vhost_user: true (the back-end's socket)");
-                Unsupported(p, at + ".path", string.IsNullOrEmpty(d.Path) ? null : d.Path, "a vhost-user disk's image belongs to its back-end");
-                NotTrue(p, at + ".readonly", d.Readonly, "the vhost-user back-end decides (e.g. qemu-storage-daemon's writable=off)");
-                NotTrue(p, at + ".direct", d.Direct, "the vhost-user back-end opens the image");
-                Unsupported(p, at + ".serial", d.Serial, "the vhost-user back-end answers GET_ID");
-                if (d.NumQueues is < 1 or > 64)
-                    p.Add($"{at}.num_queues: {d.NumQueues} is not supported (1 to 64)");
-                CheckQueueSize(p, at + ".queue_size", d.QueueSize);
-                d.NumQueues ??= 1;
-                d.QueueSize ??= 128;
-            }
-            else
-            {
-                if (string.IsNullOrEmpty(d.Path))
-                    p.Add($"{at}.path: required (or vhost_user: true with vhost_socket)");
-                Only(p, at + ".num_queues", d.NumQueues, 1, "vmm serves one queue per disk (more with vhost_user)");
-                Only(p, at + ".queue_size", d.QueueSize, 128, "vmm's queues hold up to 256 descriptors; set 128 (CH's default) or leave it out");
-                Unsupported(p, at + ".vhost_socket", d.VhostSocket, "only with vhost_user: true");
-            }
-            NotTrue(p, at + ".iommu", d.Iommu, "a virtual IOMMU is not supported");
-            Unsupported(p, at + ".rate_limiter_config", d.RateLimiterConfig, "rate limiting is not supported");
-            Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
-            Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
-            Unsupported(p, at + ".rate_limit_group", d.RateLimitGroup, "rate limiting is not supported");
-            Unsupported(p, at + ".queue_affinity", d.QueueAffinity, "queue affinity is not supported");
-            NotTrue(p, at + ".backing_files", d.BackingFiles, "vmm serves raw images only");
-            if (d.Sparse == false)
-                p.Add($"{at}.sparse: false is not supported (discard punches holes)");
-            if (d.ImageType is not null and not "Raw")
-                p.Add($"{at}.image_type: \"{d.ImageType}\" is not supported (vmm serves raw images only)");
-            Unsupported(p, at + ".lock_granularity", d.LockGranularity, "image locking is not implemented yet");
-            if (d.Serial is { } serial && (serial.Length > 20 || serial.Any(ch => ch is < ' ' or > '~')))
-                p.Add($"{at}.serial: \"{serial}\" must be at most 20 printable ASCII characters");
+            CheckDisk(p, at, d);
             d.Id = Id(d.Id, "_disk", at);
         }
         for (int i = 0; i < (c.Net?.Count ?? 0); i++)
         {
             var n = c.Net![i];
             string at = $"net[{i}]";
-            if (string.IsNullOrEmpty(n.Tap))
-                p.Add($"{at}.tap: required (vmm attaches to a named tap; passing tap fds is not supported yet)");
-            else if (n.Tap.Length > 15 || n.Tap.Any(ch => ch is '/' or ' ' or ':' || char.IsControl(ch)))
-                p.Add($"{at}.tap: \"{n.Tap}\" is not a valid interface name");
-            if (n.Mac is not null && ParseMac(n.Mac) is null)
-                p.Add($"{at}.mac: \"{n.Mac}\" is not a unicast MAC such as 52:54:00:12:34:56");
-            Only(p, at + ".ip", n.Ip, "192.168.249.1", "vmm does not configure the host side of the tap");
-            Only(p, at + ".mask", n.Mask, "255.255.255.0", "vmm does not configure the host side of the tap");
-            Unsupported(p, at + ".host_mac", n.HostMac, "vmm does not configure the host side of the tap");
-            Unsupported(p, at + ".mtu", n.Mtu, "vmm does not set the MTU");
-            NotTrue(p, at + ".iommu", n.Iommu, "a virtual IOMMU is not supported");
-            Only(p, at + ".num_queues", n.NumQueues, 2, "vmm serves one receive and one transmit queue");
-            Only(p, at + ".queue_size", n.QueueSize, 256, "vmm's queues hold 256 descriptors");
-            NotTrue(p, at + ".vhost_user", n.VhostUser, "vhost-user networking is not supported yet");
-            Unsupported(p, at + ".vhost_socket", n.VhostSocket, "vhost-user networking is not supported yet");
-            Only(p, at + ".vhost_mode", n.VhostMode, "Client", "vhost-user networking is not supported yet");
-            Only(p, at + ".pci_segment", n.PciSegment, 0, "vmm has one PCI segment");
-            Unsupported(p, at + ".pci_device_id", n.PciDeviceId, "vmm assigns PCI slots in config order");
-            Unsupported(p, at + ".rate_limiter_config", n.RateLimiterConfig, "rate limiting is not supported");
-            if (n.OffloadTso == false || n.OffloadUfo == false || n.OffloadCsum == false)
-                p.Add($"{at}.offload_*: turning offloads off is not supported (vmm offers checksum offload and no TSO/UFO)");
+            CheckNet(p, at, n);
             n.Id = Id(n.Id, "_net", at);
         }
         for (int i = 0; i < (c.Fs?.Count ?? 0); i++)
         {
             var f = c.Fs![i];
             string at = $"fs[{i}]";
-            int tagBytes = System.Text.Encoding.UTF8.GetByteCount(f.Tag ?? "");
-            if (tagBytes is 0 or > 36)
-                p.Add($"{at}.tag: \"{f.Tag}\" must be 1 to 36 bytes (the virtio-fs tag field)");
-            if (string.IsNullOrEmpty(f.Socket))
-                p.Add($"{at}.socket: required (virtiofsd's --socket-path)");
-            if (f.NumQueues is < 1 or > 63)
-                p.Add($"{at}.num_queues: {f.NumQueues} is not supported (1 to 63 request queues)");
-            CheckQueueSize(p, at + ".queue_size", f.QueueSize);
-            Only(p, at + ".pci_segment", f.PciSegment, 0, "vmm has one PCI segment");
-            Unsupported(p, at + ".pci_device_id", f.PciDeviceId, "vmm assigns PCI slots in config order");
-            f.NumQueues ??= 1;
-            f.QueueSize ??= 1024;
+            CheckFs(p, at, f);
             f.Id = Id(f.Id, "_fs", at);
         }
         if (c.Rng is { } rng)
@@ -217,15 +148,7 @@ public static class VmConfigMapper
         }
         if (c.Vsock is { } vsock)
         {
-            if (vsock.Cid < (long)Machine.VsockConfig.MinCid || vsock.Cid > (long)Machine.VsockConfig.MaxCid)
-                p.Add($"vsock.cid: {vsock.Cid} is not a guest cid ({Machine.VsockConfig.MinCid} to {Machine.VsockConfig.MaxCid}; 0-2 are reserved)");
-            if (string.IsNullOrEmpty(vsock.Socket))
-                p.Add("vsock.socket: required (the Unix socket host clients connect to)");
-            else if (System.Text.Encoding.UTF8.GetByteCount(vsock.Socket) > Machine.VsockConfig.MaxSocketPath)
-                p.Add($"vsock.socket: \"{vsock.Socket}\" is longer than {Machine.VsockConfig.MaxSocketPath} bytes (PATH_port must fit a Unix socket address)");
-            NotTrue(p, "vsock.iommu", vsock.Iommu, "a virtual IOMMU is not supported");
-            Only(p, "vsock.pci_segment", vsock.PciSegment, 0, "vmm has one PCI segment");
-            Unsupported(p, "vsock.pci_device_id", vsock.PciDeviceId, "vmm assigns PCI slots in config order");
+            CheckVsock(p, "vsock", vsock);
             vsock.Id = Id(vsock.Id, "_vsock", "vsock");
         }
         c.Serial ??= new ConsoleConfig { Mode = "Null" };
@@ -242,27 +165,215 @@ public static class VmConfigMapper
         {
             var d = c.Devices![i];
             string at = $"devices[{i}]";
-            if (string.IsNullOrEmpty(d.Path))
-                p.Add($"{at}.path: required (a /sys/bus/pci/devices/DDDD:BB:DD.F or /sys/bus/mdev/devices/UUID directory)");
-            NotTrue(p, at + ".iommu", d.Iommu, "a virtual IOMMU is not supported");
-            Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
-            Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
-            Unsupported(p, at + ".x_nv_gpudirect_clique", d.XNvGpudirectClique, "GPUDirect cliques are not supported");
-            Unsupported(p, at + ".x_exclude_mmap_bars", d.XExcludeMmapBars, "vmm maps every mmappable BAR area");
+            CheckDevice(p, at, d);
             d.Id = Id(d.Id, "_vfio", at);
         }
         for (int i = 0; i < (c.UserDevices?.Count ?? 0); i++)
         {
             var d = c.UserDevices![i];
             string at = $"user_devices[{i}]";
-            if (string.IsNullOrEmpty(d.Socket))
-                p.Add($"{at}.socket: required");
-            Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
-            Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
+            CheckUserDevice(p, at, d);
             d.Id = Id(d.Id, "_vfio_user", at);
         }
         if (p.Count > 0)
             throw new VmConfigException(p);
+    }
+
+    /// <summary>Checks one disk (a vm.create entry or a vm.add-disk body) and fills in its defaults; problems go to
+    /// <paramref name="p"/>, each naming <paramref name="at"/>.</summary>
+    public static void CheckDisk(List<string> p, string at, DiskConfig d)
+    {
+        d.Readonly ??= false;
+        d.Direct ??= false;
+        if (d.VhostUser == true)
+        {
+            // The back-end (qemu-storage-daemon) owns the image: vmm only forwards the device.
+            if (string.IsNullOrEmpty(d.VhostSocket))
+                p.Add($"{at}.vhost_socket: required with vhost_user: true (the back-end's socket)");
+            Unsupported(p, at + ".path", string.IsNullOrEmpty(d.Path) ? null : d.Path, "a vhost-user disk's image belongs to its back-end");
+            NotTrue(p, at + ".readonly", d.Readonly, "the vhost-user back-end decides (e.g. qemu-storage-daemon's writable=off)");
+            NotTrue(p, at + ".direct", d.Direct, "the vhost-user back-end opens the image");
+            Unsupported(p, at + ".serial", d.Serial, "the vhost-user back-end answers GET_ID");
+            if (d.NumQueues is < 1 or > 64)
+                p.Add($"{at}.num_queues: {d.NumQueues} is not supported (1 to 64)");
+            CheckQueueSize(p, at + ".queue_size", d.QueueSize);
+            d.NumQueues ??= 1;
+            d.QueueSize ??= 128;
+        }
+        else
+        {
+            if (string.IsNullOrEmpty(d.Path))
+                p.Add($"{at}.path: required (or vhost_user: true with vhost_socket)");
+            Only(p, at + ".num_queues", d.NumQueues, 1, "vmm serves one queue per disk (more with vhost_user)");
+            Only(p, at + ".queue_size", d.QueueSize, 128, "vmm's queues hold up to 256 descriptors; set 128 (CH's default) or leave it out");
+            Unsupported(p, at + ".vhost_socket", d.VhostSocket, "only with vhost_user: true");
+        }
+        NotTrue(p, at + ".iommu", d.Iommu, "a virtual IOMMU is not supported");
+        Unsupported(p, at + ".rate_limiter_config", d.RateLimiterConfig, "rate limiting is not supported");
+        Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
+        Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
+        Unsupported(p, at + ".rate_limit_group", d.RateLimitGroup, "rate limiting is not supported");
+        Unsupported(p, at + ".queue_affinity", d.QueueAffinity, "queue affinity is not supported");
+        NotTrue(p, at + ".backing_files", d.BackingFiles, "vmm serves raw images only");
+        if (d.Sparse == false)
+            p.Add($"{at}.sparse: false is not supported (discard punches holes)");
+        if (d.ImageType is not null and not "Raw")
+            p.Add($"{at}.image_type: \"{d.ImageType}\" is not supported (vmm serves raw images only)");
+        Unsupported(p, at + ".lock_granularity", d.LockGranularity, "image locking is not implemented yet");
+        if (d.Serial is { } serial && (serial.Length > 20 || serial.Any(ch => ch is < ' ' or > '~')))
+            p.Add($"{at}.serial: \"{serial}\" must be at most 20 printable ASCII characters");
+    }
+
+    /// <summary>Checks one virtio-fs device (a vm.create entry or a vm.add-fs body) and fills in CH's defaults.</summary>
+    public static void CheckFs(List<string> p, string at, FsConfig f)
+    {
+        int tagBytes = System.Text.Encoding.UTF8.GetByteCount(f.Tag ?? "");
+        if (tagBytes is 0 or > 36)
+            p.Add($"{at}.tag: \"{f.Tag}\" must be 1 to 36 bytes (the virtio-fs tag field)");
+        if (string.IsNullOrEmpty(f.Socket))
+            p.Add($"{at}.socket: required (virtiofsd's --socket-path)");
+        if (f.NumQueues is < 1 or > 63)
+            p.Add($"{at}.num_queues: {f.NumQueues} is not supported (1 to 63 request queues)");
+        CheckQueueSize(p, at + ".queue_size", f.QueueSize);
+        Only(p, at + ".pci_segment", f.PciSegment, 0, "vmm has one PCI segment");
+        Unsupported(p, at + ".pci_device_id", f.PciDeviceId, "vmm assigns PCI slots in config order");
+        f.NumQueues ??= 1;
+        f.QueueSize ??= 1024;
+    }
+
+    /// <summary>Checks the vsock device (vm.create's vsock or a vm.add-vsock body).</summary>
+    public static void CheckVsock(List<string> p, string at, VsockConfig vsock)
+    {
+        if (vsock.Cid < (long)Machine.VsockConfig.MinCid || vsock.Cid > (long)Machine.VsockConfig.MaxCid)
+            p.Add($"{at}.cid: {vsock.Cid} is not a guest cid ({Machine.VsockConfig.MinCid} to {Machine.VsockConfig.MaxCid}; 0-2 are reserved)");
+        if (string.IsNullOrEmpty(vsock.Socket))
+            p.Add($"{at}.socket: required (the Unix socket host clients connect to)");
+        else if (System.Text.Encoding.UTF8.GetByteCount(vsock.Socket) > Machine.VsockConfig.MaxSocketPath)
+            p.Add($"{at}.socket: \"{vsock.Socket}\" is longer than {Machine.VsockConfig.MaxSocketPath} bytes (PATH_port must fit a Unix socket address)");
+        NotTrue(p, at + ".iommu", vsock.Iommu, "a virtual IOMMU is not supported");
+        Only(p, at + ".pci_segment", vsock.PciSegment, 0, "vmm has one PCI segment");
+        Unsupported(p, at + ".pci_device_id", vsock.PciDeviceId, "vmm assigns PCI slots in config order");
+    }
+
+    /// <summary>Checks one interface (a vm.create entry or a vm.add-net body).</summary>
+    public static void CheckNet(List<string> p, string at, NetConfig n)
+    {
+        if (string.IsNullOrEmpty(n.Tap))
+            p.Add($"{at}.tap: required (vmm attaches to a named tap; passing tap fds is not supported yet)");
+        else if (n.Tap.Length > 15 || n.Tap.Any(ch => ch is '/' or ' ' or ':' || char.IsControl(ch)))
+            p.Add($"{at}.tap: \"{n.Tap}\" is not a valid interface name");
+        if (n.Mac is not null && ParseMac(n.Mac) is null)
+            p.Add($"{at}.mac: \"{n.Mac}\" is not a unicast MAC such as 52:54:00:12:34:56");
+        Only(p, at + ".ip", n.Ip, "192.168.249.1", "vmm does not configure the host side of the tap");
+        Only(p, at + ".mask", n.Mask, "255.255.255.0", "vmm does not configure the host side of the tap");
+        Unsupported(p, at + ".host_mac", n.HostMac, "vmm does not configure the host side of the tap");
+        Unsupported(p, at + ".mtu", n.Mtu, "vmm does not set the MTU");
+        NotTrue(p, at + ".iommu", n.Iommu, "a virtual IOMMU is not supported");
+        Only(p, at + ".num_queues", n.NumQueues, 2, "vmm serves one receive and one transmit queue");
+        Only(p, at + ".queue_size", n.QueueSize, 256, "vmm's queues hold 256 descriptors");
+        NotTrue(p, at + ".vhost_user", n.VhostUser, "vhost-user networking is not supported yet");
+        Unsupported(p, at + ".vhost_socket", n.VhostSocket, "vhost-user networking is not supported yet");
+        Only(p, at + ".vhost_mode", n.VhostMode, "Client", "vhost-user networking is not supported yet");
+        Only(p, at + ".pci_segment", n.PciSegment, 0, "vmm has one PCI segment");
+        Unsupported(p, at + ".pci_device_id", n.PciDeviceId, "vmm assigns PCI slots in config order");
+        Unsupported(p, at + ".rate_limiter_config", n.RateLimiterConfig, "rate limiting is not supported");
+        if (n.OffloadTso == false || n.OffloadUfo == false || n.OffloadCsum == false)
+            p.Add($"{at}.offload_*: turning offloads off is not supported (vmm offers checksum offload and no TSO/UFO)");
+    }
+
+    /// <summary>Checks one VFIO device (a vm.create entry or a vm.add-device body).</summary>
+    public static void CheckDevice(List<string> p, string at, DeviceConfig d)
+    {
+        if (string.IsNullOrEmpty(d.Path))
+            p.Add($"{at}.path: required (a /sys/bus/pci/devices/DDDD:BB:DD.F or /sys/bus/mdev/devices/UUID directory)");
+        NotTrue(p, at + ".iommu", d.Iommu, "a virtual IOMMU is not supported");
+        Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
+        Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
+        Unsupported(p, at + ".x_nv_gpudirect_clique", d.XNvGpudirectClique, "GPUDirect cliques are not supported");
+        Unsupported(p, at + ".x_exclude_mmap_bars", d.XExcludeMmapBars, "vmm maps every mmappable BAR area");
+    }
+
+    /// <summary>Checks one vfio-user device (a vm.create entry or a vm.add-user-device body).</summary>
+    public static void CheckUserDevice(List<string> p, string at, UserDeviceConfig d)
+    {
+        if (string.IsNullOrEmpty(d.Socket))
+            p.Add($"{at}.socket: required");
+        Only(p, at + ".pci_segment", d.PciSegment, 0, "vmm has one PCI segment");
+        Unsupported(p, at + ".pci_device_id", d.PciDeviceId, "vmm assigns PCI slots in config order");
+    }
+
+    /// <summary>The machine's view of one disk of the config.</summary>
+    public static Machine.DiskConfig ToMachine(DiskConfig d) => new(d.Path ?? "", d.Readonly == true, d.Direct == true, d.Serial, d.Id)
+    {
+        VhostSocket = d.VhostUser == true ? d.VhostSocket : null,
+        NumQueues = d.NumQueues ?? 1,
+        QueueSize = (ushort)(d.QueueSize ?? 128),
+    };
+
+    public static Machine.FsConfig ToMachine(FsConfig f) => new(f.Tag!, f.Socket!, f.NumQueues ?? 1, (ushort)(f.QueueSize ?? 1024), f.Id);
+
+    public static Machine.VsockConfig ToMachine(VsockConfig v) => new((ulong)v.Cid, v.Socket!, v.Id);
+
+    public static Machine.NetConfig ToMachine(NetConfig n) => new(n.Tap!, n.Mac is null ? null : ParseMac(n.Mac), n.Id);
+
+    public static PassthroughConfig ToMachine(DeviceConfig d, bool p2p) => new(PassthroughKind.Vfio, d.Path!, p2p, d.Id);
+
+    public static PassthroughConfig ToMachine(UserDeviceConfig d, bool p2p) => new(PassthroughKind.VfioUser, d.Socket!, p2p, d.Id);
+
+    /// <summary>Peer-to-peer DMA between passed-through devices (platform.vfio_p2p_dma; CH's default: on).</summary>
+    public static bool PeerToPeer(VmConfig c) => c.Platform?.VfioP2pDma ?? true;
+
+    /// <summary>The one PCI segment's mmio64_aperture_weight (pci_segments), 1 when not given: vmm makes the 64-bit PCI
+    /// window at least weight × 64 GiB, room kept for the 64-bit BARs of hot-added devices (CH shares the 64-bit
+    /// space among segments by weight; with one segment vmm reads the weight as a multiple of the default size).</summary>
+    public static int Mmio64Weight(VmConfig c, List<string>? p = null)
+    {
+        if (c.PciSegments is not { ValueKind: JsonValueKind.Array } segments)
+        {
+            if (c.PciSegments is { ValueKind: not JsonValueKind.Null })
+                p?.Add("pci_segments: must be a list of PciSegmentConfig objects");
+            return 1;
+        }
+        int weight = 1;
+        int i = 0;
+        foreach (var s in segments.EnumerateArray())
+        {
+            string at = $"pci_segments[{i++}]";
+            if (s.ValueKind != JsonValueKind.Object)
+            {
+                p?.Add($"{at}: must be a PciSegmentConfig object");
+                continue;
+            }
+            foreach (var property in s.EnumerateObject())
+            {
+                bool isInt = property.Value.TryGetInt32(out int v);
+                switch (property.Name)
+                {
+                    case "pci_segment" when isInt && v == 0:
+                        break;
+                    case "pci_segment":
+                        p?.Add($"{at}.pci_segment: {property.Value} is not supported (vmm has one PCI segment, 0)");
+                        break;
+                    case "mmio32_aperture_weight" when isInt && v == 1:
+                        break;
+                    case "mmio32_aperture_weight":
+                        p?.Add($"{at}.mmio32_aperture_weight: {property.Value} is not supported (the 32-bit window is fixed at 512 MiB)");
+                        break;
+                    case "mmio64_aperture_weight" when isInt && v is >= 1 and <= 1024:
+                        weight = v;
+                        break;
+                    case "mmio64_aperture_weight":
+                        p?.Add($"{at}.mmio64_aperture_weight: {property.Value} must be an integer from 1 to 1024 (× 64 GiB of 64-bit PCI window)");
+                        break;
+                    default:
+                        p?.Add($"{at}.{property.Name}: not supported");
+                        break;
+                }
+            }
+            if (!s.TryGetProperty("pci_segment", out _))
+                p?.Add($"{at}.pci_segment: required");
+        }
+        return weight;
     }
 
     /// <summary>The machine of one boot: reads the kernel and initrd now (a missing file is a config error naming the
@@ -272,12 +383,12 @@ public static class VmConfigMapper
         var payload = c.Payload!;
         var kernel = builtInKernel ?? ReadPayload(payload.Kernel!, "payload.kernel");
         var initrd = payload.Initramfs is null ? null : ReadPayload(payload.Initramfs, "payload.initramfs");
-        bool p2p = c.Platform?.VfioP2pDma ?? true; // CH's default
+        bool p2p = PeerToPeer(c);
         var devices = new List<PassthroughConfig>();
         foreach (var d in c.Devices ?? [])
-            devices.Add(new PassthroughConfig(PassthroughKind.Vfio, d.Path!, p2p, d.Id));
+            devices.Add(ToMachine(d, p2p));
         foreach (var d in c.UserDevices ?? [])
-            devices.Add(new PassthroughConfig(PassthroughKind.VfioUser, d.Socket!, p2p, d.Id));
+            devices.Add(ToMachine(d, p2p));
         return new MachineConfig
         {
             Kernel = kernel,
@@ -288,17 +399,13 @@ public static class VmConfigMapper
             SerialOutput = console.Output,
             SerialInput = console.Input,
             ConsoleEscape = console.InteractiveTerminal,
-            Disks = (c.Disks ?? []).Select(d => new Machine.DiskConfig(d.Path ?? "", d.Readonly == true, d.Direct == true, d.Serial, d.Id)
-            {
-                VhostSocket = d.VhostUser == true ? d.VhostSocket : null,
-                NumQueues = d.NumQueues ?? 1,
-                QueueSize = (ushort)(d.QueueSize ?? 128),
-            }).ToList(),
-            Fs = (c.Fs ?? []).Select(f => new Machine.FsConfig(f.Tag!, f.Socket!, f.NumQueues ?? 1, (ushort)(f.QueueSize ?? 1024), f.Id)).ToList(),
-            Nets = (c.Net ?? []).Select(n => new Machine.NetConfig(n.Tap!, n.Mac is null ? null : ParseMac(n.Mac), n.Id)).ToList(),
+            Disks = (c.Disks ?? []).Select(ToMachine).ToList(),
+            Fs = (c.Fs ?? []).Select(ToMachine).ToList(),
+            Nets = (c.Net ?? []).Select(ToMachine).ToList(),
+            Pci64MinimumSize = (ulong)Mmio64Weight(c) * Memory.MemoryLayout.Pci64DefaultSize,
             VirtioConsole = c.Console!.Mode != "Off",
             VirtioRng = c.Rng is not null,
-            Vsock = c.Vsock is { } v ? new Machine.VsockConfig((ulong)v.Cid, v.Socket!, v.Id) : null,
+            Vsock = c.Vsock is { } v ? ToMachine(v) : null,
             Devices = devices,
         };
     }

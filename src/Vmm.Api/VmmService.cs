@@ -138,6 +138,128 @@ public sealed class VmmService : IDisposable
         _exit.TrySetResult(status);
     }
 
+    // ------------------------------------------------------------------ hotplug
+
+    /// <summary>vm.add-disk: a virtio-blk disk, hot-added to a running VM; the config keeps it (a reboot boots with it,
+    /// vm.info shows it). Null when the VM is not running (added to the config only).</summary>
+    public PciDeviceInfoResponse? AddDisk(DiskConfig d) => Add("The disk could not be added", "vm.add-disk", "disk", "_disk", d, d.Id, id => d.Id = id,
+        VmConfigMapper.CheckDisk, (_, x) => VmConfigMapper.ToMachine(x), (c, x) => (c.Disks ??= []).Add(x));
+
+    /// <summary>vm.add-net: hot-adds a virtio-net interface on a tap.</summary>
+    public PciDeviceInfoResponse? AddNet(NetConfig n) => Add("The network device could not be added", "vm.add-net", "net", "_net", n, n.Id, id => n.Id = id,
+        VmConfigMapper.CheckNet, (_, x) => VmConfigMapper.ToMachine(x), (c, x) => (c.Net ??= []).Add(x));
+
+    /// <summary>vm.add-device: hot-adds a host PCI device through VFIO.</summary>
+    public PciDeviceInfoResponse? AddDevice(DeviceConfig d) => Add("The device could not be added", "vm.add-device", "device", "_vfio", d, d.Id, id => d.Id = id,
+        VmConfigMapper.CheckDevice, (c, x) => VmConfigMapper.ToMachine(x, VmConfigMapper.PeerToPeer(c)), (c, x) => (c.Devices ??= []).Add(x));
+
+    /// <summary>vm.add-user-device: hot-adds a device served by a vfio-user server.</summary>
+    public PciDeviceInfoResponse? AddUserDevice(UserDeviceConfig d) => Add("The user device could not be added", "vm.add-user-device", "user_device", "_vfio_user", d, d.Id,
+        id => d.Id = id, VmConfigMapper.CheckUserDevice, (c, x) => VmConfigMapper.ToMachine(x, VmConfigMapper.PeerToPeer(c)), (c, x) => (c.UserDevices ??= []).Add(x));
+
+    /// <summary>vm.add-fs: hot-adds a virtio-fs device served by a vhost-user back-end (virtiofsd) that is already
+    /// listening on the socket.</summary>
+    public PciDeviceInfoResponse? AddFs(FsConfig f) => Add("The fs device could not be added", "vm.add-fs", "fs", "_fs", f, f.Id, id => f.Id = id,
+        VmConfigMapper.CheckFs, (_, x) => VmConfigMapper.ToMachine(x), (c, x) => (c.Fs ??= []).Add(x));
+
+    /// <summary>vm.add-vsock: hot-adds the VM's vsock device (one per VM, as in CH: a second one is refused).</summary>
+    public PciDeviceInfoResponse? AddVsock(VsockConfig v) => Add("The vsock device could not be added", "vm.add-vsock", "vsock", "_vsock", v, v.Id,
+        id => v.Id = id, CheckOneVsock, (_, x) => VmConfigMapper.ToMachine(x), (c, x) => c.Vsock = x);
+
+    private void CheckOneVsock(List<string> problems, string at, VsockConfig v)
+    {
+        VmConfigMapper.CheckVsock(problems, at, v);
+        if (_config?.Vsock is { } present)
+            problems.Add($"{at}: the VM has a vsock device already (\"{present.Id}\"); remove it first");
+    }
+
+    /// <summary>One vm.add-*: checks the body as vm.create checks that kind of entry, gives it an id when it has none
+    /// (CH's style: prefix and the lowest number no device uses), refuses an id in use (409), and adds it to the config.
+    /// A running VM gets it at once (hotplug; CH's answer: 200 with the device's id and PCI address); a VM not booted
+    /// or shut down gets it at the next boot (null: CH's 204, "cold added"); a paused one refuses (405).</summary>
+    private PciDeviceInfoResponse? Add<T>(string what, string endpoint, string at, string prefix, T body, string? givenId, Action<string> setId,
+        Action<List<string>, string, T> check, Func<VmConfig, T, IPciDeviceConfig> toMachine, Action<VmConfig, T> store)
+    {
+        lock (_lock)
+        {
+            if (_config is null || _lifecycle is null)
+                throw new ApiException(404, "Error from API", what, "VM is not created");
+            var problems = new List<string>();
+            check(problems, at, body);
+            if (problems.Count > 0)
+                throw new ApiException(400, ["Error from API", what, .. problems]);
+            var ids = DeviceIds();
+            string id = givenId ?? Enumerable.Range(0, int.MaxValue).Select(n => $"{prefix}{n}").First(n => !ids.Contains(n));
+            if (ids.Contains(id))
+                throw new ApiException(409, "Error from API", what, $"Identifier {id} is not unique");
+            setId(id);
+            PciDeviceInfoResponse? answer = null;
+            if (_lifecycle.State is not (VmState.Created or VmState.Shutdown))
+            {
+                var info = Invoke(what, l => l.AddDevice(toMachine(_config, body), endpoint), _lifecycle);
+                answer = new PciDeviceInfoResponse { Id = info.Id, Bdf = info.Bdf };
+            }
+            store(_config, body);
+            return answer;
+        }
+    }
+
+    /// <summary>vm.remove-device: on a running VM asks the guest to eject the device and waits (up to
+    /// <paramref name="timeout"/>, by default 10 s) until it did; the device leaves the config too (on a VM not running,
+    /// that is all). An unknown id is 404.</summary>
+    public void RemoveDevice(string id, TimeSpan? timeout = null)
+    {
+        const string what = "The device could not be removed";
+        var lifecycle = Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
+        if (lifecycle.State is VmState.Created or VmState.Shutdown)
+        {
+            lock (_lock)
+            {
+                if (_config is null || RemoveFromConfig(_config, id) == 0)
+                    throw new ApiException(404, "Error from API", what, $"no device with id \"{id}\"");
+            }
+            return;
+        }
+        // Not under the service lock: the guest takes its time, and info must answer meanwhile.
+        Invoke(what, l =>
+        {
+            l.RemoveDevice(id, timeout ?? DefaultEjectTimeout);
+            return 0;
+        }, lifecycle);
+        lock (_lock)
+        {
+            if (_config is not null)
+                RemoveFromConfig(_config, id);
+        }
+    }
+
+    private static int RemoveFromConfig(VmConfig c, string id) =>
+        (c.Disks?.RemoveAll(d => d.Id == id) ?? 0) + (c.Net?.RemoveAll(n => n.Id == id) ?? 0)
+        + (c.Devices?.RemoveAll(d => d.Id == id) ?? 0) + (c.UserDevices?.RemoveAll(d => d.Id == id) ?? 0)
+        + (c.Fs?.RemoveAll(f => f.Id == id) ?? 0) + RemoveVsock(c, id);
+
+    private static int RemoveVsock(VmConfig c, string id)
+    {
+        if (c.Vsock?.Id != id)
+            return 0;
+        c.Vsock = null;
+        return 1;
+    }
+
+    /// <summary>How long vm.remove-device waits for the guest's eject.</summary>
+    public static readonly TimeSpan DefaultEjectTimeout = TimeSpan.FromSeconds(10);
+
+    /// <summary>Every device id in use: the config's and those of the running machine (console, rng).</summary>
+    private HashSet<string> DeviceIds()
+    {
+        var ids = new HashSet<string>((_config!.Disks ?? []).Select(d => d.Id).Concat((_config.Net ?? []).Select(n => n.Id))
+            .Concat((_config.Devices ?? []).Select(d => d.Id)).Concat((_config.UserDevices ?? []).Select(d => d.Id))
+            .Concat((_config.Fs ?? []).Select(f => f.Id)).Concat([_config.Vsock?.Id, _config.Rng?.Id, _config.Console?.Id]).OfType<string>());
+        foreach (var d in _lifecycle?.Machine?.PciDevices ?? [])
+            ids.Add(d.Id);
+        return ids;
+    }
+
     public VmInfo Info()
     {
         VmConfig config;
@@ -196,12 +318,23 @@ public sealed class VmmService : IDisposable
     }
 
     /// <summary>One lifecycle action with the errors translated: the state (405), the config (400), KVM or vmm (500).</summary>
-    private void Act(string what, Action<VmLifecycle> action)
+    private void Act(string what, Action<VmLifecycle> action) => Invoke(what, l =>
     {
-        var lifecycle = Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
+        action(l);
+        return 0;
+    });
+
+    /// <summary><see cref="Act"/> with a result; an unknown device id is 404.</summary>
+    private T Invoke<T>(string what, Func<VmLifecycle, T> action, VmLifecycle? lifecycle = null)
+    {
+        lifecycle ??= Lifecycle ?? throw new ApiException(404, "Error from API", what, "VM is not created");
         try
         {
-            action(lifecycle);
+            return action(lifecycle);
+        }
+        catch (KeyNotFoundException e)
+        {
+            throw new ApiException(404, "Error from API", what, e.Message);
         }
         catch (VmStateException e)
         {

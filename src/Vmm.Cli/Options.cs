@@ -35,6 +35,8 @@ public sealed class Options
     public bool VirtioConsole { get; set; }
     public bool Rng { get; set; }
     public VsockConfig? Vsock { get; set; }
+    /// <summary>--pci-segment mmio64_aperture_weight: the 64-bit PCI window is at least this many × 64 GiB.</summary>
+    public int? Mmio64Weight { get; set; }
     /// <summary>--api-socket: <c>path=PATH</c>, <c>fd=N</c> or a bare path (Cloud Hypervisor's forms).</summary>
     public string? ApiSocket { get; set; }
     public string? ConfigFile { get; set; }
@@ -103,6 +105,9 @@ public sealed class Options
                                MSI/MSI-X/INTx go through KVM. p2p=on also maps the BARs of every
                                passed-through device for its DMA (peer to peer; off by default, since
                                mapping GPU BARs of hundreds of GiB slows start-up). See docs/gpu-passthrough.md
+          --pci-segment pci_segment=0,mmio64_aperture_weight=N
+                               make the 64-bit PCI window at least N x 64 GiB (default N=1): room for the
+                               64-bit BARs of devices hot-added later (vm.add-*; see docs/hotplug.md)
           --log-level LEVEL    error, warn (default), info or debug; debug also lists unclaimed I/O
           --stats              print per-vCPU exit counts, costs and vCPU-thread allocations at exit
           --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)
@@ -174,7 +179,7 @@ public sealed class Options
                 return args[++i];
             }
             if (arg is "--kernel" or "--initrd" or "--cmdline" or "--memory" or "--cpus" or "--serial" or "--disk" or "--net"
-                or "--device" or "--console" or "--rng" or "--fs" or "--vsock")
+                or "--device" or "--console" or "--rng" or "--fs" or "--vsock" or "--pci-segment")
                 o.VmFlags.Add(arg);
             switch (arg)
             {
@@ -246,6 +251,7 @@ public sealed class Options
                         throw new UsageException("--vsock is given twice; a VM has one vsock device");
                     o.Vsock = ParseVsock(Value());
                     break;
+                case "--pci-segment": o.Mmio64Weight = ParsePciSegment(Value()); break;
                 case "--stats": o.Stats = true; break;
                 case "--no-irqchip": o.NoIrqchip = true; break;
                 case "--on-reboot":
@@ -377,6 +383,18 @@ public sealed class Options
         if (target.Length == 0)
             throw new UsageException($"--device: {(kernel ? "vfio" : "vfio-user")}= needs a path");
         return new PassthroughConfig(kernel ? PassthroughKind.Vfio : PassthroughKind.VfioUser, target, p2p);
+    }
+
+    /// <summary>CH's --pci-segment for the one segment: pci_segment=0 and mmio64_aperture_weight=N (1-1024).</summary>
+    public static int ParsePciSegment(string text)
+    {
+        var kv = ParseKeyValues(text, "--pci-segment", ["pci_segment", "mmio64_aperture_weight"]);
+        if (!kv.TryGetValue("pci_segment", out string? segment) || segment != "0")
+            throw new UsageException("--pci-segment needs pci_segment=0 (vmm has one PCI segment)");
+        if (!kv.TryGetValue("mmio64_aperture_weight", out string? w) || !int.TryParse(w, NumberStyles.None, CultureInfo.InvariantCulture, out int weight)
+            || weight is < 1 or > 1024)
+            throw new UsageException("--pci-segment needs mmio64_aperture_weight=N, N from 1 to 1024 (the 64-bit PCI window in units of 64 GiB)");
+        return weight;
     }
 
     public static NetConfig ParseNet(string text)

@@ -20,7 +20,30 @@ public static class RemoteCommand
           boot | pause | resume | shutdown | reboot | power-button | delete
                                the vm.* action of that name
           shutdown-vmm         vmm.shutdown: stop the VM and end the vmm process
+          add-disk path=FILE[,readonly=on][,direct=on][,serial=S][,id=ID]
+          add-net tap=NAME[,mac=MAC][,id=ID]
+          add-device path=/sys/bus/pci/devices/DDDD:BB:DD.F[,id=ID]
+          add-user-device socket=PATH[,id=ID]
+          add-fs tag=TAG,socket=PATH[,num_queues=N][,queue_size=N][,id=ID]
+          add-vsock cid=N,socket=PATH[,id=ID]
+                               hot-add a device to the running VM (prints its id and PCI address)
+          remove-device ID     ask the guest to eject the device and wait until it did
         """;
+
+    /// <summary>The hot-add commands: endpoint and the keys of their key=value argument, true for on/off keys
+    /// (JSON booleans), false for strings (and numbers: <see cref="NumberKeys"/>).</summary>
+    public static readonly IReadOnlyDictionary<string, (string Endpoint, Dictionary<string, bool> Keys)> AddCommands = new Dictionary<string, (string, Dictionary<string, bool>)>
+    {
+        ["add-disk"] = ("vm.add-disk", new() { ["path"] = false, ["readonly"] = true, ["direct"] = true, ["serial"] = false, ["id"] = false }),
+        ["add-net"] = ("vm.add-net", new() { ["tap"] = false, ["mac"] = false, ["id"] = false }),
+        ["add-device"] = ("vm.add-device", new() { ["path"] = false, ["id"] = false }),
+        ["add-user-device"] = ("vm.add-user-device", new() { ["socket"] = false, ["id"] = false }),
+        ["add-fs"] = ("vm.add-fs", new() { ["tag"] = false, ["socket"] = false, ["num_queues"] = false, ["queue_size"] = false, ["id"] = false }),
+        ["add-vsock"] = ("vm.add-vsock", new() { ["cid"] = false, ["socket"] = false, ["id"] = false }),
+    };
+
+    /// <summary>Keys whose values are JSON numbers in CH's schema.</summary>
+    private static readonly HashSet<string> NumberKeys = ["cid", "num_queues", "queue_size"];
 
     private static readonly Dictionary<string, (string Method, string Endpoint)> s_commands = new()
     {
@@ -60,10 +83,32 @@ public static class RemoteCommand
             return Usage("vmm remote needs --api-socket PATH and a command (vmm remote --help)");
         if (socket.StartsWith("path=", StringComparison.Ordinal))
             socket = socket[5..];
-        if (!s_commands.TryGetValue(rest[0], out var command))
-            return Usage($"vmm remote: unknown command '{rest[0]}' (vmm remote --help)");
         byte[]? body = null;
-        if (rest[0] == "create")
+        (string Method, string Endpoint) command;
+        if (AddCommands.TryGetValue(rest[0], out var add))
+        {
+            if (rest.Count != 2)
+                return Usage($"vmm remote {rest[0]} needs one argument, key=value[,key=value...] (vmm remote --help)");
+            try
+            {
+                body = AddBody(rest[0], rest[1], add.Keys);
+            }
+            catch (UsageException e)
+            {
+                return Usage(e.Message);
+            }
+            command = ("PUT", add.Endpoint);
+        }
+        else if (rest[0] == "remove-device")
+        {
+            if (rest.Count != 2 || rest[1].Length == 0)
+                return Usage("vmm remote remove-device needs the device's id");
+            body = JsonSerializer.SerializeToUtf8Bytes(new VmRemoveDevice { Id = rest[1] }, ApiJsonContext.Default.VmRemoveDevice);
+            command = ("PUT", "vm.remove-device");
+        }
+        else if (!s_commands.TryGetValue(rest[0], out command))
+            return Usage($"vmm remote: unknown command '{rest[0]}' (vmm remote --help)");
+        else if (rest[0] == "create")
         {
             if (rest.Count != 2)
                 return Usage("vmm remote create needs one VmConfig JSON file");
@@ -98,6 +143,43 @@ public static class RemoteCommand
         foreach (string line in ErrorMessages(response.Body))
             Console.Error.WriteLine($"vmm: error:   {line}");
         return 1;
+    }
+
+    /// <summary>ch-remote's "key=value,key=value" argument as the JSON object of the endpoint (on/off keys become
+    /// booleans); an unknown or repeated key is a usage error.</summary>
+    public static byte[] AddBody(string command, string argument, Dictionary<string, bool> keys)
+    {
+        using var stream = new MemoryStream();
+        using (var json = new Utf8JsonWriter(stream))
+        {
+            json.WriteStartObject();
+            var seen = new HashSet<string>();
+            foreach (string part in argument.Split(','))
+            {
+                int eq = part.IndexOf('=');
+                if (eq <= 0)
+                    throw new UsageException($"vmm remote {command}: '{part}' is not key=value (keys: {string.Join(", ", keys.Keys)})");
+                string key = part[..eq], value = part[(eq + 1)..];
+                if (!keys.TryGetValue(key, out bool onOff))
+                    throw new UsageException($"vmm remote {command}: unknown key '{key}' (keys: {string.Join(", ", keys.Keys)})");
+                if (!seen.Add(key))
+                    throw new UsageException($"vmm remote {command}: '{key}' given twice");
+                if (NumberKeys.Contains(key))
+                    json.WriteNumber(key, ulong.TryParse(value, out ulong number) ? number
+                        : throw new UsageException($"vmm remote {command}: {key} must be a number, not '{value}'"));
+                else if (!onOff)
+                    json.WriteString(key, value);
+                else
+                    json.WriteBoolean(key, value switch
+                    {
+                        "on" or "true" => true,
+                        "off" or "false" => false,
+                        _ => throw new UsageException($"vmm remote {command}: {key} must be on or off, not '{value}'"),
+                    });
+            }
+            json.WriteEndObject();
+        }
+        return stream.ToArray();
     }
 
     /// <summary>CH's error body is a JSON array of strings; anything else is printed as it came.</summary>

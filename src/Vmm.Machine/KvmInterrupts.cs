@@ -16,6 +16,7 @@ internal sealed class KvmMsiController(VmFd vm) : IMsiController, IDisposable
 
     private readonly Lock _lock = new();
     private readonly List<Vector> _vectors = [];
+    private readonly SortedSet<uint> _freeGsis = [];
     private uint _nextGsi = FirstMsiGsi;
 
     private VmFd Vm => vm;
@@ -24,10 +25,34 @@ internal sealed class KvmMsiController(VmFd vm) : IMsiController, IDisposable
     {
         lock (_lock)
         {
-            var v = new Vector(this, _nextGsi++, $"{owner} MSI-X vector {index}");
+            uint gsi = _freeGsis.Count > 0 ? _freeGsis.Min : _nextGsi++;
+            _freeGsis.Remove(gsi);
+            var v = new Vector(this, gsi, $"{owner} MSI-X vector {index}");
             vm.AssignIrqfd(v.EventFd.Fd, v.Gsi);
             _vectors.Add(v);
             return v;
+        }
+    }
+
+    /// <summary>Gives back the vectors of a hot-removed device: irqfds deassigned, routes dropped, eventfds closed,
+    /// GSIs free for the next device.</summary>
+    public void Release(IEnumerable<IMsiVector> vectors)
+    {
+        lock (_lock)
+        {
+            bool routed = false;
+            foreach (var v in vectors.OfType<Vector>())
+            {
+                if (!_vectors.Remove(v))
+                    continue;
+                if (!v.Masked)
+                    vm.DeassignIrqfd(v.EventFd.Fd, v.Gsi);
+                routed |= v.Address is not null;
+                v.EventFd.Dispose();
+                _freeGsis.Add(v.Gsi);
+            }
+            if (routed)
+                Update();
         }
     }
 
@@ -100,6 +125,8 @@ internal sealed class KvmMsiController(VmFd vm) : IMsiController, IDisposable
 
         private bool _masked;
 
+        public bool Masked => _masked;
+
         /// <summary>Masking deassigns the irqfd: the eventfd keeps counting, and KVM_IRQFD on unmask injects a
         /// signal that arrived meanwhile (KVM checks the eventfd when an irqfd is assigned).</summary>
         public void SetMasked(bool masked)
@@ -125,6 +152,30 @@ internal sealed class KvmMsiController(VmFd vm) : IMsiController, IDisposable
                 Span<bool> ready = stackalloc bool[1];
                 return Volatile.Read(ref _masked) && EventFd.Poll(fds, ready, 0) > 0 && ready[0];
             }
+        }
+    }
+}
+
+/// <summary>The MSI vectors of one device, remembered so that hot removal can give them back
+/// (<see cref="KvmMsiController.Release"/>).</summary>
+internal sealed class DeviceMsiVectors(KvmMsiController controller) : IMsiController
+{
+    private readonly List<IMsiVector> _vectors = [];
+
+    public IMsiVector CreateVector(string owner, int index)
+    {
+        var v = controller.CreateVector(owner, index);
+        lock (_vectors)
+            _vectors.Add(v);
+        return v;
+    }
+
+    public void Release()
+    {
+        lock (_vectors)
+        {
+            controller.Release(_vectors);
+            _vectors.Clear();
         }
     }
 }

@@ -53,6 +53,10 @@ public sealed record MachineConfig
     /// <summary>virtio-fs devices served by vhost-user back-ends (virtiofsd), after the other virtio devices.</summary>
     public IReadOnlyList<FsConfig> Fs { get; init; } = [];
 
+    /// <summary>The least size of the 64-bit PCI window (CH's pci_segments mmio64_aperture_weight × 64 GiB): room
+    /// for the 64-bit BARs of devices hot-added later, since the window is fixed in the DSDT at boot.</summary>
+    public ulong Pci64MinimumSize { get; init; } = Memory.MemoryLayout.Pci64DefaultSize;
+
     public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0 || Fs.Count > 0 || Vsock is not null;
 
     public void Validate()
@@ -104,10 +108,24 @@ public sealed record MachineConfig
 /// <summary>An invalid machine configuration; the message says which option and why.</summary>
 public sealed class ConfigException(string message) : Exception(message);
 
+/// <summary>A device on the PCI root bus that is plugged by its config, at boot or later (<c>DeviceManager.HotPlug</c>):
+/// a disk, an interface, a passed-through device. A new kind (vsock, virtio-fs) implements this and gets a case in
+/// <c>DeviceManager.Create</c>; cold plug, hotplug and removal then work for it unchanged.</summary>
+public interface IPciDeviceConfig
+{
+    /// <summary>The device's id (vm.info, vm.remove-device); the API fills one in when none is given.</summary>
+    string? Id { get; }
+
+    /// <summary>What the logs call the kind of device ("disk", "net", "vfio").</summary>
+    string DeviceType { get; }
+}
+
 /// <summary>One <c>--disk</c>: a raw image served by virtio-blk, or (with <see cref="VhostSocket"/>) a virtio-blk
 /// device served by a vhost-user back-end such as qemu-storage-daemon (then <paramref name="Path"/> is empty).</summary>
-public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null, string? Id = null)
+public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct = false, string? Serial = null, string? Id = null) : IPciDeviceConfig
 {
+    public string DeviceType => "disk";
+
     /// <summary>The vhost-user back-end's socket (CH's vhost_user + vhost_socket), or null for an image served by vmm.</summary>
     public string? VhostSocket { get; init; }
 
@@ -118,15 +136,22 @@ public sealed record DiskConfig(string Path, bool ReadOnly = false, bool Direct 
 
 /// <summary>One <c>--fs</c>: a virtio-fs device the guest mounts by <paramref name="Tag"/>, served by the vhost-user
 /// back-end (virtiofsd) at <paramref name="Socket"/> with <paramref name="NumQueues"/> request queues.</summary>
-public sealed record FsConfig(string Tag, string Socket, int NumQueues = 1, ushort QueueSize = 1024, string? Id = null);
+public sealed record FsConfig(string Tag, string Socket, int NumQueues = 1, ushort QueueSize = 1024, string? Id = null) : IPciDeviceConfig
+{
+    public string DeviceType => "fs";
+}
 
 /// <summary>One <c>--net</c>: a virtio-net interface on tap <paramref name="Tap"/>.</summary>
-public sealed record NetConfig(string Tap, byte[]? Mac = null, string? Id = null);
+public sealed record NetConfig(string Tap, byte[]? Mac = null, string? Id = null) : IPciDeviceConfig
+{
+    public string DeviceType => "net";
+}
 
 /// <summary><c>--vsock</c>: guest cid <paramref name="Cid"/>; host clients connect to <paramref name="Socket"/>, guest
 /// connects to port P reach <c>Socket_P</c>.</summary>
-public sealed record VsockConfig(ulong Cid, string Socket, string? Id = null)
+public sealed record VsockConfig(ulong Cid, string Socket, string? Id = null) : IPciDeviceConfig
 {
+    public string DeviceType => "vsock";
     public const ulong MinCid = 3, MaxCid = uint.MaxValue - 1; // VMADDR_CID_ANY (-1U) is not a cid either
     public const int MaxSocketPath = 100;
 }
@@ -142,7 +167,9 @@ public enum PassthroughKind
 /// <summary>One <c>--device</c>: a device passed through to the guest. <paramref name="Path"/> is a sysfs device
 /// directory for <see cref="PassthroughKind.Vfio"/>, a socket for <see cref="PassthroughKind.VfioUser"/>.
 /// <paramref name="PeerToPeer"/> maps the BARs of every passed-through device for this device's DMA.</summary>
-public sealed record PassthroughConfig(PassthroughKind Kind, string Path, bool PeerToPeer = false, string? Id = null)
+public sealed record PassthroughConfig(PassthroughKind Kind, string Path, bool PeerToPeer = false, string? Id = null) : IPciDeviceConfig
 {
+    public string DeviceType => "vfio";
+
     public override string ToString() => $"{(Kind == PassthroughKind.Vfio ? "vfio" : "vfio-user")}={Path}";
 }

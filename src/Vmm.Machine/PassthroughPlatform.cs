@@ -78,6 +78,30 @@ internal sealed class KvmBarMapper : IGuestMemoryMapper
         }
     }
 
+    /// <summary>Hot removal of the last device of <paramref name="space"/>: every BAR slot leaves it, and later slots
+    /// are not mapped in it.</summary>
+    public void RemovePeerToPeerSpace(IVfioDmaSpace space)
+    {
+        lock (_lock)
+        {
+            if (!_peerToPeer.Remove(space))
+                return;
+            foreach (var s in _live)
+            {
+                if (!s.PeerToPeer.Remove(space))
+                    continue;
+                try
+                {
+                    space.Unmap(s.GuestAddress, s.Size);
+                }
+                catch (VfioException e)
+                {
+                    _log.Warn($"{s.Name}: peer-to-peer DMA unmap at 0x{s.GuestAddress:x} failed: {e.Message}");
+                }
+            }
+        }
+    }
+
     private void UnmapPeerToPeerLocked(Slot s)
     {
         foreach (var space in s.PeerToPeer)
@@ -171,6 +195,27 @@ internal sealed class GuestRamDma(GuestMemory memory, Log log) : IDisposable
             space.Map(region.Start.Value, region.Size, region.HostAddress, memory.MemFd, region.FileOffset, writable: true);
             _mapped.Add((space, region.Start.Value, region.Size));
             log.Debug($"{deviceName}: DMA maps guest RAM {region.Start}+0x{region.Size:x} at the same IOVA");
+        }
+    }
+
+    /// <summary>Hot removal of the last device of <paramref name="space"/>: guest RAM leaves it (while the device is
+    /// still connected: a vfio-user unmap is a message to its server).</summary>
+    public void Unmap(IVfioDmaSpace space)
+    {
+        for (int i = _mapped.Count - 1; i >= 0; i--)
+        {
+            var (s, iova, size) = _mapped[i];
+            if (!ReferenceEquals(s, space))
+                continue;
+            _mapped.RemoveAt(i);
+            try
+            {
+                s.Unmap(iova, size);
+            }
+            catch (VfioException e)
+            {
+                log.Warn($"DMA unmap of 0x{iova:x}+0x{size:x}: {e.Message}");
+            }
         }
     }
 

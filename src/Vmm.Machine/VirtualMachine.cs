@@ -74,6 +74,7 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
             _legacy = new LegacyPlatform(IoBus, _vm, _memory, this, _console);
             _devices = new DeviceManager(_vm, _memory, _log, _resources, ramSlots: slot);
             _devices.ColdPlug(config, IoBus, MmioBus, _console);
+            _devices.DeviceRemoved = info => DeviceRemoved?.Invoke(info);
             // In the BIOS area the memory map leaves out, where every loader's guest finds it; the DSDT describes
             // the 64-bit window as grown for the devices' BARs.
             AcpiTables.Write(_memory, config.Cpus, _devices.Window64);
@@ -104,6 +105,17 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
 
     /// <summary>The devices on the PCI root bus with their ids and addresses (vm.info's device tree).</summary>
     public IReadOnlyList<PciDeviceInfo> PciDevices => _devices.Devices;
+
+    /// <summary>Hot-adds a device (vm.add-disk, vm.add-net, vm.add-device, vm.add-user-device): it goes in the first
+    /// free slot and the guest is told through ACPI. Throws <see cref="ConfigException"/> for what cannot be added.</summary>
+    public PciDeviceInfo AddDevice(IPciDeviceConfig config) => _devices.HotPlug(config);
+
+    /// <summary>Asks the guest to eject device <paramref name="id"/> (vm.remove-device); the task completes once it did
+    /// and the device's resources are released. <see cref="KeyNotFoundException"/> for an unknown id.</summary>
+    public Task RequestDeviceRemoval(string id) => _devices.RequestRemoval(id);
+
+    /// <summary>A device left the bus (the guest ejected it); raised on a worker thread.</summary>
+    public event Action<PciDeviceInfo>? DeviceRemoved;
 
     /// <summary>Per-device counters (vm.counters).</summary>
     public IReadOnlyList<DeviceCounters> DeviceCounters() => _devices.Counters();

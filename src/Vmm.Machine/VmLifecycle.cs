@@ -125,6 +125,7 @@ public sealed class VmLifecycle : IDisposable
         if (_ended.Task.IsCompleted)
             _ended = NewEnded();
         vm.Ended.ContinueWith(t => OnGuestEnded(vm, t.Result), TaskContinuationOptions.ExecuteSynchronously);
+        vm.DeviceRemoved += info => Emit("vm", "device-removed", new Dictionary<string, string> { ["id"] = info.Id, ["bdf"] = info.Bdf });
         vm.Start();
         _state = VmState.Running;
         Emit("vm", after);
@@ -198,6 +199,45 @@ public sealed class VmLifecycle : IDisposable
             if (_state != VmState.Running)
                 throw new VmStateException($"the VM is {_state}: vm.power-button needs it Running");
             _vm!.PressPowerButton();
+        }
+    }
+
+    /// <summary>Hot-adds a device (vm.add-*): only while Running, since the guest must run to take it (acpiphp on the GED
+    /// interrupt), and a device added while paused would run while the others are stopped.</summary>
+    public PciDeviceInfo AddDevice(IPciDeviceConfig config, string endpoint = "vm.add-device")
+    {
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            if (_state != VmState.Running)
+                throw new VmStateException($"the VM is {_state}: {endpoint} needs it Running");
+            return _vm!.AddDevice(config);
+        }
+    }
+
+    /// <summary>vm.remove-device: asks the guest to eject device <paramref name="id"/> and waits (outside the state lock,
+    /// so info and pause answer meanwhile) until it did and the device's resources are released. Only while Running.
+    /// A guest that does not eject within <paramref name="timeout"/> is a <see cref="TimeoutException"/> (the request
+    /// stays: a late eject still removes the device).</summary>
+    public void RemoveDevice(string id, TimeSpan timeout)
+    {
+        Task ejected;
+        lock (_lock)
+        {
+            ThrowIfDisposed();
+            if (_state != VmState.Running)
+                throw new VmStateException($"the VM is {_state}: vm.remove-device needs it Running");
+            ejected = _vm!.RequestDeviceRemoval(id);
+        }
+        try
+        {
+            if (!ejected.Wait(timeout))
+                throw new TimeoutException($"the guest did not eject device {id} within {timeout.TotalSeconds:0.#} s " +
+                    "(it must run an ACPI PCI hotplug driver, such as Linux's acpiphp, and let go of the device)");
+        }
+        catch (AggregateException e) when (e.InnerException is InvalidOperationException inner)
+        {
+            throw new VmStateException(inner.Message);
         }
     }
 

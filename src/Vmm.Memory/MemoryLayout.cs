@@ -56,9 +56,9 @@ public static class MemoryLayout
 
     /// <summary>The 64-bit window grown to hold <paramref name="barSizes"/> (powers of two) placed largest first, each
     /// naturally aligned, as <c>PciRootBus</c> places them: never smaller than <see cref="Pci64DefaultSize"/>, so
-    /// guests keep room to move BARs. Four 128 GiB GPU BARs above 128 MiB of RAM need [4 GiB, 640 GiB).
+    /// guests keep room to move BARs, nor than <paramref name="minimumSize"/> (room kept for hot-added devices). Four 128 GiB GPU BARs above 128 MiB of RAM need [4 GiB, 640 GiB).
     /// Other VMMs use a fixed window here and the fourth large-BAR GPU does not fit.</summary>
-    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, IEnumerable<ulong> barSizes)
+    public static (ulong Start, ulong Size) Pci64Window(ulong ramSize, IEnumerable<ulong> barSizes, ulong minimumSize = Pci64DefaultSize)
     {
         ulong start = Pci64WindowStart(ramSize);
         ulong next = start;
@@ -72,7 +72,7 @@ public static class MemoryLayout
             next = at + size;
         }
         ulong end = (next + Pci64Alignment - 1) & ~(Pci64Alignment - 1);
-        return (start, Math.Max(Pci64DefaultSize, end - start));
+        return (start, Math.Max(Math.Max(Pci64DefaultSize, minimumSize), end - start));
     }
 
     /// <summary>The highest guest-physical address x86-64 can express (52 bits, the architectural MAXPHYADDR limit).</summary>
@@ -90,6 +90,15 @@ public static class MemoryLayout
     /// and shared (the VMM ORs the devices on a line). The ACPI _PRT tells the guest the same; the guest programs the
     /// pins active-low as ACPI says for GSI entries, which KVM's IOAPIC does not model (a raised line is asserted).</summary>
     public static uint PciIntxGsi(int slot, int pin) => PciIntxFirstGsi + (uint)((slot + pin) & 3);
+
+    /// <summary>The PCI hotplug register block (PCIU, PCID, B0EJ, PSEG: four 32-bit registers, as Cloud Hypervisor lays
+    /// them out): in the hole, above the ECAM area's room for more buses and below the IOAPIC, where nothing decodes.</summary>
+    public const ulong PciHotplugAddress = 0xFEB0_0000;
+    public const ulong PciHotplugSize = 0x10;
+
+    /// <summary>The IOAPIC input of the ACPI Generic Event Device (hotplug notifications): the first GSI above the
+    /// four PCI INTx lines (16-19) and the ISA IRQs.</summary>
+    public const uint GedGsi = 20;
 
     public const ulong IoApicAddress = 0xFEC0_0000;
     public const ulong LocalApicAddress = 0xFEE0_0000;

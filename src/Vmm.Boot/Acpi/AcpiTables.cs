@@ -88,8 +88,9 @@ public static class AcpiTables
         return t;
     }
 
-    /// <summary>A table: the 36-byte system description header, then <paramref name="body"/>.</summary>
-    private static byte[] Table(string signature, byte revision, ReadOnlySpan<byte> body)
+    /// <summary>A table: the 36-byte system description header, then <paramref name="body"/> (public for tests that
+    /// wrap AML of their own in a DSDT).</summary>
+    public static byte[] Table(string signature, byte revision, ReadOnlySpan<byte> body)
     {
         var t = new byte[36 + body.Length];
         Encoding.ASCII.GetBytes(signature).CopyTo(t, 0);
@@ -212,12 +213,64 @@ public static class AcpiTables
     private static byte[] Dsdt((ulong Start, ulong Size) pci64Window) => Table("DSDT", 2, DsdtAml(pci64Window));
 
     /// <summary>The DSDT's AML: \_S5 (the PM1a_CNT sleep type for soft-off) and, in \_SB, COM1, the PCI host bridge
-    /// PCI0 and MRES, the motherboard resources that reserve the ECAM area.</summary>
+    /// PCI0 with its hotplug slots, the Generic Event Device that announces hotplug, and MRES, the motherboard resources
+    /// that reserve the ECAM area and the hotplug registers.</summary>
     public static byte[] DsdtAml((ulong Start, ulong Size) pci64Window) =>
     [
         .. Aml.Name("\\_S5", Aml.Package(Aml.Integer(AcpiPorts.S5SleepType), Aml.Integer(0), Aml.Integer(0), Aml.Integer(0))),
-        .. Aml.Scope("\\_SB", Com1(), Pci0(pci64Window), MotherboardResources()),
+        .. Aml.Scope("\\_SB", Com1(), Pci0(pci64Window), GenericEventDevice(), MotherboardResources()),
     ];
+
+    /// <summary>The first and last hotpluggable slot: every slot of the root bus but the host bridge's.</summary>
+    public const int FirstHotplugSlot = 1, LastHotplugSlot = 31;
+
+    /// <summary>ACPI PCI hotplug on the root bus, the way Linux's acpiphp drives it (drivers/pci/hotplug/acpiphp_glue.c)
+    /// and Cloud Hypervisor and QEMU describe it: the register block PCST (PCIU: slots that came up, PCID: slots to
+    /// remove, both cleared by reading; B0EJ: writing a slot's bit ejects it; PSEG: the segment, always 0); one
+    /// Device(Sxx) per slot with _ADR, _SUN and _EJ0 (acpiphp takes a device with _ADR and _EJ0 under the host bridge
+    /// for a hotplug slot); PCNT, which the GED's _EVT runs: Notify(Sxx, 1) (device check: acpiphp rescans the slot and
+    /// enables what it finds) for each slot that came up, Notify(Sxx, 3) (eject request: acpiphp removes the device's
+    /// driver, then runs _EJ0) for each slot to remove.</summary>
+    private static byte[][] HotplugTerms()
+    {
+        var terms = new List<byte[]>
+        {
+            Aml.OperationRegion("PCST", Aml.RegionSpace.SystemMemory, MemoryLayout.PciHotplugAddress, MemoryLayout.PciHotplugSize),
+            Aml.Field("PCST", Aml.FieldAccess.DWord, ("PCIU", 32), ("PCID", 32), ("B0EJ", 32), ("PSEG", 32)),
+            // PCEJ(slot): the eject register takes the slot's bit.
+            Aml.Method("PCEJ", 1, serialized: false, Aml.Store(Aml.ShiftLeft(Aml.Integer(1), Aml.Arg(0)), Aml.Ref("B0EJ"))),
+        };
+        for (int slot = FirstHotplugSlot; slot <= LastHotplugSlot; slot++)
+        {
+            terms.Add(Aml.Device(SlotName(slot),
+                Aml.Name("_ADR", Aml.Integer((ulong)slot << 16)),
+                Aml.Name("_SUN", Aml.Integer((ulong)slot)),
+                Aml.Method("_EJ0", 1, serialized: false, Aml.Call("PCEJ", Aml.Integer((ulong)slot)))));
+        }
+        // Both bitmaps are read once (reading clears them), into Local0 and Local1, then tested slot by slot.
+        var pcnt = new List<byte[]> { Aml.Store(Aml.Ref("PCIU"), Aml.Local(0)), Aml.Store(Aml.Ref("PCID"), Aml.Local(1)) };
+        for (int slot = FirstHotplugSlot; slot <= LastHotplugSlot; slot++)
+        {
+            pcnt.Add(Aml.If(Aml.And(Aml.Local(0), Aml.Integer(1UL << slot)), Aml.Notify(SlotName(slot), Aml.DeviceCheck)));
+            pcnt.Add(Aml.If(Aml.And(Aml.Local(1), Aml.Integer(1UL << slot)), Aml.Notify(SlotName(slot), Aml.EjectRequest)));
+        }
+        // Serialized: two GED events must not interleave their reads and notifies.
+        terms.Add(Aml.Method("PCNT", 0, serialized: true, [.. pcnt]));
+        return [.. terms];
+    }
+
+    /// <summary>Slot 5 is S05 (QEMU's names: 'S' and the slot in two hex digits).</summary>
+    public static string SlotName(int slot) => $"S{slot:X2}";
+
+    /// <summary>The Generic Event Device (ACPI 6.4, 5.6.9; Linux drivers/acpi/evged.c): its _CRS names an edge-triggered
+    /// GSI; on that interrupt the OS runs _EVT, which looks for hotplug work (the only event vmm raises there). Edge,
+    /// as Cloud Hypervisor's GED: a pulse per event, and PCNT reads every pending slot at once, so events that arrive
+    /// together are handled by one run.</summary>
+    private static byte[] GenericEventDevice() => Aml.Device("GED_",
+        Aml.Name("_HID", Aml.String("ACPI0013")),
+        Aml.Name("_UID", Aml.Integer(0)),
+        Aml.Name("_CRS", Aml.ResourceTemplate(AmlResource.Interrupt(MemoryLayout.GedGsi, edge: true))),
+        Aml.Method("_EVT", 1, serialized: true, Aml.Call("\\_SB.PCI0.PCNT")));
 
     private static byte[] Com1() => Aml.Device("COM1",
         Aml.Name("_HID", Aml.EisaIdConst("PNP0501")),
@@ -254,6 +307,7 @@ public static class AcpiTables
             }
         }
         return Aml.Device("PCI0",
+        [
             Aml.Name("_HID", Aml.EisaIdConst("PNP0A08")),                // PCI Express root bridge
             Aml.Name("_CID", Aml.EisaIdConst("PNP0A03")),                // PCI root bridge
             Aml.Name("_ADR", Aml.Integer(0)),
@@ -261,7 +315,9 @@ public static class AcpiTables
             Aml.Name("_SEG", Aml.Integer(0)),
             Aml.Name("_BBN", Aml.Integer(0)),
             Aml.Name("_CRS", resources),
-            Aml.Name("_PRT", Aml.Package([.. routes])));
+            Aml.Name("_PRT", Aml.Package([.. routes])),
+            .. HotplugTerms(),
+        ]);
     }
 
     /// <summary>Motherboard resources (PNP0C02) reserving the ECAM area: before it uses the MCFG, Linux looks for its
@@ -269,5 +325,7 @@ public static class AcpiTables
     private static byte[] MotherboardResources() => Aml.Device("MRES",
         Aml.Name("_HID", Aml.EisaIdConst("PNP0C02")),
         Aml.Name("_UID", Aml.Integer(0)),
-        Aml.Name("_CRS", Aml.ResourceTemplate(AmlResource.Memory32Fixed((uint)MemoryLayout.PciEcamBase, (uint)MemoryLayout.PciEcamSize))));
+        Aml.Name("_CRS", Aml.ResourceTemplate(
+            AmlResource.Memory32Fixed((uint)MemoryLayout.PciEcamBase, (uint)MemoryLayout.PciEcamSize),
+            AmlResource.Memory32Fixed((uint)MemoryLayout.PciHotplugAddress, (uint)MemoryLayout.PciHotplugSize))));
 }

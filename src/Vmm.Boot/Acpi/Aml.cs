@@ -4,13 +4,99 @@ using System.Text;
 namespace Vmm.Boot.Acpi;
 
 /// <summary>Just enough hand-encoded AML (ACPI 6.4, chapter 20) for vmm's DSDT: names, scopes, devices,
-/// integers, packages and buffers. Each helper returns the encoded term; callers concatenate them.</summary>
+/// integers, strings, packages and buffers; methods with the few statements PCI hotplug needs (If, Store, Notify,
+/// And, ShiftLeft, LEqual, LAnd, method calls, Local and Arg objects); operation regions and their fields. Each helper
+/// returns the encoded term; callers concatenate them.</summary>
 public static class Aml
 {
     // ACPI 6.4, 20.2: opcodes and prefixes.
     private const byte ZeroOp = 0x00, OneOp = 0x01, NameOp = 0x08, BytePrefix = 0x0A, WordPrefix = 0x0B,
         DWordPrefix = 0x0C, QWordPrefix = 0x0E, ScopeOp = 0x10, BufferOp = 0x11, PackageOp = 0x12,
-        DualNamePrefix = 0x2E, MultiNamePrefix = 0x2F, RootChar = (byte)'\\', ExtOpPrefix = 0x5B, DeviceOp = 0x82;
+        DualNamePrefix = 0x2E, MultiNamePrefix = 0x2F, RootChar = (byte)'\\', ExtOpPrefix = 0x5B, DeviceOp = 0x82,
+        StringPrefix = 0x0D, MethodOp = 0x14, Local0Op = 0x60, Arg0Op = 0x68, StoreOp = 0x70, ShiftLeftOp = 0x79, AndOp = 0x7B,
+        NotifyOp = 0x86, LAndOp = 0x90, LEqualOp = 0x93, IfOp = 0xA0, NullName = 0x00, OpRegionOp = 0x80, FieldOp = 0x81;
+
+    /// <summary>Operation region spaces (ACPI 6.4, 19.6.100).</summary>
+    public enum RegionSpace : byte { SystemMemory = 0, SystemIo = 1 }
+
+    /// <summary>Field access types (the low nibble of FieldFlags; 19.6.48).</summary>
+    public enum FieldAccess : byte { Any = 0, Byte = 1, Word = 2, DWord = 3, QWord = 4 }
+
+    /// <summary>Notify values (ACPI 6.4, 5.6.6): what <see cref="Notify"/> tells the OS about a device.</summary>
+    public const byte DeviceCheck = 1, EjectRequest = 3;
+
+    /// <summary>"text": a null-terminated ASCII string constant.</summary>
+    public static byte[] String(string text) => [StringPrefix, .. Encoding.ASCII.GetBytes(text), 0];
+
+    /// <summary>Method(<paramref name="name"/>, <paramref name="argCount"/>, NotSerialized) { <paramref name="terms"/> }.
+    /// <paramref name="serialized"/> makes the OS run one invocation at a time (MethodFlags bit 3).</summary>
+    public static byte[] Method(string name, int argCount, bool serialized, params byte[][] terms)
+    {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan((uint)argCount, 7u, nameof(argCount));
+        return [MethodOp, .. Sized([.. NameString(name), (byte)(argCount | (serialized ? 0x08 : 0)), .. Concat(terms)])];
+    }
+
+    /// <summary>If (<paramref name="predicate"/>) { <paramref name="terms"/> }.</summary>
+    public static byte[] If(byte[] predicate, params byte[][] terms) => [IfOp, .. Sized([.. predicate, .. Concat(terms)])];
+
+    /// <summary>Store(<paramref name="value"/>, <paramref name="target"/>): target = value.</summary>
+    public static byte[] Store(byte[] value, byte[] target) => [StoreOp, .. value, .. target];
+
+    /// <summary>Notify(<paramref name="device"/>, <paramref name="value"/>).</summary>
+    public static byte[] Notify(string device, byte value) => [NotifyOp, .. NameString(device), .. Integer(value)];
+
+    /// <summary>And(<paramref name="a"/>, <paramref name="b"/>) with no target: the bitwise and as a value.</summary>
+    public static byte[] And(byte[] a, byte[] b) => [AndOp, .. a, .. b, NullName];
+
+    /// <summary>ShiftLeft(<paramref name="value"/>, <paramref name="count"/>) with no target.</summary>
+    public static byte[] ShiftLeft(byte[] value, byte[] count) => [ShiftLeftOp, .. value, .. count, NullName];
+
+    /// <summary>LEqual(<paramref name="a"/>, <paramref name="b"/>): a == b.</summary>
+    public static byte[] LEqual(byte[] a, byte[] b) => [LEqualOp, .. a, .. b];
+
+    /// <summary>LAnd(<paramref name="a"/>, <paramref name="b"/>): a &amp;&amp; b.</summary>
+    public static byte[] LAnd(byte[] a, byte[] b) => [LAndOp, .. a, .. b];
+
+    /// <summary>Local0 .. Local7.</summary>
+    public static byte[] Local(int index)
+    {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan((uint)index, 7u, nameof(index));
+        return [(byte)(Local0Op + index)];
+    }
+
+    /// <summary>Arg0 .. Arg6.</summary>
+    public static byte[] Arg(int index)
+    {
+        ArgumentOutOfRangeException.ThrowIfGreaterThan((uint)index, 6u, nameof(index));
+        return [(byte)(Arg0Op + index)];
+    }
+
+    /// <summary>A method invocation, <paramref name="method"/>(<paramref name="args"/>): the name, then the arguments
+    /// (the OS knows how many from the method's definition, which must come first in the table).</summary>
+    public static byte[] Call(string method, params byte[][] args) => [.. NameString(method), .. Concat(args)];
+
+    /// <summary>A reference to a named object (a field unit, a device) as an operand or a target.</summary>
+    public static byte[] Ref(string name) => NameString(name);
+
+    /// <summary>OperationRegion(<paramref name="name"/>, <paramref name="space"/>, offset, length).</summary>
+    public static byte[] OperationRegion(string name, RegionSpace space, ulong offset, ulong length) =>
+        [ExtOpPrefix, OpRegionOp, .. NameString(name), (byte)space, .. Integer(offset), .. Integer(length)];
+
+    /// <summary>Field(<paramref name="region"/>, <paramref name="access"/>, NoLock, WriteAsZeros) { name, bits, ... }:
+    /// consecutive named fields from offset 0 of the region (each name one segment).</summary>
+    public static byte[] Field(string region, FieldAccess access, params (string Name, int Bits)[] fields)
+    {
+        var list = new List<byte>();
+        foreach (var (name, bits) in fields)
+        {
+            if (name.Length is 0 or > 4 || name.Contains('.'))
+                throw new ArgumentException($"AML field name \"{name}\" is not one 1-4 character segment", nameof(fields));
+            list.AddRange(Encoding.ASCII.GetBytes(name.PadRight(4, '_')));
+            list.AddRange(FieldLength(bits));
+        }
+        // FieldFlags: AccessType bits 0-3, LockRule bit 4 (0 NoLock), UpdateRule bits 5-6 (2 WriteAsZeros).
+        return [ExtOpPrefix, FieldOp, .. Sized([.. NameString(region), (byte)((byte)access | 0x40), .. list])];
+    }
 
     /// <summary>Name(<paramref name="name"/>, <paramref name="value"/>).</summary>
     public static byte[] Name(string name, byte[] value) => [NameOp, .. NameString(name), .. value];
@@ -104,6 +190,18 @@ public static class Aml
         return Buffer(data);
     }
 
+    /// <summary>A field's bit count: PkgLength's encoding, but the value is the count itself (it does not count its own
+    /// bytes, 20.2.5.2 NamedField).</summary>
+    private static byte[] FieldLength(int bits)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegativeOrZero(bits);
+        if (bits <= 0x3F)
+            return [(byte)bits];
+        if (bits <= 0xFFF)
+            return [(byte)(0x40 | (bits & 0x0F)), (byte)(bits >> 4)];
+        return [(byte)(0x80 | (bits & 0x0F)), (byte)(bits >> 4), (byte)(bits >> 12)];
+    }
+
     private static byte[] Sized(byte[] content) => [.. PkgLength(content.Length), .. content];
 
     private static IEnumerable<byte> Concat(byte[][] parts) => parts.SelectMany(p => p);
@@ -129,6 +227,19 @@ public static class AmlResource
 
     /// <summary>IRQNoFlags(){<paramref name="irq"/>}: edge-triggered, active-high, exclusive ISA IRQ (6.4.2.1).</summary>
     public static byte[] IrqNoFlags(int irq) => [0x22, (byte)(1 << irq), (byte)((1 << irq) >> 8)];
+
+    /// <summary>Interrupt(ResourceConsumer, Edge or Level, ActiveHigh, Exclusive) {<paramref name="gsi"/>}: the
+    /// Extended Interrupt Descriptor (6.4.3.6), which names a GSI directly.</summary>
+    public static byte[] Interrupt(uint gsi, bool edge)
+    {
+        var d = new byte[9];
+        d[0] = 0x89;
+        BinaryPrimitives.WriteUInt16LittleEndian(d.AsSpan(1), 6);
+        d[3] = (byte)(0x01 | (edge ? 0x02 : 0)); // bit 0 consumer, bit 1 edge; bit 2 = 0 active high; bit 3 = 0 exclusive
+        d[4] = 1;                                // one interrupt number
+        BinaryPrimitives.WriteUInt32LittleEndian(d.AsSpan(5), gsi);
+        return d;
+    }
 
     /// <summary>Memory32Fixed(ReadWrite, base, length) (6.4.3.4).</summary>
     public static byte[] Memory32Fixed(uint address, uint length)

@@ -15,7 +15,6 @@ public sealed class PciRootBus
     private readonly PciFunction?[] _slots = new PciFunction?[SlotCount];
     private readonly Lock _configLock = new();
     private readonly ulong _window64Start, _window64Size;
-    private ulong _next32, _next64;
     // The decoded BARs, rebuilt (copy on write) when a BAR or a command register changes; read without a lock.
     private DecodedBar[] _decoded = [];
 
@@ -25,8 +24,6 @@ public sealed class PciRootBus
     {
         _window64Start = window64Start;
         _window64Size = window64Size;
-        _next32 = MemoryLayout.PciMmio32Start;
-        _next64 = window64Start;
         Add(new PciHostBridge(), 0);
         ConfigIo = new ConfigIoPorts(this);
         Ecam = new EcamWindow(this);
@@ -53,7 +50,8 @@ public sealed class PciRootBus
     public IEnumerable<PciFunction> Functions => _slots.OfType<PciFunction>();
 
     /// <summary>Adds <paramref name="function"/> in the first free slot (or <paramref name="slot"/>) and places its
-    /// BARs (largest first, naturally aligned): 32-bit BARs and non-prefetchable 64-bit BARs in the 32-bit window,
+    /// BARs (largest first, naturally aligned, each at the lowest address no other function's BAR holds, so space a
+    /// removed device left is used again): 32-bit BARs and non-prefetchable 64-bit BARs in the 32-bit window,
     /// prefetchable 64-bit BARs above RAM; an expansion ROM (index 6) in the 32-bit window, decoding only while its
     /// enable bit is set.</summary>
     public int Add(PciFunction function, int slot = -1)
@@ -66,22 +64,30 @@ public sealed class PciRootBus
                 throw new PciConfigException($"no free PCI slot for {function.Name}: all {SlotCount} are taken");
             if (_slots[slot] is not null)
                 throw new PciConfigException($"PCI slot {slot} is taken by {_slots[slot]!.Name}");
+            var taken = TakenRangesLocked();
+            ulong end32 = MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size, end64 = _window64Start + _window64Size;
+            var placed = new List<(int Index, ulong Address)>();
             foreach (var bar in function.Config.Bars.OrderByDescending(b => b.Size))
             {
                 // Prefetchable 64-bit BARs go above RAM. A non-prefetchable 64-bit BAR stays below 4 GiB (guests with
                 // 32-bit drivers expect that) unless the 32-bit window lacks room: on the root bus, with no bridge
                 // in between, it may decode anywhere.
-                bool high = bar.Kind == PciBarKind.Memory64 && (bar.Prefetchable || !Fits(_next32, bar.Size,
-                    MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size));
-                ref ulong next = ref high ? ref _next64 : ref _next32;
-                ulong limit = high ? _window64Start + _window64Size : MemoryLayout.PciMmio32Start + MemoryLayout.PciMmio32Size;
-                ulong address = (next + bar.Size - 1) & ~(bar.Size - 1);
-                if (address + bar.Size > limit || address + bar.Size < address)
+                ulong? low = FirstFit(taken, MemoryLayout.PciMmio32Start, end32, bar.Size);
+                bool high = bar.Kind == PciBarKind.Memory64 && (bar.Prefetchable || low is null);
+                ulong? address = high ? FirstFit(taken, _window64Start, end64, bar.Size) : low;
+                if (address is not ulong at)
+                {
+                    ulong first = high ? _window64Start : MemoryLayout.PciMmio32Start, last = (high ? end64 : end32) - 1;
+                    ulong free = FreeBytes(taken, first, last + 1);
                     throw new PciConfigException($"{function.Name}: {bar} does not fit in the {(high ? "64-bit" : "32-bit")} PCI window " +
-                        (next >= limit ? "(it is full)" : $"(0x{limit - next:x} bytes free from 0x{next:x})"));
-                function.Config.SetBarAddress(bar.Index, address);
-                next = address + bar.Size;
+                        $"0x{first:x}-0x{last:x} " + (free == 0 ? "(it is full)" : $"(0x{free:x} bytes free, but no naturally aligned range of that size)"));
+                }
+                placed.Add((bar.Index, at));
+                taken.Add((at, at + bar.Size));
+                taken.Sort((a, b) => a.Start.CompareTo(b.Start));
             }
+            foreach (var (index, at) in placed)
+                function.Config.SetBarAddress(index, at);
             byte pin = function.Config.Get8(PciConfigSpace.InterruptPin);
             if (pin != 0)
                 function.Config.SetInterruptLine((byte)MemoryLayout.PciIntxGsi(slot, pin - 1));
@@ -91,10 +97,72 @@ public sealed class PciRootBus
         }
     }
 
-    private static bool Fits(ulong next, ulong size, ulong limit)
+    /// <summary>Takes the function in <paramref name="slot"/> off the bus (hot unplug): its configuration space reads
+    /// all-ones from now on and its BARs decode nowhere (the function is told, so ioeventfds and BAR mappings go).
+    /// Returns the function, or null when the slot was empty.</summary>
+    public PciFunction? Remove(int slot)
     {
-        ulong address = (next + size - 1) & ~(size - 1);
-        return address >= next && address + size >= address && address + size <= limit;
+        ArgumentOutOfRangeException.ThrowIfLessThan(slot, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(slot, SlotCount);
+        lock (_configLock)
+        {
+            var function = _slots[slot];
+            if (function is null)
+                return null;
+            _slots[slot] = null;
+            RebuildDecodeLocked(function);
+            function.Slot = -1;
+            return function;
+        }
+    }
+
+    /// <summary>Where the functions' BARs are now (where the guest moved them or where they were placed), sorted.</summary>
+    private List<(ulong Start, ulong End)> TakenRangesLocked()
+    {
+        var taken = new List<(ulong Start, ulong End)>();
+        foreach (var f in Functions)
+        {
+            foreach (var bar in f.Config.Bars)
+            {
+                ulong start = f.Config.BarAddress(bar.Index);
+                if (start != 0 && start + bar.Size > start)
+                    taken.Add((start, start + bar.Size));
+            }
+        }
+        taken.Sort((a, b) => a.Start.CompareTo(b.Start));
+        return taken;
+    }
+
+    /// <summary>The lowest address in [<paramref name="start"/>, <paramref name="end"/>) aligned to
+    /// <paramref name="size"/> (a power of two) whose range overlaps nothing in <paramref name="taken"/>.</summary>
+    private static ulong? FirstFit(List<(ulong Start, ulong End)> taken, ulong start, ulong end, ulong size)
+    {
+        ulong at = Align(start, size);
+        while (at >= start && at + size > at && at + size <= end)
+        {
+            var hit = taken.FindIndex(t => t.Start < at + size && at < t.End);
+            if (hit < 0)
+                return at;
+            ulong next = Align(taken[hit].End, size);
+            if (next <= at)
+                return null;
+            at = next;
+        }
+        return null;
+    }
+
+    private static ulong Align(ulong value, ulong size) => (value + size - 1) & ~(size - 1);
+
+    private static ulong FreeBytes(List<(ulong Start, ulong End)> taken, ulong start, ulong end)
+    {
+        ulong used = 0;
+        foreach (var (s, e) in taken)
+        {
+            ulong a = Math.Max(s, start), b = Math.Min(e, end);
+            if (b > a)
+                used += b - a;
+        }
+        return end - start - Math.Min(used, end - start);
     }
 
     public PciFunction? this[int slot] => _slots[slot];
@@ -289,17 +357,26 @@ public sealed class SharedInterruptLine(IInterruptLine pin)
 {
     private readonly Lock _lock = new();
     private ulong _asserted;
-    private int _sources;
+    private ulong _connected;
 
-    /// <summary>A line for one more function.</summary>
+    /// <summary>A line for one more function; disposing it (hot removal) deasserts it and frees its place.</summary>
     public IInterruptLine Connect()
     {
         lock (_lock)
         {
-            if (_sources == 64)
+            if (_connected == ulong.MaxValue)
                 throw new PciConfigException("more than 64 functions on one interrupt line");
-            return new Source(this, _sources++);
+            int index = System.Numerics.BitOperations.TrailingZeroCount(~_connected);
+            _connected |= 1UL << index;
+            return new Source(this, index);
         }
+    }
+
+    private void Disconnect(int source)
+    {
+        Set(source, false);
+        lock (_lock)
+            _connected &= ~(1UL << source);
     }
 
     private void Set(int source, bool level)
@@ -314,8 +391,20 @@ public sealed class SharedInterruptLine(IInterruptLine pin)
         }
     }
 
-    private sealed class Source(SharedInterruptLine line, int index) : IInterruptLine
+    private sealed class Source(SharedInterruptLine line, int index) : IInterruptLine, IDisposable
     {
-        public void SetLevel(bool asserted) => line.Set(index, asserted);
+        private int _disposed;
+
+        public void SetLevel(bool asserted)
+        {
+            if (Volatile.Read(ref _disposed) == 0)
+                line.Set(index, asserted);
+        }
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _disposed, 1) == 0)
+                line.Disconnect(index);
+        }
     }
 }

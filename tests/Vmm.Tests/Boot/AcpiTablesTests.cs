@@ -160,6 +160,79 @@ public class AcpiTablesTests : IDisposable
         Assert.Contains("Package (0x04) { 0x0003FFFF, One, Zero, 0x10 }", prt);   // slot 3 INTB → GSI 16
     }
 
+    [Fact]
+    public void The_DSDT_has_a_hotplug_slot_per_root_bus_slot_the_register_block_and_a_GED_that_runs_PCNT()
+    {
+        string dsl = Disassemble("DSDT", AcpiTables.Write(_mem, 1).Tables["DSDT"]);
+        string pci0 = Squeeze(Body(dsl, "Device (PCI0)"));
+        Assert.Contains("OperationRegion (PCST, SystemMemory, 0xFEB00000, 0x10)", pci0);
+        Assert.Contains("Field (PCST, DWordAcc, NoLock, WriteAsZeros) { PCIU, 32, PCID, 32, B0EJ, 32, PSEG, 32 }", pci0);
+        Assert.Contains("Method (PCEJ, 1, NotSerialized) { B0EJ = (One << Arg0) }", pci0);
+        Assert.DoesNotContain("Device (S00)", pci0); // the host bridge's slot
+        for (int slot = 1; slot < 32; slot++)
+        {
+            string name = $"S{slot:X2}";
+            string device = Squeeze(Body(pci0, $"Device ({name})"));
+            Assert.Contains($"Name (_ADR, 0x{slot << 16:X8})", device);
+            Assert.Contains($"Name (_SUN, {(slot == 1 ? "One" : $"0x{slot:X2}")})", device);
+            Assert.Contains($"Method (_EJ0, 1, NotSerialized) {{ PCEJ ({(slot == 1 ? "One" : $"0x{slot:X2}")}) }}", device);
+        }
+        string pcnt = Squeeze(Body(pci0, "Method (PCNT, 0, Serialized)"));
+        Assert.Contains("Local0 = PCIU", pcnt);
+        Assert.Contains("Local1 = PCID", pcnt);
+        Assert.Contains("If ((Local0 & 0x20)) { Notify (S05, One) }", pcnt);       // slot 5 came up: device check
+        Assert.Contains("If ((Local1 & 0x20)) { Notify (S05, 0x03) }", pcnt);      // slot 5 to remove: eject request
+        Assert.Contains("If ((Local1 & 0x80000000)) { Notify (S1F, 0x03) }", pcnt);
+
+        string ged = Squeeze(Body(dsl, "Device (GED)"));
+        Assert.Contains("Name (_HID, \"ACPI0013\"", ged);
+        Assert.Contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000014, }", ged);
+        Assert.Contains("Method (_EVT, 1, Serialized) { \\_SB.PCI0.PCNT () }", ged);
+        Assert.Contains("Memory32Fixed (ReadWrite, 0xFEB00000, 0x00000010, )", Squeeze(Body(dsl, "Device (MRES)")));
+        Assert.Equal(20u, MemoryLayout.GedGsi);
+        Assert.DoesNotContain(MemoryLayout.GedGsi, Enumerable.Range(0, 32).SelectMany(s => Enumerable.Range(0, 4).Select(p => MemoryLayout.PciIntxGsi(s, p))));
+    }
+
+    [Fact]
+    public void The_disassembled_DSDT_compiles_again_with_iasl_without_errors()
+    {
+        string dsl = Disassemble("DSDT", AcpiTables.Write(_mem, 1).Tables["DSDT"]);
+        string dir = Directory.CreateTempSubdirectory("vmm-acpi-").FullName;
+        try
+        {
+            File.WriteAllText(Path.Combine(dir, "dsdt.dsl"), dsl);
+            var r = Repo.Run("iasl", ["dsdt.dsl"], dir, TimeSpan.FromMinutes(1));
+            Assert.True(r.ExitCode == 0, r.Stdout + r.Stderr);
+            Assert.Contains("0 Errors", r.Stdout + r.Stderr);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void AML_methods_statements_regions_and_fields_disassemble_as_written()
+    {
+        byte[] aml = Aml.Scope("\\_SB",
+            Aml.OperationRegion("REGN", Aml.RegionSpace.SystemIo, 0x510, 0x0C),
+            Aml.Field("REGN", Aml.FieldAccess.Byte, ("FLDA", 8), ("FLDB", 24), ("FLDC", 64)),
+            Aml.Method("TEST", 2, serialized: false,
+                Aml.Store(Aml.Arg(0), Aml.Local(3)),
+                Aml.If(Aml.LAnd(Aml.LEqual(Aml.Local(3), Aml.Integer(5)), Aml.LEqual(Aml.Arg(1), Aml.Integer(0x1234))),
+                    Aml.Store(Aml.And(Aml.Ref("FLDB"), Aml.Integer(0xFF)), Aml.Ref("FLDA")),
+                    Aml.Store(Aml.ShiftLeft(Aml.Integer(1), Aml.Arg(1)), Aml.Ref("FLDC")),
+                    Aml.Notify("DEV0", 0x80))),
+            Aml.Device("DEV0", Aml.Name("_HID", Aml.String("ACPI0013")),
+                Aml.Method("CALL", 0, serialized: true, Aml.Call("\\_SB.TEST", Aml.Integer(5), Aml.Integer(0x1234)))));
+        string dsl = Squeeze(Disassemble("DSDT", AcpiTables.Table("DSDT", 2, aml)));
+        Assert.Contains("OperationRegion (REGN, SystemIO, 0x0510, 0x0C)", dsl);
+        Assert.Contains("Field (REGN, ByteAcc, NoLock, WriteAsZeros) { FLDA, 8, FLDB, 24, FLDC, 64 }", dsl);
+        Assert.Contains("Method (TEST, 2, NotSerialized) { Local3 = Arg0 If (((Local3 == 0x05) && (Arg1 == 0x1234))) { FLDA = (FLDB & 0xFF) FLDC = (One << Arg1) Notify (DEV0, 0x80) } }", dsl);
+        Assert.Contains("Name (_HID, \"ACPI0013\"", dsl);
+        Assert.Contains("Method (CALL, 0, Serialized) { \\_SB.TEST (0x05, 0x1234) }", dsl);
+    }
+
     private static ulong Number(string aml) => aml switch
     {
         "Zero" => 0,

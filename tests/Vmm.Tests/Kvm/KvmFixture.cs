@@ -48,6 +48,8 @@ public sealed class KvmFixture
             ["virtiofsd"] = File.ReadAllBytes(VhostUserBackendProcess.Virtiofsd),
             ["qemu-storage-daemon"] = File.ReadAllBytes(VhostUserBackendProcess.StorageDaemon),
             ["vhost-initramfs.cpio.gz"] = VhostUserInitramfs(),
+            ["hotplug-initramfs.cpio.gz"] = BusyboxInitramfs(HotplugScenario.InitScript(), AddGuestModules),
+            ["hotplug.sh"] = Encoding.UTF8.GetBytes(HotplugScenario.Script),
         };
         Results = VmmRunner.RunAll(vmm, files, Selected(
         [
@@ -148,6 +150,9 @@ public sealed class KvmFixture
                 "./vmm run --kernel vmlinuz --initrd vhost-initramfs.cpio.gz --memory 256M --cmdline 'console=ttyS0 quiet panic=-1 rdinit=/init vmm.vhost=blk' " +
                 "--disk vhost_user=on,socket=blk.sock --log-level info; rc=$?; kill %1 2>/dev/null; echo; " +
                 "echo \"@@SECTOR1000 $(dd if=vu.img bs=512 skip=1000 count=1 2>/dev/null | head -c 16)\"; echo @@QSD; cat qsd.out; exit $rc"),
+            // PCI hotplug through the API and ACPI (KvmHotplugTests): a disk, a NIC and a test GPU added to a running
+            // Linux that booted with no PCI devices, used by it, and removed again.
+            new("linux-hotplug", [], Shell: "unshare -n sh ./hotplug.sh"),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),

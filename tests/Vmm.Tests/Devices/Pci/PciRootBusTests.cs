@@ -279,7 +279,7 @@ public class PciRootBusTests
         var f = new RecordingPciFunction("nic");
         f.Config.AddBar(0, 0x1000, PciBarKind.Memory32);
         var e = Assert.Throws<PciConfigException>(() => _root.Add(f));
-        Assert.Equal("nic: BAR0 32-bit memory, 0x1000 bytes does not fit in the 32-bit PCI window (it is full)", e.Message);
+        Assert.Equal("nic: BAR0 32-bit memory, 0x1000 bytes does not fit in the 32-bit PCI window 0xc0000000-0xdfffffff (it is full)", e.Message);
         Assert.Equal(-1, f.Slot);
         Assert.Null(_root[3]);
     }
@@ -304,7 +304,38 @@ public class PciRootBusTests
         var b = new RecordingPciFunction("b");
         b.Config.AddBar(0, 8 * GiB, PciBarKind.Memory64, prefetchable: true);
         var e = Assert.Throws<PciConfigException>(() => root.Add(b));
-        Assert.Equal("b: BAR0 64-bit prefetchable memory, 0x200000000 bytes does not fit in the 64-bit PCI window (0x100000000 bytes free from 0x400000000)", e.Message);
+        Assert.Equal("b: BAR0 64-bit prefetchable memory, 0x200000000 bytes does not fit in the 64-bit PCI window 0x100000000-0x4ffffffff (0x200000000 bytes free, but no naturally aligned range of that size)", e.Message);
+        // Once a is gone, its range serves b.
+        Assert.Same(a, root.Remove(1));
+        Assert.Equal(1, root.Add(b));
+        Assert.Equal(8 * GiB, b.Config.BarAddress(0));
+    }
+
+    [Fact]
+    public void A_removed_function_reads_all_ones_decodes_nowhere_and_frees_its_slot_and_BAR_space()
+    {
+        var root = new PciRootBus(4 * GiB, 16 * GiB);
+        var a = new RecordingPciFunction("a");
+        a.Config.AddBar(0, 0x4000, PciBarKind.Memory32);
+        var b = new RecordingPciFunction("b");
+        b.Config.AddBar(0, 0x4000, PciBarKind.Memory32);
+        Assert.Equal(1, root.Add(a));
+        Assert.Equal(2, root.Add(b));
+        ulong at = a.Config.BarAddress(0);
+        Span<byte> cmd = [0x02, 0x00]; // memory decode on
+        root.ConfigWrite(0, 1, 0, PciConfigSpace.Command, cmd);
+        Assert.Equal([(0, (ulong?)at)], a.Mapped);
+        Assert.Same(a, root.Remove(1));
+        Assert.Equal([(0, (ulong?)at), (0, (ulong?)null)], a.Mapped); // told its BAR decodes nowhere now
+        Assert.Equal(-1, a.Slot);
+        Assert.Null(root.Remove(1));
+        Span<byte> id = stackalloc byte[4];
+        root.ConfigRead(0, 1, 0, 0, id);
+        Assert.Equal(0xFFFF_FFFFu, BinaryPrimitives.ReadUInt32LittleEndian(id));
+        var c = new RecordingPciFunction("c");
+        c.Config.AddBar(0, 0x4000, PciBarKind.Memory32);
+        Assert.Equal(1, root.Add(c));
+        Assert.Equal(at, c.Config.BarAddress(0)); // the first free range again
     }
 
     [Fact]
@@ -522,5 +553,22 @@ public class PciRootBusTests
         var lines = Enumerable.Range(0, 64).Select(_ => shared.Connect()).ToArray();
         Assert.Throws<PciConfigException>(() => shared.Connect());
         lines[63].SetLevel(true); // the highest source bit works
+    }
+
+    [Fact]
+    public void A_disconnected_source_deasserts_the_line_goes_quiet_and_frees_its_place()
+    {
+        var pin = new RecordingInterruptLine();
+        var shared = new SharedInterruptLine(pin);
+        var lines = Enumerable.Range(0, 64).Select(_ => shared.Connect()).ToArray();
+        lines[5].SetLevel(true);
+        ((IDisposable)lines[5]).Dispose(); // hot removal of a device holding the line up
+        Assert.False(pin.Level);
+        lines[5].SetLevel(true);            // a late signal from the removed device changes nothing
+        Assert.False(pin.Level);
+        var again = shared.Connect();       // its place serves the next device
+        again.SetLevel(true);
+        Assert.True(pin.Level);
+        Assert.Throws<PciConfigException>(() => shared.Connect());
     }
 }

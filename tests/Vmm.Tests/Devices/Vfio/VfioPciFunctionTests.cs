@@ -429,7 +429,7 @@ public sealed class VfioPciFunctionTests : IDisposable
         EcamWrite(root, slot, 0x04, 0x0006);
         Assert.Equal(
             [(bar0, A100MsixTable), (bar0 + A100MsixTable + Page, A100MsixPba - A100MsixTable - Page),
-             (bar0 + A100MsixPba + Page, 16 * MiB - A100MsixPba - Page), (bar1, 128 * GiB), (bar3, 32 * MiB)],
+             (bar0 + A100MsixPba + Page, 16 * MiB - A100MsixPba - Page), (bar3, 32 * MiB), (bar1, 128 * GiB)], // BAR3 fits below BAR1
             _mapper.Live.Select(s => (s.Guest, s.Size)).OrderBy(s => s.Guest));
         Assert.Equal(3, device.LiveMappings);                       // one host mapping per mmap area
         // The slot past the MSI-X table is the device's memory at that offset.

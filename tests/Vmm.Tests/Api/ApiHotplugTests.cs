@@ -1,0 +1,177 @@
+using System.Text;
+using System.Text.Json;
+using Vmm.Api;
+using Vmm.Api.Http;
+using Vmm.Boot;
+using Vmm.Cli;
+using Vmm.Machine;
+using Vmm.Memory;
+using Vmm.Tests.TestKit;
+
+namespace Vmm.Tests.Api;
+
+/// <summary>The hotplug endpoints (vm.add-disk, vm.add-net, vm.add-device, vm.add-user-device, vm.remove-device) where no
+/// VM runs: bodies checked as vm.create checks them, ids, the config, and the state rules; `vmm remote`'s ch-remote
+/// syntax; the 64-bit window reservation. The running case (hotplug into a Linux guest) is KvmHotplugTests.</summary>
+public sealed class ApiHotplugTests : IDisposable
+{
+    private readonly DirectoryInfo _dir = Directory.CreateTempSubdirectory("vmm-hotplug-");
+    private readonly VmmService _service;
+    private readonly HttpServer _server;
+    private readonly ApiClient _client;
+
+    public ApiHotplugTests()
+    {
+        var log = new Log(LogLevel.Error, TextWriter.Null);
+        _service = new VmmService(log, null, _ => new ConsoleStreams(null, null), adjust: m => m with { KvmPath = "/nonexistent/kvm" });
+        _server = HttpServer.Listen(Path.Combine(_dir.FullName, "api.sock"), new ApiHandler(_service, log));
+        _client = new ApiClient(Path.Combine(_dir.FullName, "api.sock"), TimeSpan.FromSeconds(10));
+    }
+
+    public void Dispose()
+    {
+        _server.Dispose();
+        _service.Dispose();
+        _dir.Delete(recursive: true);
+    }
+
+    private static void AssertError(ApiResponse r, int status, string contained)
+    {
+        Assert.True(r.Status == status, $"expected {status}, got {r.Status}: {r.Body}");
+        Assert.Contains(JsonSerializer.Deserialize<string[]>(r.Body)!, m => m.Contains(contained, StringComparison.Ordinal));
+    }
+
+    private void Create(string devices = "")
+    {
+        string kernel = Path.Combine(_dir.FullName, "kernel.elf");
+        File.WriteAllBytes(kernel, ImageBuilder.Elf(false, 0x10_0000, [new ImageBuilder.Segment(0x10_0000, ImageBuilder.MultibootHeaderBytes())]));
+        var r = _client.Put("vm.create", $$"""{"payload":{"kernel":{{JsonSerializer.Serialize(kernel)}}},"memory":{"size":67108864}{{devices}}}""");
+        Assert.True(r.Status == 204, r.Body);
+    }
+
+    private JsonElement Config() => JsonDocument.Parse(_client.Get("vm.info").Body).RootElement.GetProperty("config");
+
+    [Theory]
+    [InlineData("vm.add-disk", """{"path":"/img"}""")]
+    [InlineData("vm.add-net", """{"tap":"tap0"}""")]
+    [InlineData("vm.add-device", """{"path":"/sys/bus/pci/devices/0000:01:00.0"}""")]
+    [InlineData("vm.add-user-device", """{"socket":"/run/gpu.sock"}""")]
+    [InlineData("vm.remove-device", """{"id":"_disk0"}""")]
+    public void Before_vm_create_every_hotplug_endpoint_is_404(string endpoint, string body) =>
+        AssertError(_client.Put(endpoint, body), 404, "VM is not created");
+
+    [Fact]
+    public void On_a_VM_not_booted_a_device_joins_the_config_with_a_CH_style_id_and_answers_204()
+    {
+        Create(""","disks":[{"path":"/img/root"}]""");
+        var r = _client.Put("vm.add-disk", """{"path":"/img/data","readonly":true}""");
+        Assert.True(r.Status == 204, r.Body); // CH's "cold added"
+        Assert.Equal(204, _client.Put("vm.add-net", """{"tap":"tap3","mac":"52:54:00:00:00:03"}""").Status);
+        Assert.Equal(204, _client.Put("vm.add-user-device", """{"socket":"/run/gpu.sock","id":"gpu"}""").Status);
+        Assert.Equal(204, _client.Put("vm.add-device", """{"path":"/sys/bus/pci/devices/0000:41:00.0"}""").Status);
+        var config = Config();
+        Assert.Equal(["_disk0", "_disk1"], config.GetProperty("disks").EnumerateArray().Select(d => d.GetProperty("id").GetString()));
+        Assert.True(config.GetProperty("disks")[1].GetProperty("readonly").GetBoolean());
+        Assert.Equal("_net0", config.GetProperty("net")[0].GetProperty("id").GetString());
+        Assert.Equal("gpu", config.GetProperty("user_devices")[0].GetProperty("id").GetString());
+        Assert.Equal("_vfio0", config.GetProperty("devices")[0].GetProperty("id").GetString());
+        ChSchema.AssertValid(_client.Get("vm.info").Body, "VmInfo");
+    }
+
+    [Fact]
+    public void An_id_in_use_is_409_and_a_body_vmm_cannot_serve_is_400_naming_the_field()
+    {
+        Create(""","disks":[{"path":"/img/root","id":"root"}]""");
+        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","id":"root"}"""), 409, "Identifier root is not unique");
+        AssertError(_client.Put("vm.add-net", """{"tap":"tap0","id":"root"}"""), 409, "Identifier root is not unique");
+        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","vhost_user":true}"""), 400, "disk.vhost_user");
+        AssertError(_client.Put("vm.add-disk", """{}"""), 400, "disk.path: required");
+        AssertError(_client.Put("vm.add-net", """{"tap":"a/b"}"""), 400, "net.tap");
+        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","colour":"red"}"""), 400, "Failed to deserialize JSON");
+        AssertError(_client.Put("vm.add-user-device", """{"id":"x"}"""), 400, "Failed to deserialize JSON"); // socket is required
+        AssertError(_client.Put("vm.remove-device", """{}"""), 400, "Failed to deserialize JSON");
+        Assert.Single(Config().GetProperty("disks").EnumerateArray()); // nothing refused was added
+    }
+
+    [Fact]
+    public void Remove_device_on_a_VM_not_booted_takes_it_out_of_the_config_and_an_unknown_id_is_404()
+    {
+        Create(""","disks":[{"path":"/img/root","id":"root"}],"user_devices":[{"socket":"/run/gpu.sock","id":"gpu"}]""");
+        Assert.Equal(204, _client.Put("vm.remove-device", """{"id":"gpu"}""").Status);
+        Assert.False(Config().TryGetProperty("user_devices", out var u) && u.GetArrayLength() > 0);
+        AssertError(_client.Put("vm.remove-device", """{"id":"gpu"}"""), 404, "no device with id \"gpu\"");
+        Assert.Equal("root", Config().GetProperty("disks")[0].GetProperty("id").GetString());
+    }
+
+    [Fact]
+    public void The_lifecycle_allows_hotplug_only_while_Running()
+    {
+        var lifecycle = new VmLifecycle(() => throw new InvalidOperationException("not booted in this test"), new Log(LogLevel.Error, TextWriter.Null));
+        var add = Assert.Throws<VmStateException>(() => lifecycle.AddDevice(new Vmm.Machine.DiskConfig("/img", Id: "d"), "vm.add-disk"));
+        Assert.Equal("the VM is Created: vm.add-disk needs it Running", add.Message);
+        var remove = Assert.Throws<VmStateException>(() => lifecycle.RemoveDevice("d", TimeSpan.FromSeconds(1)));
+        Assert.Equal("the VM is Created: vm.remove-device needs it Running", remove.Message);
+        lifecycle.Dispose();
+        Assert.Equal("the VM was deleted", Assert.Throws<VmStateException>(() => lifecycle.AddDevice(new Vmm.Machine.DiskConfig("/img", Id: "d"))).Message);
+    }
+
+    [Fact]
+    public void The_hotplug_endpoints_are_implemented_and_vsock_and_fs_are_left_for_later()
+    {
+        foreach (string e in new[] { "vm.add-disk", "vm.add-net", "vm.add-device", "vm.add-user-device", "vm.remove-device" })
+            Assert.Contains(e, ApiHandler.Implemented);
+        Assert.Contains("vm.add-vsock", ApiHandler.NotImplemented);
+        Assert.Contains("vm.add-fs", ApiHandler.NotImplemented);
+    }
+
+    [Theory]
+    [InlineData("add-disk", "path=/img/a.img,readonly=on,serial=S1,id=d", """{"path":"/img/a.img","readonly":true,"serial":"S1","id":"d"}""")]
+    [InlineData("add-net", "tap=tap0,mac=52:54:00:12:34:57", """{"tap":"tap0","mac":"52:54:00:12:34:57"}""")]
+    [InlineData("add-device", "path=/sys/bus/pci/devices/0000:01:00.0", """{"path":"/sys/bus/pci/devices/0000:01:00.0"}""")]
+    [InlineData("add-user-device", "socket=gpu.sock,id=gpu", """{"socket":"gpu.sock","id":"gpu"}""")]
+    public void Vmm_remote_turns_ch_remote_arguments_into_the_endpoints_body(string command, string argument, string json)
+    {
+        byte[] body = RemoteCommand.AddBody(command, argument, RemoteCommand.AddCommands[command].Keys);
+        Assert.Equal(json, Encoding.UTF8.GetString(body));
+        string schema = command switch { "add-disk" => "DiskConfig", "add-net" => "NetConfig", "add-device" => "DeviceConfig", _ => "UserDeviceConfig" };
+        ChSchema.AssertValid(json, schema);
+    }
+
+    [Theory]
+    [InlineData("add-disk", "path=/a,colour=red", "unknown key 'colour'")]
+    [InlineData("add-disk", "path=/a,readonly=maybe", "readonly must be on or off")]
+    [InlineData("add-net", "tap=a,tap=b", "'tap' given twice")]
+    [InlineData("add-device", "/sys/bus/pci/devices/x", "is not key=value")]
+    public void Vmm_remote_refuses_bad_arguments(string command, string argument, string message) =>
+        Assert.Contains(message, Assert.Throws<UsageException>(() => RemoteCommand.AddBody(command, argument, RemoteCommand.AddCommands[command].Keys)).Message);
+
+    [Fact]
+    public void Pci_segments_mmio64_aperture_weight_reserves_a_64_bit_window_of_that_many_times_64_GiB()
+    {
+        string kernel = Path.Combine(_dir.FullName, "k");
+        File.WriteAllBytes(kernel, [1]);
+        var c = ApiHandler.ParseVmConfig(Encoding.UTF8.GetBytes($$"""{"payload":{"kernel":{{JsonSerializer.Serialize(kernel)}}},"pci_segments":[{"pci_segment":0,"mmio64_aperture_weight":4}]}"""));
+        VmConfigMapper.Normalize(c);
+        Assert.Equal(256 * MemoryLayout.GiB, VmConfigMapper.ToMachine(c, new ConsoleStreams(null, null)).Pci64MinimumSize);
+        Assert.Equal((4 * MemoryLayout.GiB, 256 * MemoryLayout.GiB), MemoryLayout.Pci64Window(128 * MemoryLayout.MiB, [8 * MemoryLayout.GiB], 256 * MemoryLayout.GiB));
+        // Grown past the minimum when the cold-plugged BARs need more.
+        Assert.Equal((4 * MemoryLayout.GiB, 380 * MemoryLayout.GiB), MemoryLayout.Pci64Window(128 * MemoryLayout.MiB, [128 * MemoryLayout.GiB, 128 * MemoryLayout.GiB], 64 * MemoryLayout.GiB)); // to 384 GiB: the BARs at 128 and 256 GiB
+
+        var bad = ApiHandler.ParseVmConfig(Encoding.UTF8.GetBytes($$"""{"payload":{"kernel":"k"},"pci_segments":[{"pci_segment":1,"mmio64_aperture_weight":0,"mmio32_aperture_weight":2}]}"""));
+        var problems = Assert.Throws<VmConfigException>(() => VmConfigMapper.Normalize(bad)).Problems;
+        Assert.Contains(problems, p => p.StartsWith("pci_segments[0].pci_segment: 1 is not supported", StringComparison.Ordinal));
+        Assert.Contains(problems, p => p.StartsWith("pci_segments[0].mmio64_aperture_weight: 0 must be", StringComparison.Ordinal));
+        Assert.Contains(problems, p => p.StartsWith("pci_segments[0].mmio32_aperture_weight: 2 is not supported", StringComparison.Ordinal));
+    }
+
+    [Fact]
+    public void The_pci_segment_option_sets_the_weight_in_the_VmConfig()
+    {
+        var o = Options.Parse(["run", "--kernel", "k", "--pci-segment", "pci_segment=0,mmio64_aperture_weight=4"]);
+        var c = CliVmConfig.From(o);
+        Assert.Equal(4, VmConfigMapper.Mmio64Weight(c));
+        ChSchema.AssertValid(JsonSerializer.Serialize(c, ApiJsonContext.Default.VmConfig), "VmConfig");
+        Assert.Contains("mmio64_aperture_weight=N", Assert.Throws<UsageException>(() => Options.Parse(["run", "--kernel", "k", "--pci-segment", "pci_segment=0"])).Message);
+        Assert.Contains("pci_segment=0", Assert.Throws<UsageException>(() => Options.Parse(["run", "--kernel", "k", "--pci-segment", "pci_segment=1,mmio64_aperture_weight=2"])).Message);
+    }
+}
