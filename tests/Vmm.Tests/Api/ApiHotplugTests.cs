@@ -84,7 +84,7 @@ public sealed class ApiHotplugTests : IDisposable
         Create(""","disks":[{"path":"/img/root","id":"root"}]""");
         AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","id":"root"}"""), 409, "Identifier root is not unique");
         AssertError(_client.Put("vm.add-net", """{"tap":"tap0","id":"root"}"""), 409, "Identifier root is not unique");
-        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","vhost_user":true}"""), 400, "disk.vhost_user");
+        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","vhost_user":true}"""), 400, "disk.vhost_socket: required with vhost_user: true");
         AssertError(_client.Put("vm.add-disk", """{}"""), 400, "disk.path: required");
         AssertError(_client.Put("vm.add-net", """{"tap":"a/b"}"""), 400, "net.tap");
         AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","colour":"red"}"""), 400, "Failed to deserialize JSON");
@@ -116,12 +116,35 @@ public sealed class ApiHotplugTests : IDisposable
     }
 
     [Fact]
-    public void The_hotplug_endpoints_are_implemented_and_vsock_and_fs_are_left_for_later()
+    public void The_hotplug_endpoints_are_implemented()
     {
-        foreach (string e in new[] { "vm.add-disk", "vm.add-net", "vm.add-device", "vm.add-user-device", "vm.remove-device" })
+        foreach (string e in new[] { "vm.add-disk", "vm.add-net", "vm.add-device", "vm.add-user-device", "vm.add-fs", "vm.add-vsock", "vm.remove-device" })
+        {
             Assert.Contains(e, ApiHandler.Implemented);
-        Assert.Contains("vm.add-vsock", ApiHandler.NotImplemented);
-        Assert.Contains("vm.add-fs", ApiHandler.NotImplemented);
+            Assert.DoesNotContain(e, ApiHandler.NotImplemented);
+        }
+    }
+
+    [Fact]
+    public void Fs_and_vsock_cold_add_with_CH_ids_one_vsock_only_and_leave_by_id()
+    {
+        Create(""","disks":[{"path":"/img/root"}]""");
+        Assert.Equal(204, _client.Put("vm.add-fs", """{"tag":"kataShared","socket":"/run/virtiofsd.sock"}""").Status);
+        Assert.Equal(204, _client.Put("vm.add-vsock", """{"cid":3,"socket":"/run/kata.sock"}""").Status);
+        var config = Config();
+        var fs = config.GetProperty("fs")[0];
+        Assert.Equal(("_fs0", 1, 1024), (fs.GetProperty("id").GetString(), fs.GetProperty("num_queues").GetInt32(), fs.GetProperty("queue_size").GetInt32()));
+        Assert.Equal(("_vsock0", 3L), (config.GetProperty("vsock").GetProperty("id").GetString(), config.GetProperty("vsock").GetProperty("cid").GetInt64()));
+        ChSchema.AssertValid(_client.Get("vm.info").Body, "VmInfo");
+        AssertError(_client.Put("vm.add-vsock", """{"cid":4,"socket":"/run/other.sock"}"""), 400, "vsock: the VM has a vsock device already (\"_vsock0\")");
+        AssertError(_client.Put("vm.add-vsock", """{"cid":2,"socket":"/run/v.sock"}"""), 400, "vsock.cid: 2 is not a guest cid");
+        AssertError(_client.Put("vm.add-fs", """{"tag":"","socket":"/s"}"""), 400, "fs.tag");
+        AssertError(_client.Put("vm.add-fs", """{"tag":"t","socket":"/s","id":"_vsock0"}"""), 409, "Identifier _vsock0 is not unique");
+        Assert.Equal(204, _client.Put("vm.remove-device", """{"id":"_vsock0"}""").Status);
+        Assert.Equal(204, _client.Put("vm.remove-device", """{"id":"_fs0"}""").Status);
+        config = Config();
+        Assert.False(config.TryGetProperty("vsock", out var v) && v.ValueKind != JsonValueKind.Null);
+        Assert.Equal(0, config.TryGetProperty("fs", out var f) && f.ValueKind == JsonValueKind.Array ? f.GetArrayLength() : 0);
     }
 
     [Theory]
@@ -129,11 +152,17 @@ public sealed class ApiHotplugTests : IDisposable
     [InlineData("add-net", "tap=tap0,mac=52:54:00:12:34:57", """{"tap":"tap0","mac":"52:54:00:12:34:57"}""")]
     [InlineData("add-device", "path=/sys/bus/pci/devices/0000:01:00.0", """{"path":"/sys/bus/pci/devices/0000:01:00.0"}""")]
     [InlineData("add-user-device", "socket=gpu.sock,id=gpu", """{"socket":"gpu.sock","id":"gpu"}""")]
+    [InlineData("add-fs", "tag=share,socket=/run/fs.sock,num_queues=1,queue_size=512", """{"tag":"share","socket":"/run/fs.sock","num_queues":1,"queue_size":512}""")]
+    [InlineData("add-vsock", "cid=3,socket=/run/v.sock,id=vs", """{"cid":3,"socket":"/run/v.sock","id":"vs"}""")]
     public void Vmm_remote_turns_ch_remote_arguments_into_the_endpoints_body(string command, string argument, string json)
     {
         byte[] body = RemoteCommand.AddBody(command, argument, RemoteCommand.AddCommands[command].Keys);
         Assert.Equal(json, Encoding.UTF8.GetString(body));
-        string schema = command switch { "add-disk" => "DiskConfig", "add-net" => "NetConfig", "add-device" => "DeviceConfig", _ => "UserDeviceConfig" };
+        string schema = command switch
+        {
+            "add-disk" => "DiskConfig", "add-net" => "NetConfig", "add-device" => "DeviceConfig", "add-fs" => "FsConfig",
+            "add-vsock" => "VsockConfig", _ => "UserDeviceConfig",
+        };
         ChSchema.AssertValid(json, schema);
     }
 
@@ -142,6 +171,7 @@ public sealed class ApiHotplugTests : IDisposable
     [InlineData("add-disk", "path=/a,readonly=maybe", "readonly must be on or off")]
     [InlineData("add-net", "tap=a,tap=b", "'tap' given twice")]
     [InlineData("add-device", "/sys/bus/pci/devices/x", "is not key=value")]
+    [InlineData("add-vsock", "cid=three,socket=/s", "cid must be a number, not 'three'")]
     public void Vmm_remote_refuses_bad_arguments(string command, string argument, string message) =>
         Assert.Contains(message, Assert.Throws<UsageException>(() => RemoteCommand.AddBody(command, argument, RemoteCommand.AddCommands[command].Keys)).Message);
 
