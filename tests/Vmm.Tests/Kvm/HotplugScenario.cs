@@ -16,6 +16,9 @@ public static class HotplugScenario
         ./vfio-user-gpu --socket gpu2.sock --bar2-size 128G --report gpu2.report >gpu2.out 2>&1 &
         n=0; while [ $(ls gpu*.sock 2>/dev/null | wc -l) -lt 2 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done
         cp disk.img hp.img
+        # The virtio-fs back-end for vm.add-fs (sandbox=chroot: pivot_root fails on this VM's initramfs root).
+        mkdir -p share && echo host-wrote-this > share/from-host.txt && chmod +x virtiofsd
+        ./virtiofsd --socket-path=fs.sock -o source=$PWD/share -o cache=none -o sandbox=chroot >virtiofsd.out 2>&1 &
         ./vmm run --kernel vmlinuz --initrd hotplug-initramfs.cpio.gz --memory 256M --cmdline 'console=ttyS0 panic=-1 rdinit=/init' \
           --serial file:console.log --api-socket $S --event-monitor path=events.json --log-level info 2>vmm.err &
         VPID=$!
@@ -37,6 +40,13 @@ public static class HotplugScenario
         r remove-device gpu
         r remove-device hpdisk
         r info
+        # The vhost-user and vsock devices take the same path: the slots the others left.
+        r add-fs tag=hpshare,socket=fs.sock,id=hpfs
+        wait_for 'vmm-hotplug: fs done' 60
+        r add-vsock cid=3,socket=vs.sock,id=hpvsock
+        wait_for 'vmm-hotplug: vsock driver' 60
+        r remove-device hpfs
+        r remove-device hpvsock
         wait_for 'vmm-hotplug: done' 60
         # The guest powers off; with an API socket the process stays until vmm.shutdown.
         n=0; while ! ./vmm remote --api-socket $S info 2>/dev/null | grep -q '"state":"Shutdown"' && [ $n -lt 150 ]; do sleep 0.2; n=$((n+1)); done
@@ -45,6 +55,8 @@ public static class HotplugScenario
         echo "@@VMM-EXIT $?"
         wait
         echo "@@SECTOR1 $(dd if=hp.img bs=512 skip=1 count=1 2>/dev/null | head -c 16)"
+        echo "@@GUESTFILE $(cat share/from-guest.txt 2>&1)"
+        echo "@@VSOCKSOCKET $([ -e vs.sock ] && echo left || echo gone)"
         echo "@@CONSOLE"; cat console.log
         echo "@@EVENTS"; cat events.json
         echo "@@VMM-STDERR"; cat vmm.err
@@ -98,6 +110,25 @@ public static class HotplugScenario
             done
             [ -b /dev/vda ] && echo "{{m}} vda still there" || echo "{{m}} vda gone"
             [ -e /sys/class/net/eth0 ] && echo "{{m}} eth0 still there" || echo "{{m}} eth0 gone"
+            # Then a virtio-fs share (1af4:105a) and a vsock device (1af4:1053), each in the slot the others left.
+            if up fs 0x1af4:0x105a; then
+              $B mkdir -p /mnt
+              n=0; until $B mount -t virtiofs hpshare /mnt 2>/dev/null || [ $n -ge 25 ]; do $B sleep 0.2; n=$((n+1)); done
+              echo "{{m}} fs read $($B cat /mnt/from-host.txt)"
+              echo hotplug-guest-wrote-this > /mnt/from-guest.txt && $B sync
+              $B umount /mnt && echo "{{m}} fs unmounted"
+            fi
+            echo "{{m}} fs done"
+            if up vsock 0x1af4:0x1053; then
+              d=$(find 0x1af4:0x1053)
+              n=0; while ! $B ls $d/virtio*/driver >/dev/null 2>&1 && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+              echo "{{m}} vsock driver $($B basename $($B readlink $d/virtio*/driver))"
+            fi
+            for dev in fs:0x1af4:0x105a vsock:0x1af4:0x1053; do
+              name=${dev%%:*}; id=${dev#*:}
+              n=0; while find $id >/dev/null && [ $n -lt 300 ]; do $B sleep 0.2; n=$((n+1)); done
+              find $id >/dev/null && echo "{{m}} still there $name" || echo "{{m}} gone $name"
+            done
             $B dmesg | $B grep -iE 'acpiphp|pci 0000:00:0|GED|evged|hotplug|BAR|no space|failed' | while read l; do echo "{{m}} dmesg $l"; done
             echo "{{m}} done"
             $B poweroff -f
