@@ -139,15 +139,8 @@ public sealed class VirtioConsole : VirtioDevice, IConsoleInput
         {
             if (!_txHolding)
             {
-                var result = queue.Pop(out var chain);
-                if (result == PopResult.Empty)
+                if (!context.TryPop(TransmitQueue, ref _txStopped, "virtio-console transmit queue", out var result, out var chain))
                     break;
-                if (result == PopResult.Broken)
-                {
-                    _txStopped = true;
-                    context.NeedsReset("virtio-console transmit queue: " + queue.LastError);
-                    break;
-                }
                 if (result == PopResult.BadChain)
                 {
                     _badChains++;
@@ -203,15 +196,8 @@ public sealed class VirtioConsole : VirtioDevice, IConsoleInput
         bool completed = false;
         while (!_rxStopped && Volatile.Read(ref _inputCount) > 0)
         {
-            var result = queue.Pop(out var chain);
-            if (result == PopResult.Empty)
-                break; // the input waits for buffers: the driver's kick brings us back
-            if (result == PopResult.Broken)
-            {
-                _rxStopped = true;
-                context.NeedsReset("virtio-console receive queue: " + queue.LastError);
-                break;
-            }
+            if (!context.TryPop(ReceiveQueue, ref _rxStopped, "virtio-console receive queue", out var result, out var chain))
+                break; // empty: the input waits for buffers, the driver's kick brings us back
             completed = true;
             if (result == PopResult.BadChain || chain.ReadableCount > 0)
             {

@@ -143,6 +143,27 @@ public sealed class VirtioContext(GuestMemory memory, ulong features, SplitQueue
 
     /// <summary>Something the driver did makes the device unusable until reset (DEVICE_NEEDS_RESET).</summary>
     public void NeedsReset(string why) => interrupts.NeedsReset(why);
+
+    /// <summary>The next chain of queue <paramref name="queue"/>, for a device's own serving loop: false when the queue
+    /// is empty or stopped, or broken — then <paramref name="stopped"/> is set and the driver is asked to reset, the
+    /// reason naming <paramref name="what"/> (e.g. "virtio-net transmit queue"); later kicks find it stopped until the
+    /// reset. A malformed chain comes back as <see cref="PopResult.BadChain"/>, to be completed with 0 bytes.</summary>
+    public bool TryPop(int queue, ref bool stopped, string what, out PopResult result, out DescriptorChain chain)
+    {
+        chain = default;
+        result = PopResult.Empty;
+        if (stopped)
+            return false;
+        var q = Queues[queue];
+        result = q.Pop(out chain);
+        if (result == PopResult.Broken)
+        {
+            stopped = true;
+            NeedsReset(what + ": " + q.LastError);
+            return false;
+        }
+        return result != PopResult.Empty;
+    }
 }
 
 /// <summary>Serves one request of a queue; returns the bytes written into its device-writable buffers.</summary>

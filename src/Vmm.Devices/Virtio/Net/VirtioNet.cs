@@ -162,17 +162,8 @@ public sealed class VirtioNet : VirtioDevice, IDeviceCounters
         var context = _context!;
         var queue = context.Queues[TransmitQueue];
         bool completed = false;
-        while (!_txStopped)
+        while (context.TryPop(TransmitQueue, ref _txStopped, "virtio-net transmit queue", out var result, out var chain))
         {
-            var result = queue.Pop(out var chain);
-            if (result == PopResult.Empty)
-                break;
-            if (result == PopResult.Broken)
-            {
-                _txStopped = true;
-                context.NeedsReset("virtio-net transmit queue: " + queue.LastError);
-                break;
-            }
             if (result == PopResult.BadChain)
                 _badChains++;
             else if (Transmit(context.Memory, chain))
@@ -289,15 +280,8 @@ public sealed class VirtioNet : VirtioDevice, IDeviceCounters
                 return Drop(); // one chain per frame, and it is too small (the chain stays for the next frame)
             if (_heldCount == queue.Size)
                 return Drop(); // every buffer of the ring would not hold it
-            var result = queue.Pop(out var chain);
-            if (result == PopResult.Empty)
+            if (!context.TryPop(ReceiveQueue, ref _rxStopped, "virtio-net receive queue", out var result, out var chain))
                 return RxOutcome.NoBuffers;
-            if (result == PopResult.Broken)
-            {
-                _rxStopped = true;
-                context.NeedsReset("virtio-net receive queue: " + queue.LastError);
-                return RxOutcome.NoBuffers;
-            }
             long capacity = 0;
             foreach (var d in chain.Writable)
                 capacity += d.Length;

@@ -461,17 +461,8 @@ public sealed class VirtioVsock : VirtioDevice
         var queue = context.Queues[TxQueue];
         bool completed = false;
         Span<byte> raw = stackalloc byte[VsockHeader.Size];
-        while (!_txStopped)
+        while (context.TryPop(TxQueue, ref _txStopped, "virtio-vsock transmit queue", out var result, out var chain))
         {
-            var result = queue.Pop(out var chain);
-            if (result == PopResult.Empty)
-                break;
-            if (result == PopResult.Broken)
-            {
-                _txStopped = true;
-                context.NeedsReset("virtio-vsock transmit queue: " + queue.LastError);
-                break;
-            }
             if (result == PopResult.BadChain)
                 _badChains++;
             else
@@ -792,15 +783,8 @@ public sealed class VirtioVsock : VirtioDevice
     {
         while (true)
         {
-            var result = queue.Pop(out var chain);
-            if (result == PopResult.Empty)
-                return false; // the packet waits; the driver's kick brings us back
-            if (result == PopResult.Broken)
-            {
-                _rxStopped = true;
-                context.NeedsReset("virtio-vsock receive queue: " + queue.LastError);
-                return false;
-            }
+            if (!context.TryPop(RxQueue, ref _rxStopped, "virtio-vsock receive queue", out var result, out var chain))
+                return false; // empty: the packet waits, the driver's kick brings us back
             long capacity = 0;
             bool mapped = true;
             foreach (var d in chain.Writable)
