@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text.Json;
 using Vmm.Boot;
+using Vmm.Interop;
 using Vmm.Machine;
 
 namespace Vmm.Api;
@@ -414,13 +415,9 @@ public static class VmConfigMapper
     {
         try
         {
-            return new BootFile(path, File.ReadAllBytes(path));
+            return new BootFile(path, HostFile.ReadRegular(path, BootFile.MaxBytes));
         }
-        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
-        {
-            throw new ConfigException($"{field} {path}: no such file");
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (HostFileException e)
         {
             throw new ConfigException($"{field} {path}: {e.Message}");
         }

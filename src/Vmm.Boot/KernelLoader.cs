@@ -5,7 +5,11 @@ using Vmm.Memory;
 namespace Vmm.Boot;
 
 /// <summary>A file to load, with the name the guest is told (multiboot command lines begin with it).</summary>
-public sealed record BootFile(string Name, byte[] Contents);
+public sealed record BootFile(string Name, byte[] Contents)
+{
+    /// <summary>The largest kernel or initrd vmm reads: what one .NET array holds (about 2 GiB).</summary>
+    public static long MaxBytes => Array.MaxLength;
+}
 
 /// <summary>What a loader did: the entry state, and a description of what went where (for logs and tests).</summary>
 public sealed record LoadedKernel(string Format, BootCpuState Cpu, string CommandLine,

@@ -15,7 +15,7 @@ public static class LinuxLoader
     public const ushort MinimumVersion = 0x0206;
 
     // Offsets of setup-header fields, the same in the image and in boot_params (boot.rst, "The real-mode kernel header").
-    private const int SetupSects = 0x1F1, BootFlag = 0x1FE, Jump = 0x200, Header = 0x202, Version = 0x206,
+    private const int SetupSects = 0x1F1, SysSize = 0x1F4, BootFlag = 0x1FE, Jump = 0x200, Header = 0x202, Version = 0x206,
         TypeOfLoader = 0x210, LoadFlags = 0x211, RamdiskImage = 0x218, RamdiskSize = 0x21C, HeapEndPtr = 0x224,
         CmdLinePtr = 0x228, InitrdAddrMax = 0x22C, KernelAlignment = 0x230, RelocatableKernel = 0x234,
         XLoadFlags = 0x236, CmdlineSize = 0x238, PrefAddress = 0x258, InitSize = 0x260;
@@ -56,6 +56,12 @@ public static class LinuxLoader
         int setupBytes = (setupSects + 1) * 512;
         if (setupBytes >= image.Length)
             throw new KernelImageException($"{name}: setup_sects {image[SetupSects]} at offset 0x1f1 puts the protected-mode kernel at 0x{setupBytes:x}, past the end of the {image.Length}-byte file");
+        // syssize: the protected-mode kernel's length in 16-byte paragraphs. A shorter file was cut off (a partial copy or
+        // download); booting it would fault somewhere in the decompressor, so say so before any guest runs.
+        ulong payload = BinaryPrimitives.ReadUInt32LittleEndian(image[SysSize..]) * 16UL;
+        if ((ulong)(image.Length - setupBytes) < payload)
+            throw new KernelImageException($"{name}: truncated: syssize at offset 0x1f4 says the protected-mode kernel is {payload} bytes, " +
+                $"the file holds {image.Length - setupBytes} after the {setupBytes}-byte setup code");
         uint alignment = BinaryPrimitives.ReadUInt32LittleEndian(image[KernelAlignment..]);
         bool relocatable = image[RelocatableKernel] != 0;
         if (relocatable && (alignment == 0 || (alignment & (alignment - 1)) != 0))

@@ -173,18 +173,17 @@ public static class Program
         return HttpServer.Listen(path, handler, log: httpLog);
     }
 
+    /// <summary>A VmConfig file is at most what the API takes as a vm.create body.</summary>
+    private const long MaxConfigBytes = 1 << 20;
+
     private static VmConfig ReadConfigFile(string path)
     {
         byte[] json;
         try
         {
-            json = File.ReadAllBytes(path);
+            json = HostFile.ReadRegular(path, MaxConfigBytes);
         }
-        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException)
-        {
-            throw new UsageException($"--config {path}: no such file");
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (HostFileException e)
         {
             throw new UsageException($"--config {path}: {e.Message}");
         }
@@ -272,17 +271,9 @@ public static class Program
     {
         try
         {
-            return new BootFile(path, File.ReadAllBytes(path));
+            return new BootFile(path, HostFile.ReadRegular(path, BootFile.MaxBytes));
         }
-        catch (FileNotFoundException)
-        {
-            throw new UsageException($"{option} {path}: no such file");
-        }
-        catch (DirectoryNotFoundException)
-        {
-            throw new UsageException($"{option} {path}: no such file");
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        catch (HostFileException e)
         {
             throw new UsageException($"{option} {path}: {e.Message}");
         }

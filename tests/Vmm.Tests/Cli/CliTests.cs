@@ -136,6 +136,69 @@ public class CliTests
         Assert.Equal("vmm: error: --kernel /nonexistent/kernel.elf: no such file\n", stderr);
     }
 
+    /// <summary>Paths that are not regular files get one line at once: before, /dev/zero ran 9 s into an
+    /// OutOfMemoryException (status 12), a FIFO hung forever, a directory printed .NET's "Access to the path … is
+    /// denied".</summary>
+    [Fact]
+    public void A_path_that_is_not_a_regular_file_is_refused_at_once_in_one_line()
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-cli-").FullName;
+        string fifo = Path.Combine(dir, "fifo");
+        try
+        {
+            Repo.MustRun("mkfifo", fifo);
+            var cases = new (string[] Args, string Line)[]
+            {
+                (["run", "--kernel", "/dev/zero"], "vmm: error: --kernel /dev/zero: is a character device, not a regular file\n"),
+                (["run", "--kernel", fifo], $"vmm: error: --kernel {fifo}: is a FIFO, not a regular file\n"),
+                (["run", "--kernel", dir], $"vmm: error: --kernel {dir}: is a directory\n"),
+                (["run", "--kernel", "/nonexistent/k", "--initrd", "/dev/null"], "vmm: error: --kernel /nonexistent/k: no such file\n"),
+                (["run", "--config", "/dev/zero"], "vmm: error: --config /dev/zero: is a character device, not a regular file\n"),
+                (["run", "--config", fifo], $"vmm: error: --config {fifo}: is a FIFO, not a regular file\n"),
+                (["run", "--config", dir], $"vmm: error: --config {dir}: is a directory\n"),
+            };
+            foreach (var (args, line) in cases)
+            {
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                var (status, stderr) = RunVmm(args);
+                Assert.Equal(ExitStatus.Usage, status);
+                Assert.Equal(line, stderr);
+                Assert.True(watch.Elapsed < TimeSpan.FromSeconds(5), $"{string.Join(' ', args)} took {watch.Elapsed}"); // no hang
+            }
+            string kernel = Path.Combine(dir, "kernel.elf");
+            File.WriteAllBytes(kernel, ImageBuilder.Elf(false, 0x10_0000, [new ImageBuilder.Segment(0x10_0000, ImageBuilder.MultibootHeaderBytes())]));
+            var (st, err) = RunVmm("run", "--kernel", kernel, "--initrd", "/dev/zero");
+            Assert.Equal(ExitStatus.Usage, st);
+            Assert.Equal("vmm: error: --initrd /dev/zero: is a character device, not a regular file\n", err);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    /// <summary>A bzImage cut to half its size: the setup header's syssize says how long the kernel must be, so it is
+    /// refused as truncated (status 6) instead of booting into a triple fault (status 8).</summary>
+    [Fact]
+    public void A_truncated_bzImage_is_refused_before_the_guest_starts()
+    {
+        var image = File.ReadAllBytes(Vmm.Tests.Kvm.KvmFixture.StockKernel());
+        string path = Path.Combine(Path.GetTempPath(), $"vmm-half-{Environment.ProcessId}.bzImage");
+        try
+        {
+            File.WriteAllBytes(path, image[..(image.Length / 2)]);
+            var (status, stderr) = RunVmm("run", "--kernel", path, "--serial", "none");
+            Assert.Equal(ExitStatus.BadImage, status);
+            Assert.Matches(@"^vmm: error: cannot boot: .*: truncated: syssize at offset 0x1f4 says the protected-mode kernel is \d+ bytes, the file holds \d+ after the \d+-byte setup code\n$", stderr);
+            // The whole image passes the same check.
+            Vmm.Boot.LinuxLoader.ParseHeader(image, "vmlinuz");
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
+
     [Fact]
     public void A_malformed_kernel_is_reported_before_KVM_is_touched()
     {
