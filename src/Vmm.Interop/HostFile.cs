@@ -32,28 +32,9 @@ public static unsafe class HostFile
         }
         try
         {
-            statx st;
-            byte empty = 0;
-            int r;
-            do
-                r = LibC.statx(fd, &empty, AT_EMPTY_PATH, LibC.STATX_TYPE | LibC.STATX_SIZE, &st);
-            while (r < 0 && Errno.Last == Errno.EINTR);
-            if (r < 0)
-                throw new HostFileException($"cannot be examined: {Errno.Describe(Errno.Last)}");
-            uint type = (uint)st.stx_mode & (uint)LibC.S_IFMT;
+            var (type, size) = Examine(fd);
             if (type != (uint)LibC.S_IFREG)
-            {
-                throw new HostFileException(type switch
-                {
-                    _ when type == (uint)LibC.S_IFDIR => "is a directory",
-                    _ when type == (uint)LibC.S_IFCHR => "is a character device, not a regular file",
-                    _ when type == (uint)LibC.S_IFBLK => "is a block device, not a regular file",
-                    _ when type == (uint)LibC.S_IFIFO => "is a FIFO, not a regular file",
-                    _ when type == (uint)LibC.S_IFSOCK => "is a socket, not a regular file",
-                    _ => "is not a regular file",
-                });
-            }
-            ulong size = st.stx_size;
+                throw new HostFileException(Describe(type, "a regular file"));
             if (size > (ulong)maxBytes)
                 throw new HostFileException($"is {size} bytes; at most {maxBytes} are accepted here");
             var contents = new byte[size];
@@ -74,4 +55,41 @@ public static unsafe class HostFile
             LibC.close(fd);
         }
     }
+
+    /// <summary>For a disk image opened with O_NONBLOCK (so a FIFO could not hang the open): null when
+    /// <paramref name="fd"/> is a regular file or a block device — and O_NONBLOCK is cleared again — else why not ("is a
+    /// character device, not a regular file or block device").</summary>
+    public static string? NotAnImage(int fd)
+    {
+        var (type, _) = Examine(fd);
+        if (type != (uint)LibC.S_IFREG && type != (uint)LibC.S_IFBLK)
+            return Describe(type, "a regular file or block device");
+        int flags = LibC.fcntl(fd, LibC.F_GETFL);
+        if (flags < 0 || LibC.fcntl(fd, LibC.F_SETFL, flags & ~LibC.O_NONBLOCK) < 0)
+            return $"cannot be set to blocking I/O: {Errno.Describe(Errno.Last)}";
+        return null;
+    }
+
+    private static (uint Type, ulong Size) Examine(int fd)
+    {
+        statx st;
+        byte empty = 0;
+        int r;
+        do
+            r = LibC.statx(fd, &empty, AT_EMPTY_PATH, LibC.STATX_TYPE | LibC.STATX_SIZE, &st);
+        while (r < 0 && Errno.Last == Errno.EINTR);
+        if (r < 0)
+            throw new HostFileException($"cannot be examined: {Errno.Describe(Errno.Last)}");
+        return ((uint)st.stx_mode & (uint)LibC.S_IFMT, st.stx_size);
+    }
+
+    private static string Describe(uint type, string wanted) => type switch
+    {
+        _ when type == (uint)LibC.S_IFDIR => "is a directory",
+        _ when type == (uint)LibC.S_IFCHR => $"is a character device, not {wanted}",
+        _ when type == (uint)LibC.S_IFBLK => $"is a block device, not {wanted}",
+        _ when type == (uint)LibC.S_IFIFO => $"is a FIFO, not {wanted}",
+        _ when type == (uint)LibC.S_IFSOCK => $"is a socket, not {wanted}",
+        _ => $"is not {wanted}",
+    };
 }

@@ -75,12 +75,15 @@ public sealed class VirtioBlock : VirtioDevice, IDeviceCounters
         _path = path;
         ReadOnly = readOnly;
         Direct = direct;
-        int flags = Sys.O_CLOEXEC | (readOnly ? Sys.O_RDONLY : Sys.O_RDWR) | (direct ? FileIo.O_DIRECT : 0);
+        // O_NONBLOCK: a FIFO given as a disk must not hang the open; it is refused just below.
+        int flags = Sys.O_CLOEXEC | Tmds.Linux.LibC.O_NONBLOCK | (readOnly ? Sys.O_RDONLY : Sys.O_RDWR) | (direct ? FileIo.O_DIRECT : 0);
         int fd = FileIo.Open(path, flags);
         if (fd < 0)
             throw new DiskImageException(path, $"cannot open{(readOnly ? " read-only" : " read-write")}{(direct ? " with O_DIRECT" : "")}: {Errno.Describe(-fd)}");
         try
         {
+            if (HostFile.NotAnImage(fd) is string notAnImage)
+                throw new DiskImageException(path, notAnImage);
             long size = FileIo.Size(fd);
             if (size < 0)
                 throw new DiskImageException(path, $"cannot find the size: {Errno.Describe((int)-size)}");

@@ -152,6 +152,16 @@ public sealed class VirtioBlockTests : IDisposable
 
         Assert.Contains("directory", Assert.Throws<DiskImageException>(() => new VirtioBlock(_dir)).Message);
         Assert.Throws<ArgumentException>(() => new VirtioBlock(_image, serial: "this serial is far too long"));
+
+        // Not an image: a character device, a FIFO (opened without hanging) — read-only or not.
+        Assert.Equal("/dev/zero: is a character device, not a regular file or block device",
+            Assert.Throws<DiskImageException>(() => new VirtioBlock("/dev/zero")).Message);
+        string fifo = Path.Combine(_dir, "fifo");
+        Repo.MustRun("mkfifo", fifo);
+        Assert.Equal($"{fifo}: is a FIFO, not a regular file or block device",
+            Assert.Throws<DiskImageException>(() => new VirtioBlock(fifo, readOnly: true)).Message);
+        Assert.Equal($"{fifo}: is a FIFO, not a regular file or block device",
+            Assert.Throws<DiskImageException>(() => new VirtioBlock(fifo)).Message);
     }
 
     [Fact]
