@@ -24,8 +24,10 @@ public class NestedStallRetryTests : IDisposable
             cd "$dir" || exit 125
             export HARNESS_PID=$$
             echo "harness run" >>runs
-            setsid "$@" & vm=$!
+            # The trap before the scenario starts: a scenario that signals at once must not find USR1's default
+            # action (death, not 123) — on a loaded machine it did.
             trap 'kill -9 -- -$vm; echo "fake: the guest stalled" >&2; exit 123' USR1
+            setsid "$@" & vm=$!
             wait $vm
             """);
         File.SetUnixFileMode(Harness, UnixFileMode.UserRead | UnixFileMode.UserWrite | UnixFileMode.UserExecute);
