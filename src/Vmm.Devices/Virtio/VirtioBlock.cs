@@ -84,6 +84,9 @@ public sealed class VirtioBlock : VirtioDevice, IDeviceCounters
         {
             if (HostFile.NotAnImage(fd) is string notAnImage)
                 throw new DiskImageException(path, notAnImage);
+            // Writable: an exclusive lock; read-only: a shared one (QEMU's rule). Held until the fd closes.
+            if (ImageLock.TryLock(fd, exclusive: !readOnly) is string locked)
+                throw new DiskImageException(path, locked);
             long size = FileIo.Size(fd);
             if (size < 0)
                 throw new DiskImageException(path, $"cannot find the size: {Errno.Describe((int)-size)}");
