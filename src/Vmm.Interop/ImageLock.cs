@@ -55,12 +55,8 @@ public static unsafe class ImageLock
                     {
                         if (pid == Environment.ProcessId && Path.GetFileName(info) == fd.ToString(CultureInfo.InvariantCulture))
                             continue; // our own fd lists the holder's lock too, as a blocked request it is not
-                        foreach (string line in File.ReadLines(info))
-                        {
-                            if (line.StartsWith("lock:", StringComparison.Ordinal) && line.Contains("OFDLCK", StringComparison.Ordinal)
-                                && line.Contains(key, StringComparison.Ordinal))
-                                return (pid, Command(proc));
-                        }
+                        if (HoldsLock(info, key))
+                            return (pid, Command(proc));
                     }
                 }
                 catch (Exception e) when (e is IOException or UnauthorizedAccessException)
@@ -73,6 +69,25 @@ public static unsafe class ImageLock
         {
         }
         return null;
+    }
+
+    /// <summary>One fd's lock lines; an fd closed while we look (the holder's other threads open and close files)
+    /// is skipped alone, not the rest of that process's fds.</summary>
+    private static bool HoldsLock(string fdinfo, string key)
+    {
+        try
+        {
+            foreach (string line in File.ReadLines(fdinfo))
+            {
+                if (line.StartsWith("lock:", StringComparison.Ordinal) && line.Contains("OFDLCK", StringComparison.Ordinal)
+                    && line.Contains(key, StringComparison.Ordinal))
+                    return true;
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+        }
+        return false;
     }
 
     private static string Command(string proc)
