@@ -14,6 +14,17 @@ public static class Program
     {
         if (args.Length > 0 && args[0] == "remote")
             return RemoteCommand.Run(args[1..]);
+        if (args.Length > 0 && args[0] == "jail")
+        {
+            if (args.Length == 1 || args[1] is "-h" or "--help")
+            {
+                Console.Out.WriteLine(Jail.JailOptions.HelpText);
+                return args.Length == 1 ? ExitStatus.Usage : ExitStatus.Success;
+            }
+            return Jail.Jailer.Run(args[1..]);
+        }
+        if (args.Length > 0 && args[0] == Jail.Jailer.ChildCommand)
+            return Jail.Jailer.Child(args[1..]);
         Options options;
         try
         {
@@ -40,6 +51,8 @@ public static class Program
     private static int Run(Options options)
     {
         var log = new Log(options.LogLevel);
+        if (Environment.GetEnvironmentVariable(Jail.Jailer.ProbeVariable) is { Length: > 0 } probe)
+            JailProbe(probe);
         RawTerminal? terminal = null;
         var signals = new List<PosixSignalRegistration>();
         EventMonitor? events = null;
@@ -156,6 +169,21 @@ public static class Program
                 s.Dispose();
             foreach (var s in opened)
                 s.Dispose();
+        }
+    }
+
+    /// <summary>The jail test's hook: tries to open each comma-separated path (read-only; with a leading '+', created for
+    /// writing) and prints what happened, one line each, before the VM starts.</summary>
+    private static void JailProbe(string paths)
+    {
+        foreach (string entry in paths.Split(',', StringSplitOptions.RemoveEmptyEntries))
+        {
+            bool create = entry.StartsWith('+');
+            string path = create ? entry[1..] : entry;
+            int fd = Sys.Open(path, create ? 0x41 | Sys.O_CLOEXEC : Sys.O_RDONLY | Sys.O_CLOEXEC); // O_WRONLY|O_CREAT
+            int errno = fd < 0 ? Errno.Last : 0;
+            Sys.Close(fd);
+            Console.Error.WriteLine($"vmm: jail probe: {(create ? "create" : "open")} {path}: {(fd >= 0 ? "opened" : Errno.Describe(errno))}");
         }
     }
 

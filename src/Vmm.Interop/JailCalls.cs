@@ -1,0 +1,357 @@
+using System.Runtime.InteropServices;
+using System.Text;
+
+namespace Vmm.Interop;
+
+/// <summary>The system calls of `vmm jail` (namespaces, mounts, device nodes, credentials, capabilities, rlimits,
+/// landlock, execve), C names and x86-64 numbers. Each wrapper throws <see cref="SyscallException"/> naming the call
+/// and its path, so the jailer's one error line says what failed where.</summary>
+public static unsafe partial class JailCalls
+{
+    // <linux/sched.h>
+    public const int CLONE_NEWNS = 0x00020000, CLONE_NEWUTS = 0x04000000, CLONE_NEWIPC = 0x08000000,
+        CLONE_NEWNET = 0x40000000, CLONE_NEWPID = 0x20000000;
+
+    // <linux/mount.h>
+    public const ulong MS_RDONLY = 1, MS_NOSUID = 2, MS_NODEV = 4, MS_NOEXEC = 8, MS_REMOUNT = 32, MS_BIND = 4096,
+        MS_MOVE = 8192, MS_REC = 16384, MS_PRIVATE = 1 << 18;
+    public const int MNT_DETACH = 2;
+
+    // <sys/stat.h>
+    public const uint S_IFCHR = 0x2000;
+
+    // <linux/prctl.h>
+    private const int PR_CAPBSET_DROP = 24, PR_SET_NO_NEW_PRIVS = 38, PR_CAP_AMBIENT = 47, PR_CAP_AMBIENT_CLEAR_ALL = 4;
+
+    // <linux/capability.h>
+    private const uint _LINUX_CAPABILITY_VERSION_3 = 0x20080522;
+
+    // <sys/resource.h>, x86-64
+    public const int RLIMIT_FSIZE = 1, RLIMIT_NOFILE = 7, RLIMIT_MEMLOCK = 8;
+
+    // x86-64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl)
+    private const long SYS_pivot_root = 155, SYS_capset = 126, SYS_landlock_create_ruleset = 444,
+        SYS_landlock_add_rule = 445, SYS_landlock_restrict_self = 446;
+
+    private static byte[] CString(string s)
+    {
+        var bytes = new byte[Encoding.UTF8.GetByteCount(s) + 1];
+        Encoding.UTF8.GetBytes(s, bytes);
+        return bytes;
+    }
+
+    private static void Check(int result, string call, string? detail = null)
+    {
+        if (result < 0)
+            throw new SyscallException(call, Marshal.GetLastPInvokeError(), detail);
+    }
+
+    public static void Unshare(int flags) => Check(unshare(flags), "unshare");
+
+    public static void SetNetNamespace(string path)
+    {
+        int fd = Sys.Open(path, Sys.O_RDONLY | Sys.O_CLOEXEC);
+        if (fd < 0)
+            throw new SyscallException("open", Errno.Last, path);
+        try
+        {
+            Check(setns(fd, CLONE_NEWNET), "setns", $"{path} (is it a network namespace, e.g. /var/run/netns/NAME?)");
+        }
+        finally
+        {
+            Sys.Close(fd);
+        }
+    }
+
+    public static void SetHostname(string name)
+    {
+        byte[] b = Encoding.ASCII.GetBytes(name);
+        fixed (byte* p = b)
+            Check(sethostname(p, (nuint)b.Length), "sethostname", name);
+    }
+
+    public static void Mount(string? source, string target, string? fsType, ulong flags, string? data = null)
+    {
+        byte[]? s = source is null ? null : CString(source), f = fsType is null ? null : CString(fsType), d = data is null ? null : CString(data);
+        byte[] t = CString(target);
+        fixed (byte* ps = s, pt = t, pf = f, pd = d)
+            Check(mount(ps, pt, pf, flags, pd), "mount", source is null ? target : $"{source} on {target}");
+    }
+
+    public static void Umount(string target, int flags)
+    {
+        byte[] t = CString(target);
+        fixed (byte* p = t)
+            Check(umount2(p, flags), "umount2", target);
+    }
+
+    /// <summary>pivot_root(new_root, put_old); the result or a negative errno (EINVAL when the current root is the
+    /// initramfs rootfs, which cannot be pivoted away from: the caller then moves the jail onto / and chroots).</summary>
+    public static int PivotRoot(string newRoot, string putOld)
+    {
+        byte[] n = CString(newRoot), o = CString(putOld);
+        fixed (byte* pn = n, po = o)
+        {
+            long r = syscall(SYS_pivot_root, (nint)pn, (nint)po, 0, 0);
+            return r < 0 ? -Marshal.GetLastPInvokeError() : 0;
+        }
+    }
+
+    public static void Chroot(string path)
+    {
+        byte[] b = CString(path);
+        fixed (byte* p = b)
+            Check(chroot(p), "chroot", path);
+    }
+
+    public static void Chdir(string path)
+    {
+        byte[] b = CString(path);
+        fixed (byte* p = b)
+            Check(chdir(p), "chdir", path);
+    }
+
+    /// <summary>A character device node with the given numbers (and mode bits), owned by <paramref name="uid"/>:<paramref name="gid"/>.</summary>
+    public static void MakeCharDevice(string path, uint mode, uint major, uint minor, uint uid, uint gid)
+    {
+        // makedev as glibc encodes it.
+        ulong dev = ((ulong)(major & 0xfffff000) << 32) | ((ulong)(major & 0xfff) << 8) | ((ulong)(minor & 0xffffff00) << 12) | (minor & 0xff);
+        byte[] b = CString(path);
+        fixed (byte* p = b)
+        {
+            Check(mknod(p, S_IFCHR | mode, dev), "mknod", path);
+            Check(chmod(p, mode), "chmod", path); // mknod applies the umask
+            Check(chown(p, uid, gid), "chown", path);
+        }
+    }
+
+    public static void Chown(string path, uint uid, uint gid)
+    {
+        byte[] b = CString(path);
+        fixed (byte* p = b)
+            Check(chown(p, uid, gid), "chown", path);
+    }
+
+    /// <summary>Major and minor numbers of a character device (st_rdev).</summary>
+    public static (uint Major, uint Minor)? DeviceNumbers(string path)
+    {
+        Tmds.Linux.stat st;
+        byte[] b = CString(path);
+        fixed (byte* p = b)
+        {
+            if (Tmds.Linux.LibC.stat(p, &st) != 0)
+                return null;
+        }
+        if (((uint)st.st_mode & 0xF000) != S_IFCHR)
+            return null;
+        ulong dev = (ulong)st.st_rdev;
+        uint major = (uint)(((dev >> 32) & 0xfffff000) | ((dev >> 8) & 0xfff));
+        uint minor = (uint)(((dev >> 12) & 0xffffff00) | (dev & 0xff));
+        return (major, minor);
+    }
+
+    /// <summary>Owner, group and st_mode of <paramref name="path"/> (following links), or null when it does not exist.</summary>
+    public static (uint Uid, uint Gid, uint Mode)? Stat(string path)
+    {
+        Tmds.Linux.stat st;
+        byte[] b = CString(path);
+        fixed (byte* p = b)
+        {
+            if (Tmds.Linux.LibC.stat(p, &st) != 0)
+                return null;
+        }
+        return ((uint)st.st_uid, (uint)st.st_gid, (uint)st.st_mode);
+    }
+
+    public static uint EffectiveUid => geteuid();
+
+    public static void SetResourceLimit(int resource, ulong soft, ulong hard, string name)
+    {
+        ulong* lim = stackalloc ulong[2];
+        lim[0] = soft;
+        lim[1] = hard;
+        Check(setrlimit(resource, lim), "setrlimit", name);
+    }
+
+    public static (ulong Soft, ulong Hard) GetResourceLimit(int resource)
+    {
+        ulong* lim = stackalloc ulong[2];
+        Check(getrlimit(resource, lim), "getrlimit");
+        return (lim[0], lim[1]);
+    }
+
+    /// <summary>Removes every capability from the bounding set (needs CAP_SETPCAP, so before the uid changes).</summary>
+    public static void DropBoundingSet(int lastCap)
+    {
+        for (int cap = 0; cap <= lastCap; cap++)
+            Check(prctl(PR_CAPBSET_DROP, (nuint)cap, 0, 0, 0), "prctl(PR_CAPBSET_DROP)", cap.ToString());
+    }
+
+    /// <summary>setgroups(0), setresgid, setresuid: glibc applies each to every thread of the process.</summary>
+    public static void SetIdentity(uint uid, uint gid)
+    {
+        Check(setgroups(0, null), "setgroups");
+        Check(setresgid(gid, gid, gid), "setresgid", gid.ToString());
+        Check(setresuid(uid, uid, uid), "setresuid", uid.ToString());
+    }
+
+    /// <summary>Clears the calling thread's effective, permitted and inheritable sets (capset) and its ambient set.</summary>
+    public static void ClearCapabilities()
+    {
+        uint* header = stackalloc uint[2];
+        header[0] = _LINUX_CAPABILITY_VERSION_3;
+        header[1] = 0; // this thread
+        uint* data = stackalloc uint[6]; // two __user_cap_data_struct {effective, permitted, inheritable}
+        for (int i = 0; i < 6; i++)
+            data[i] = 0;
+        if (syscall(SYS_capset, (nint)header, (nint)data, 0, 0) < 0)
+            throw new SyscallException("capset", Marshal.GetLastPInvokeError());
+        Check(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)");
+    }
+
+    public static void SetNoNewPrivileges() => Check(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)");
+
+    /// <summary>Replaces this process with <paramref name="path"/>; returns only by throwing.</summary>
+    public static void Execve(string path, IReadOnlyList<string> argv, IReadOnlyList<string> envp)
+    {
+        byte[] file = CString(path);
+        var handles = new List<GCHandle>();
+        try
+        {
+            nint* av = stackalloc nint[argv.Count + 1];
+            nint* ev = stackalloc nint[envp.Count + 1];
+            for (int i = 0; i < argv.Count; i++)
+            {
+                var h = GCHandle.Alloc(CString(argv[i]), GCHandleType.Pinned);
+                handles.Add(h);
+                av[i] = h.AddrOfPinnedObject();
+            }
+            av[argv.Count] = 0;
+            for (int i = 0; i < envp.Count; i++)
+            {
+                var h = GCHandle.Alloc(CString(envp[i]), GCHandleType.Pinned);
+                handles.Add(h);
+                ev[i] = h.AddrOfPinnedObject();
+            }
+            ev[envp.Count] = 0;
+            fixed (byte* f = file)
+                execve(f, av, ev);
+            throw new SyscallException("execve", Marshal.GetLastPInvokeError(), path);
+        }
+        finally
+        {
+            foreach (var h in handles)
+                h.Free();
+        }
+    }
+
+    public static void Kill(int pid, int signal) => kill(pid, signal);
+
+    // landlock(7): <linux/landlock.h>
+    public const ulong LANDLOCK_ACCESS_FS_EXECUTE = 1 << 0, LANDLOCK_ACCESS_FS_WRITE_FILE = 1 << 1,
+        LANDLOCK_ACCESS_FS_READ_FILE = 1 << 2, LANDLOCK_ACCESS_FS_READ_DIR = 1 << 3, LANDLOCK_ACCESS_FS_REMOVE_DIR = 1 << 4,
+        LANDLOCK_ACCESS_FS_REMOVE_FILE = 1 << 5, LANDLOCK_ACCESS_FS_MAKE_CHAR = 1 << 6, LANDLOCK_ACCESS_FS_MAKE_DIR = 1 << 7,
+        LANDLOCK_ACCESS_FS_MAKE_REG = 1 << 8, LANDLOCK_ACCESS_FS_MAKE_SOCK = 1 << 9, LANDLOCK_ACCESS_FS_MAKE_FIFO = 1 << 10,
+        LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11, LANDLOCK_ACCESS_FS_MAKE_SYM = 1 << 12, LANDLOCK_ACCESS_FS_REFER = 1 << 13,
+        LANDLOCK_ACCESS_FS_TRUNCATE = 1 << 14, LANDLOCK_ACCESS_FS_IOCTL_DEV = 1 << 15;
+    private const uint LANDLOCK_CREATE_RULESET_VERSION = 1;
+    private const int LANDLOCK_RULE_PATH_BENEATH = 1, O_PATH = 0x200000;
+
+    /// <summary>Every filesystem right the kernel's landlock ABI version knows (v1: 13 rights, v2 REFER, v3 TRUNCATE,
+    /// v5 IOCTL_DEV); all of them are handled, so whatever a rule does not grant is denied.</summary>
+    public static ulong LandlockFsRights(int abi) =>
+        (LANDLOCK_ACCESS_FS_MAKE_SYM << 1) - 1
+        | (abi >= 2 ? LANDLOCK_ACCESS_FS_REFER : 0)
+        | (abi >= 3 ? LANDLOCK_ACCESS_FS_TRUNCATE : 0)
+        | (abi >= 5 ? LANDLOCK_ACCESS_FS_IOCTL_DEV : 0);
+
+    /// <summary>The kernel's landlock ABI version, or a negative errno (ENOSYS: not built; EOPNOTSUPP: not enabled
+    /// at boot, i.e. not in the lsm= list).</summary>
+    public static int LandlockAbiVersion()
+    {
+        long r = syscall(SYS_landlock_create_ruleset, 0, 0, (nint)LANDLOCK_CREATE_RULESET_VERSION, 0);
+        return r < 0 ? -Marshal.GetLastPInvokeError() : (int)r;
+    }
+
+    /// <summary>A ruleset handling <paramref name="handled"/>; its fd.</summary>
+    public static int LandlockCreateRuleset(ulong handled)
+    {
+        ulong attr = handled; // struct landlock_ruleset_attr { __u64 handled_access_fs; ... }: the first field suffices
+        long r = syscall(SYS_landlock_create_ruleset, (nint)(&attr), sizeof(ulong), 0, 0);
+        if (r < 0)
+            throw new SyscallException("landlock_create_ruleset", Marshal.GetLastPInvokeError());
+        return (int)r;
+    }
+
+    [StructLayout(LayoutKind.Sequential, Pack = 1)]
+    private struct landlock_path_beneath_attr
+    {
+        public ulong allowed_access;
+        public int parent_fd;
+    }
+
+    /// <summary>Allows <paramref name="access"/> on <paramref name="path"/> and beneath it.</summary>
+    public static void LandlockAllow(int ruleset, string path, ulong access)
+    {
+        int fd = Sys.Open(path, O_PATH | Sys.O_CLOEXEC);
+        if (fd < 0)
+            throw new SyscallException("open", Errno.Last, path);
+        try
+        {
+            var attr = new landlock_path_beneath_attr { allowed_access = access, parent_fd = fd };
+            if (syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, (nint)(&attr), 0) < 0)
+                throw new SyscallException("landlock_add_rule", Marshal.GetLastPInvokeError(), path);
+        }
+        finally
+        {
+            Sys.Close(fd);
+        }
+    }
+
+    public static void LandlockRestrictSelf(int ruleset)
+    {
+        if (syscall(SYS_landlock_restrict_self, ruleset, 0, 0, 0) < 0)
+            throw new SyscallException("landlock_restrict_self", Marshal.GetLastPInvokeError());
+    }
+
+    [LibraryImport("libc")]
+    private static partial uint geteuid();
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int unshare(int flags);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int setns(int fd, int nstype);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int sethostname(byte* name, nuint len);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int mount(byte* source, byte* target, byte* fstype, ulong flags, byte* data);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int umount2(byte* target, int flags);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int chroot(byte* path);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int chdir(byte* path);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int mknod(byte* path, uint mode, ulong dev);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int chmod(byte* path, uint mode);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int chown(byte* path, uint uid, uint gid);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int setrlimit(int resource, ulong* rlim);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int getrlimit(int resource, ulong* rlim);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int prctl(int option, nuint arg2, nuint arg3, nuint arg4, nuint arg5);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int setgroups(nuint size, uint* list);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int setresgid(uint rgid, uint egid, uint sgid);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int setresuid(uint ruid, uint euid, uint suid);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int execve(byte* path, nint* argv, nint* envp);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int kill(int pid, int signal);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial long syscall(long number, nint a1, nint a2, nint a3, nint a4);
+}
