@@ -28,8 +28,22 @@ public static class Cgroup
     public static string? PathFor(JailOptions o) =>
         Hierarchy(File.ReadLines("/proc/self/mountinfo")) is { } root ? Path.Combine(root, o.ParentCgroup, o.Id) : null;
 
-    /// <summary>Makes the VM's cgroup with its limits; null when there is no cgroup v2 hierarchy and none was asked for.</summary>
+    /// <summary>Makes the VM's cgroup with its limits; null when there is no cgroup v2 hierarchy, or none was asked for
+    /// and the hierarchy refuses a new cgroup (a warning then: the VM runs in the caller's cgroup).</summary>
     public static string? Create(JailOptions o)
+    {
+        try
+        {
+            return CreateOrThrow(o);
+        }
+        catch (Exception e) when (o.Cgroups.Count == 0 && e is JailException or IOException or UnauthorizedAccessException)
+        {
+            Console.Error.WriteLine($"vmm: warning: jail: no cgroup of its own for the VM: {e.Message}");
+            return null;
+        }
+    }
+
+    private static string? CreateOrThrow(JailOptions o)
     {
         string? root = Hierarchy(File.ReadLines("/proc/self/mountinfo"));
         if (root is null)
@@ -53,7 +67,14 @@ public static class Cgroup
             if (controllers.Count > 0)
                 Write(Path.Combine(dir, "cgroup.subtree_control"), string.Join(' ', controllers.Select(c => "+" + c)), "cgroup.subtree_control");
             dir = Path.Combine(dir, part);
-            Directory.CreateDirectory(dir);
+            try
+            {
+                Directory.CreateDirectory(dir);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new JailException($"cannot make the VM's cgroup {dir}: {e.Message}");
+            }
         }
         foreach (var (file, value) in o.Cgroups)
         {

@@ -80,24 +80,27 @@ public static class Jailer
         SetResourceLimits(o, plan);
         string? cgroup = Cgroup.Create(o);
 
-        // Children of this (main) thread start in a new PID namespace; the one child becomes its PID 1.
-        JailCalls.Unshare(JailCalls.CLONE_NEWPID);
-        var psi = new ProcessStartInfo(Environment.ProcessPath!) { UseShellExecute = false };
-        psi.ArgumentList.Add(ChildCommand);
-        foreach (string a in args)
-            psi.ArgumentList.Add(a);
-        using var child = Process.Start(psi) ?? throw new JailException("the jail's first process did not start");
-        string pidFile = Path.Combine(o.RootDir, "vmm.pid");
-        File.WriteAllText(pidFile, child.Id + "\n");
+        // Signals are forwarded to the jailed vmm, which stops the VM in order; its status becomes ours. Registering
+        // them first also starts the runtime's signal thread now, before the PID namespace is unshared.
+        int childPid = 0;
         var signals = new List<PosixSignalRegistration>();
         foreach (var signal in new[] { PosixSignal.SIGTERM, PosixSignal.SIGINT, PosixSignal.SIGHUP })
         {
             signals.Add(PosixSignalRegistration.Create(signal, ctx =>
             {
-                ctx.Cancel = true; // the jailed vmm stops the VM in order; its status becomes ours
-                JailCalls.Kill(child.Id, SignalNumber(ctx.Signal));
+                ctx.Cancel = true;
+                if (Volatile.Read(ref childPid) is > 0 and int pid)
+                    JailCalls.Kill(pid, SignalNumber(ctx.Signal));
             }));
         }
+        var psi = new ProcessStartInfo(Environment.ProcessPath!) { UseShellExecute = false };
+        psi.ArgumentList.Add(ChildCommand);
+        foreach (string a in args)
+            psi.ArgumentList.Add(a);
+        using var child = StartInNewPidNamespace(psi);
+        Volatile.Write(ref childPid, child.Id);
+        string pidFile = Path.Combine(o.RootDir, "vmm.pid");
+        File.WriteAllText(pidFile, child.Id + "\n");
         child.WaitForExit();
         foreach (var s in signals)
             s.Dispose();
@@ -115,6 +118,32 @@ public static class Jailer
         return child.ExitCode;
     }
 
+    /// <summary>unshare(CLONE_NEWPID) makes the calling thread's later children start in a new PID namespace, and
+    /// forbids that thread to create threads (clone with CLONE_THREAD fails with EINVAL): so a thread of its own
+    /// unshares and starts the child (the runtime forks from the calling thread), and ends.</summary>
+    private static Process StartInNewPidNamespace(ProcessStartInfo psi)
+    {
+        Process? child = null;
+        Exception? error = null;
+        var thread = new Thread(() =>
+        {
+            try
+            {
+                JailCalls.Unshare(JailCalls.CLONE_NEWPID);
+                child = Process.Start(psi);
+            }
+            catch (Exception e)
+            {
+                error = e;
+            }
+        }, 256 * 1024) { Name = "jail-start" };
+        thread.Start();
+        thread.Join();
+        if (error is not null)
+            throw error is SyscallException or JailException ? error : new JailException($"starting the jail's first process: {error.Message}");
+        return child ?? throw new JailException("the jail's first process did not start");
+    }
+
     private static int SignalNumber(PosixSignal s) => s switch
     {
         PosixSignal.SIGHUP => 1,
@@ -126,7 +155,7 @@ public static class Jailer
 
     /// <summary>The plan, with the libraries the executable needs: its ELF interpreter and the shared objects this
     /// process has mapped (the jailed vmm is this program: the same libc, libm and loader).</summary>
-    internal static JailPlan PlanFor(JailOptions o, string exec)
+    public static JailPlan PlanFor(JailOptions o, string exec)
     {
         var libs = new SortedSet<string>(StringComparer.Ordinal);
         foreach (string line in File.ReadLines("/proc/self/maps"))
@@ -144,7 +173,7 @@ public static class Jailer
     }
 
     /// <summary>PT_INTERP of an ELF64 executable (e.g. /lib64/ld-linux-x86-64.so.2), or null for a static one.</summary>
-    internal static string? ElfInterpreter(string path)
+    public static string? ElfInterpreter(string path)
     {
         using var f = File.OpenRead(path);
         var header = new byte[64];

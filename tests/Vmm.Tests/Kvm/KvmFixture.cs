@@ -13,7 +13,7 @@ public sealed class KvmFixture
 
     public KvmFixture()
     {
-        string vmm = Environment.GetEnvironmentVariable("VMM_BINARY") ?? PublishVmm();
+        string vmm = PublishedVmm.Path;
         Repo.MustRun("make", "-s", "-C", Repo.PathTo("guest-images"));
         var files = new Dictionary<string, byte[]>
         {
@@ -153,6 +153,9 @@ public sealed class KvmFixture
             // PCI hotplug through the API and ACPI (KvmHotplugTests): a disk, a NIC and a test GPU added to a running
             // Linux that booted with no PCI devices, used by it, and removed again.
             new("linux-hotplug", [], Shell: "unshare -n sh ./hotplug.sh"),
+            // vmm jail (KvmJailTests): a Linux boot under the jailer with every restriction on, its process state read from
+            // the nested host while the VM runs, and the jailed vmm's own attempts to reach host files (the probe hook).
+            new("jail-linux", [], Shell: KvmJailTests.Script),
             // With a busybox initramfs whose /init powers off: ACPI S5 ends vmm with status 0.
             new("linux-initramfs", ["run", "--kernel", "vmlinuz", "--initrd", "initramfs.cpio.gz", "--memory", "256M",
                 "--cpus", "2", "--cmdline", InitramfsCommandLine, "--log-level", "info"]),
@@ -399,13 +402,6 @@ public sealed class KvmFixture
         string output = Repo.PathTo("artifacts", "test-gpu");
         Repo.MustRun("dotnet", "publish", Repo.PathTo("tests", "Vmm.TestGpu"), "-c", "Release", "-o", output, "--nologo");
         return Path.Combine(output, "vfio-user-gpu");
-    }
-
-    private static string PublishVmm()
-    {
-        string output = Repo.PathTo("artifacts", "test-vmm");
-        Repo.MustRun("dotnet", "publish", Repo.PathTo("src", "Vmm.Cli"), "-c", "Release", "-o", output, "--nologo");
-        return Path.Combine(output, "vmm");
     }
 }
 

@@ -1,0 +1,89 @@
+using Vmm.Tests.TestKit;
+
+namespace Vmm.Tests.Cli;
+
+/// <summary>The native vmm's jailer on this host, as root, without KVM: it builds the jail, enters it, drops its
+/// privileges and execve's `vmm run`, which probes the host files (VMM_TEST_JAIL_PROBE) and then stops where any vmm
+/// stops on a host without /dev/kvm (status 4). The bad-input statuses are checked on the same binary.</summary>
+public class JailHostTests
+{
+    private static Repo.Result Jail(string baseDir, string[] jailArgs, string[] vmArgs, string? probe = null)
+    {
+        var env = new Dictionary<string, string>();
+        if (probe is not null)
+            env["VMM_TEST_JAIL_PROBE"] = probe;
+        return Repo.Run(PublishedVmm.Path, ["jail", "--chroot-base-dir", baseDir, .. jailArgs, "--", "run", .. vmArgs], baseDir,
+            TimeSpan.FromMinutes(1), "", env);
+    }
+
+    private static string Show(Repo.Result r) => $"exit {r.ExitCode}\n--- stdout\n{r.Stdout}\n--- stderr\n{r.Stderr}";
+
+    [Fact]
+    public void The_jailed_vmm_sees_only_its_files_and_runs_as_the_given_user()
+    {
+        Assert.True(Vmm.Interop.JailCalls.EffectiveUid == 0, "this test builds a real jail: it runs as root (as CI does)");
+        string dir = Directory.CreateTempSubdirectory("vmm-jail-test-").FullName;
+        try
+        {
+            File.WriteAllText(Path.Combine(dir, "kernel.bin"), "not really a kernel");
+            File.WriteAllText(Path.Combine(dir, "secret.txt"), "host secret");
+            Directory.CreateDirectory(Path.Combine(dir, "api"));
+            Repo.MustRun("chown", "4321:4321", Path.Combine(dir, "api"));
+            var r = Jail(dir, ["--id", "host-test", "--uid", "4321", "--gid", "4321"],
+                ["--kernel", "kernel.bin", "--api-socket", "api/api.sock"],
+                probe: $"{dir}/secret.txt,/etc/hostname,/vm/kernel.bin,/proc/1/root/etc/hostname,+/run/vmm/sock1/probe,+/vm/new");
+            // vmm itself, inside the jail: no /dev/kvm on this host (the jail made no node for it), the status any vmm gives.
+            Assert.True(r.ExitCode == 4, Show(r));
+            Assert.Contains($"vmm: jail probe: open {dir}/secret.txt: No such file or directory (ENOENT)", r.Stderr);
+            Assert.Contains("vmm: jail probe: open /etc/hostname: No such file or directory (ENOENT)", r.Stderr);
+            Assert.Contains("vmm: jail probe: open /proc/1/root/etc/hostname: No such file or directory (ENOENT)", r.Stderr);
+            Assert.Contains("vmm: jail probe: open /vm/kernel.bin: opened", r.Stderr);
+            Assert.Contains("vmm: jail probe: create /vm/new: Permission denied (EACCES)", r.Stderr);
+            // landlock, where this kernel has it, also refuses a regular file in the socket directory uid 4321 owns.
+            bool landlock = Vmm.Interop.JailCalls.LandlockAbiVersion() > 0;
+            Assert.Contains($"vmm: jail probe: create /run/vmm/sock1/probe: {(landlock ? "Permission denied (EACCES)" : "opened")}", r.Stderr);
+            Assert.Equal(!landlock, r.Stderr.Contains("vmm: jail: landlock is not available"));
+            // The jail root: the executable (a copy) and what the VM was given; the pid file is gone after the exit.
+            string root = Path.Combine(dir, "vmm", "host-test", "root");
+            Assert.True(File.Exists(Path.Combine(root, "vmm")));
+            Assert.Equal(new FileInfo(PublishedVmm.Path).Length, new FileInfo(Path.Combine(root, "vmm")).Length);
+            Assert.True(File.Exists(Path.Combine(root, "vm", "kernel.bin")));
+            Assert.False(File.Exists(Path.Combine(root, "vmm.pid")));
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void Bad_jail_input_is_one_line_and_status_2()
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-jail-bad-").FullName;
+        try
+        {
+            File.WriteAllText(Path.Combine(dir, "k"), "kernel");
+            File.WriteAllText(Path.Combine(dir, "disk.img"), "disk");
+            foreach (var (jail, vm, message) in new (string[], string[], string)[]
+            {
+                (["--uid", "1", "--gid", "1"], ["--kernel", "k"], "vmm: error: jail: --id ID is required"),
+                (["--id", "x", "--uid", "1", "--gid", "1"], ["--kernel", "missing"], $"vmm: error: jail: --kernel {dir}/missing: no such file"),
+                (["--id", "x", "--uid", "1", "--gid", "1"], ["--kernel", "k", "--disk", "path=disk.img"],
+                    $"vmm: error: jail: --disk {dir}/disk.img: uid 1 gid 1 may not write it (owner 0:0, mode 644); chown or chmod it, or give readonly=on"),
+                (["--id", "x", "--uid", "1", "--gid", "1"], ["--kernel", "k", "--api-socket", "/no/such/dir/api.sock"],
+                    "vmm: error: jail: --api-socket /no/such/dir: no such directory"),
+                (["--id", "x", "--uid", "1", "--gid", "1", "--exec-file", "k"], ["--kernel", "k"], "vmm: error: jail: --exec-file"),
+            })
+            {
+                var r = Jail(dir, jail, vm);
+                Assert.True(r.ExitCode == 2, Show(r));
+                Assert.StartsWith(message, r.Stderr);
+                Assert.Equal(1, r.Stderr.TrimEnd('\n').Split('\n').Length);
+            }
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+}
