@@ -56,7 +56,7 @@ public class JailTests
     [InlineData(new[] { "--id", "a", "--uid", "1", "--gid", "1", "--resource-limit", "no-file=0", "--", "run" }, "jail: --resource-limit no-file needs a whole number of at least 1, not '0'")]
     [InlineData(new[] { "--id", "a", "--uid", "1", "--gid", "1", "--parent-cgroup", "../up", "--", "run" }, "jail: --parent-cgroup '../up' must be a relative path")]
     [InlineData(new[] { "--id", "a", "--uid", "1", "--gid", "1", "--parent-cgroup", "/abs", "--", "run" }, "jail: --parent-cgroup '/abs' must be a relative path")]
-    [InlineData(new[] { "--id", "a", "--uid", "1", "--gid", "1", "--uid" }, "jail: --uid needs a value")]
+    [InlineData(new[] { "--id", "a", "--gid", "1", "--uid" }, "jail: --uid needs a value")]
     public void Bad_jail_options_are_one_clear_line(string[] args, string message)
     {
         var e = Assert.Throws<UsageException>(() => JailOptions.Parse(args));

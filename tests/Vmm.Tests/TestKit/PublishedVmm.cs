@@ -10,7 +10,7 @@ public static class PublishedVmm
             return given;
         string output = Repo.PathTo("artifacts", "test-vmm");
         Repo.MustRun("dotnet", "publish", Repo.PathTo("src", "Vmm.Cli"), "-c", "Release", "-o", output, "--nologo");
-        return Path.Combine(output, "vmm");
+        return System.IO.Path.Combine(output, "vmm");
     }, LazyThreadSafetyMode.ExecutionAndPublication);
 
     public static string Path => s_path.Value;
