@@ -61,6 +61,8 @@ public sealed class Options
           vmm --api-socket PATH [OPTIONS]   no VM: wait for vm.create and vm.boot on the API
           vmm remote --api-socket PATH COMMAND [ARGS]
                                       the API client (vmm remote --help)
+          vmm jail --id ID --uid UID --gid GID [JAIL OPTIONS] -- run [OPTIONS]
+                                      'vmm run' jailed, as Firecracker's jailer (vmm jail --help)
           vmm --help | --version
 
         Options for 'run' (and, where they apply, 'demo'):
