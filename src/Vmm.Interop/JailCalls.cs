@@ -247,6 +247,29 @@ public static unsafe partial class JailCalls
 
     public static void Kill(int pid, int signal) => kill(pid, signal);
 
+    private const long SYS_close_range = 436;
+    private const uint CLOSE_RANGE_CLOEXEC = 4;
+
+    /// <summary>Marks every descriptor from 3 up close-on-exec except <paramref name="keep"/>: whatever the caller left
+    /// open (a directory fd outside the jail would be a way out of it) does not reach the jailed program.</summary>
+    public static void CloseOnExecAbove2(IReadOnlyCollection<int> keep)
+    {
+        uint first = 3;
+        foreach (int fd in keep.Where(f => f >= 3).Order())
+        {
+            if (fd > first)
+                CloseRange(first, (uint)fd - 1);
+            first = (uint)fd + 1;
+        }
+        CloseRange(first, uint.MaxValue);
+
+        static void CloseRange(uint first, uint last)
+        {
+            if (syscall(SYS_close_range, (nint)first, (nint)last, (nint)CLOSE_RANGE_CLOEXEC, 0) < 0)
+                throw new SyscallException("close_range", Marshal.GetLastPInvokeError(), $"{first}-{last}");
+        }
+    }
+
     // landlock(7): <linux/landlock.h>
     public const ulong LANDLOCK_ACCESS_FS_EXECUTE = 1 << 0, LANDLOCK_ACCESS_FS_WRITE_FILE = 1 << 1,
         LANDLOCK_ACCESS_FS_READ_FILE = 1 << 2, LANDLOCK_ACCESS_FS_READ_DIR = 1 << 3, LANDLOCK_ACCESS_FS_REMOVE_DIR = 1 << 4,

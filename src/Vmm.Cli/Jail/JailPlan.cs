@@ -104,6 +104,7 @@ public sealed class JailPlan
                 "--api-socket" when value.StartsWith("path=", StringComparison.Ordinal) => "path=" + plan.SocketIn(Full(value[5..]), arg),
                 "--api-socket" when !value.StartsWith("fd=", StringComparison.Ordinal) => plan.SocketIn(Full(value), arg),
                 "--event-monitor" when value.StartsWith("path=", StringComparison.Ordinal) => "path=" + plan.File(Full(value[5..]), readOnly: false, arg, create: true),
+                "--api-socket" or "--event-monitor" when value.StartsWith("fd=", StringComparison.Ordinal) => plan.Fd(value),
                 _ => value,
             };
             plan.RunArgs.Add(arg + "=" + rewritten);
@@ -132,6 +133,16 @@ public sealed class JailPlan
         if (create && !CreateIfMissing.Contains(host))
             CreateIfMissing.Add(host);
         return b.JailPath;
+    }
+
+    /// <summary>Descriptors the VM options name (--api-socket fd=N, --event-monitor fd=N): kept open across execve.</summary>
+    public List<int> InheritedFds { get; } = [];
+
+    private string Fd(string value)
+    {
+        if (int.TryParse(value.AsSpan(3), out int fd) && fd >= 0)
+            InheritedFds.Add(fd);
+        return value;
     }
 
     /// <summary>Files vmm creates (serial and event files): the jailer creates them, owned by the jail user.</summary>

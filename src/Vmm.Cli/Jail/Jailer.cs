@@ -151,7 +151,9 @@ public static class Jailer
         _ => 15,
     };
 
-    private static bool RuntimeFeature() => System.Runtime.CompilerServices.RuntimeFeature.IsDynamicCodeSupported;
+    /// <summary>Whether this vmm runs on the .NET runtime (libcoreclr is mapped) rather than as the NativeAOT executable.
+    /// (RuntimeFeature.IsDynamicCodeSupported cannot tell: PublishAot turns it off in JIT builds too.)</summary>
+    private static bool RuntimeFeature() => File.ReadLines("/proc/self/maps").Any(l => l.EndsWith("/libcoreclr.so", StringComparison.Ordinal));
 
     /// <summary>The plan, with the libraries the executable needs: its ELF interpreter and the shared objects this
     /// process has mapped (the jailed vmm is this program: the same libc, libm and loader).</summary>
@@ -341,6 +343,9 @@ public static class Jailer
         JailCalls.SetNoNewPrivileges();
         Landlock(plan);
 
+        // As Firecracker's jailer closes every descriptor but stdin, stdout and stderr: those vmm is told to use
+        // (--api-socket fd=N, --event-monitor fd=N) stay open, nothing else the caller left open crosses into the jail.
+        JailCalls.CloseOnExecAbove2(plan.InheritedFds);
         var env = new List<string>();
         if (Environment.GetEnvironmentVariable(ProbeVariable) is { } probe)
             env.Add($"{ProbeVariable}={probe}");

@@ -58,6 +58,40 @@ public class JailHostTests
     }
 
     [Fact]
+    public void A_descriptor_the_caller_left_open_does_not_cross_into_the_jail()
+    {
+        string dir = Directory.CreateTempSubdirectory("vmm-jail-fd-").FullName;
+        try
+        {
+            File.WriteAllText(Path.Combine(dir, "kernel.bin"), "not really a kernel");
+            File.WriteAllText(Path.Combine(dir, "secret.txt"), "host secret");
+            // fd 100 is open on a host file when the jailer starts; /proc/self/fd/100 would reopen it from inside the jail.
+            var r = Repo.Run("bash", ["-c", $"exec 100<'{dir}/secret.txt'; exec '{PublishedVmm.Path}' jail --chroot-base-dir '{dir}' --id fd-test " +
+                "--uid 4321 --gid 4321 -- run --kernel kernel.bin"], dir, TimeSpan.FromMinutes(1), "",
+                new Dictionary<string, string> { ["VMM_TEST_JAIL_PROBE"] = "/proc/self/fd/100" });
+            Assert.True(r.ExitCode == 6, Show(r));
+            Assert.Contains("vmm: jail probe: open /proc/self/fd/100: No such file or directory (ENOENT)", r.Stderr);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
+    [Fact]
+    public void The_jail_needs_the_native_executable_and_says_so()
+    {
+        // The Debug build runs on the .NET runtime, which a jail does not hold.
+        string debugVmm = Repo.PathTo("src", "Vmm.Cli", "bin", "Debug", "net10.0", "vmm");
+        var r = Repo.Run(debugVmm, ["jail", "--id", "a", "--uid", "1", "--gid", "1", "--", "run", "--kernel", "k"], timeout: TimeSpan.FromMinutes(1));
+        Assert.True(r.ExitCode == 2, Show(r));
+        Assert.Equal("vmm: error: jail: needs the native vmm executable (dotnet publish src/Vmm.Cli -c Release): this vmm runs on the .NET runtime, which a jail does not hold\n", r.Stderr);
+        var help = Repo.Run(debugVmm, ["jail", "--help"], timeout: TimeSpan.FromMinutes(1));
+        Assert.True(help.ExitCode == 0, Show(help));
+        Assert.Contains("--chroot-base-dir DIR", help.Stdout);
+    }
+
+    [Fact]
     public void Bad_jail_input_is_one_line_and_status_2()
     {
         string dir = Directory.CreateTempSubdirectory("vmm-jail-bad-").FullName;

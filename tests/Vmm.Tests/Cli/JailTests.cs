@@ -139,6 +139,7 @@ public class JailTests
     {
         var plan = Plan("run", "--kernel", "k", "--api-socket", "fd=3", "--event-monitor", "fd=4");
         Assert.Equal(["run", "--kernel=/vm/k", "--api-socket=fd=3", "--event-monitor=fd=4"], plan.RunArgs);
+        Assert.Equal([3, 4], plan.InheritedFds); // kept open across execve; every other inherited descriptor is closed
     }
 
     [Fact]
