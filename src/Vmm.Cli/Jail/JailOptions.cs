@@ -136,7 +136,7 @@ public sealed partial class JailOptions
                     break;
                 }
                 case "-h": case "--help":
-                    throw new UsageException("jail: " + HelpText.Split('\n')[0]);
+                    throw new UsageException("jail: --help goes alone: vmm jail --help");
                 default:
                     throw new UsageException($"jail: unknown option '{args[i]}' (see vmm jail --help)");
             }
