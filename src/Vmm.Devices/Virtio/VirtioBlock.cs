@@ -84,8 +84,8 @@ public sealed class VirtioBlock : VirtioDevice, IDeviceCounters
         {
             if (HostFile.NotAnImage(fd) is string notAnImage)
                 throw new DiskImageException(path, notAnImage);
-            // Writable: an exclusive lock; read-only: a shared one (QEMU's rule). Held until the fd closes.
-            if (ImageLock.TryLock(fd, exclusive: !readOnly) is string locked)
+            // QEMU's image locks (writers exclude everyone, readers share with readers); held until the fd closes.
+            if (ImageLock.TryLock(fd, writable: !readOnly) is string locked)
                 throw new DiskImageException(path, locked);
             long size = FileIo.Size(fd);
             if (size < 0)
