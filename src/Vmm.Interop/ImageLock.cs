@@ -96,7 +96,10 @@ public static unsafe class ImageLock
         return Fcntl(fd, LibC.F_OFD_GETLK, ref probe) == 0 && probe.l_type != LibC.F_UNLCK;
     }
 
-    private static void Unlock(int fd)
+    /// <summary>Drops every lock <see cref="TryLock"/> took on <paramref name="fd"/>. Closing the fd does the same only
+    /// when it is the open file's last fd: a process forked meanwhile (by any thread) holds a copy until its exec
+    /// closes it, and the image would stay locked that long.</summary>
+    public static void Unlock(int fd)
     {
         var all = Range(LibC.F_UNLCK, PermBase, SharedBase + 100 - PermBase);
         Fcntl(fd, LibC.F_OFD_SETLK, ref all);

@@ -191,6 +191,8 @@ public sealed class VirtioBlock : VirtioDevice, IDeviceCounters
         Deactivate();
         lock (_lifecycle)
         {
+            if (_fd >= 0)
+                ImageLock.Unlock(_fd); // at once, even if a forked child still shares the open file
             Sys.Close(_fd);
             _fd = -1;
             _bounce?.Dispose();
