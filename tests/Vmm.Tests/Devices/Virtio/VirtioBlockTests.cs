@@ -186,7 +186,7 @@ public sealed class VirtioBlockTests : IDisposable
             Assert.Equal($"{_image}: is locked against writers by pid {Environment.ProcessId} ({comm}): another VM (or QEMU) uses this image; " +
                 "two VMs must not write one image", Assert.Throws<DiskImageException>(() => new VirtioBlock(_image)).Message);
         }
-        using var afterwards = new VirtioBlock(_image); // every lock went with its fd, the refused opens' too
+        using var afterwards = new VirtioBlock(_image); // every lock was dropped: by Dispose, and by the refused opens
         Assert.False(afterwards.ReadOnly);
         Assert.Equal(["100-101", "201-201", "203-203"], ImageLockQemuTests.LockedRanges(_image));
     }
