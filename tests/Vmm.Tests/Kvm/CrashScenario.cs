@@ -18,10 +18,11 @@ public static class CrashScenario
         chmod +x blk-image
         ./blk-image create crash.img 8192 >/dev/null || exit 2
         for i in 1 2 3; do
+          : >stream$i.out
           ./vmm run --kernel virtio-test.elf --disk path=crash.img --cmdline "blk-stream stream-base=${i}000" \
-            >stream$i.out 2>stream$i.err &
+            >>stream$i.out 2>stream$i.err &
           p=$!
-          n=0; while [ $(grep -c flushed stream$i.out) -lt $((i * 4)) ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done
+          n=0; while [ "$(grep -c flushed stream$i.out)" -lt $((i * 4)) ] && [ $n -lt 1200 ]; do sleep 0.05; n=$((n+1)); done
           if [ $i -eq 1 ]; then
             ./vmm run --kernel virtio-test.elf --disk path=crash.img --cmdline "blk-stream stream-gens=1" >second.out 2>second.err
             echo "@@REFUSED $? pid $p"; cat second.err
