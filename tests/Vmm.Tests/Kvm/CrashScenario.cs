@@ -30,7 +30,8 @@ public static class CrashScenario
           sleep $(awk "BEGIN { srand($$ + $i); printf \"%.3f\", rand() * 0.3 }")
           kill -KILL $p; wait $p; s=$?
           echo "@@KILLED $i $s $(grep -c flushed stream$i.out)"
-          f=$(grep -o 'flushed [0-9]*' stream$i.out | tail -n 1 | cut -d' ' -f2)
+          # Complete lines only: the kill can cut the last one ("flushed 30" of "flushed 3023").
+          f=$(head -n "$(wc -l <stream$i.out)" stream$i.out | grep -o 'flushed [0-9]*' | tail -n 1 | cut -d' ' -f2)
           r=$(./blk-image crash-check crash.img ${f:-0}); c=$?
           echo "@@CHECK $i $c ${f:-0}"; echo "$r"
           grep -v '^blk-stream: flushed' stream$i.out | tail -n 5; cat stream$i.err
