@@ -8,6 +8,15 @@
  *       byte j of sector s = ((s * 3 + j) & 0xFF) ^ 0xA5 (without it they must be unchanged, as
  *       after blk-ro).  zeroes: sectors 200..207 are zero (else unchanged).  Sectors 300..307
  *       (discarded) are not checked; every other sector must be unchanged.
+ *   blk-image crash-check FILE FLUSHED
+ *       Checks the image after vmm was killed in the middle of virtio-test's blk-stream (see test_blk_stream there),
+ *       FLUSHED being the last generation vmm reported flushed ("blk-stream: flushed G") before it died, 0 if none.
+ *       It passes when (1) every sector outside the stream (1024..1087) is unchanged; (2) every stream sector is
+ *       entirely generation g's pattern for itself for some g (no foreign, stale-run or torn sector: a process kill
+ *       stops the kernel's copy of a pwrite at a page, never inside a sector); (3) g >= FLUSHED (no write the guest
+ *       saw completed before its last reported flush is lost); (4) the generations never rise with the sector number
+ *       and span at most two (the image is a prefix of the guest's in-order write stream: G+1 up to some sector,
+ *       G after it).
  * Exit status 0 when the image is as expected, 1 otherwise.
  */
 #include <stdio.h>
@@ -15,6 +24,61 @@
 #include <string.h>
 
 static unsigned char orig(unsigned long s) { return (unsigned char)((s & 0xFF) ^ 0x5A); }
+
+#define STREAM_FIRST 1024u
+#define STREAM_SECTORS 64u
+
+/* virtio-test's stream_sector: "VMMS", s, g (little-endian), then ((g * 131 + s * 7 + j) & 0xFF) ^ 0x3C. */
+static void stream_sector(unsigned char *p, unsigned s, unsigned g)
+{
+    for (unsigned j = 0; j < 512; j++)
+        p[j] = (unsigned char)(((g * 131 + s * 7 + j) & 0xFF) ^ 0x3C);
+    memcpy(p, "VMMS", 4);
+    for (int i = 0; i < 4; i++) {
+        p[4 + i] = (unsigned char)(s >> 8 * i);
+        p[8 + i] = (unsigned char)(g >> 8 * i);
+    }
+}
+
+static int crash_check(const char *path, unsigned flushed)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        perror(path);
+        return 1;
+    }
+    unsigned char sec[512], want[512];
+    unsigned long s = 0, bad = 0, newer = 0;
+    unsigned lo = 0xFFFFFFFFu, hi = 0, prev = 0xFFFFFFFFu, rises = 0;
+    for (; fread(sec, 1, sizeof(sec), f) == sizeof(sec); s++) {
+        if (s < STREAM_FIRST || s >= STREAM_FIRST + STREAM_SECTORS) {
+            memset(want, orig(s), sizeof(want));
+            if (memcmp(sec, want, sizeof(want)) != 0 && bad++ < 10)
+                printf("blk-image: sector %lu outside the stream changed (first byte 0x%02x)\n", s, sec[0]);
+            continue;
+        }
+        unsigned g = sec[8] | sec[9] << 8 | sec[10] << 16 | (unsigned)sec[11] << 24;
+        stream_sector(want, (unsigned)s, g);
+        if (memcmp(sec, want, sizeof(want)) != 0) {
+            if (bad++ < 10)
+                printf("blk-image: stream sector %lu is no generation's pattern (header generation %u)\n", s, g);
+            continue;
+        }
+        if (g < flushed && bad++ < 10)
+            printf("blk-image: stream sector %lu holds generation %u, older than the flushed %u\n", s, g, flushed);
+        if (prev != 0xFFFFFFFFu && g > prev && rises++ < 10)
+            printf("blk-image: stream sector %lu holds generation %u after %u: written out of order\n", s, g, prev);
+        prev = g;
+        lo = g < lo ? g : lo;
+        hi = g > hi ? g : hi;
+        newer += g > flushed;
+    }
+    fclose(f);
+    int ok = !bad && !rises && s >= STREAM_FIRST + STREAM_SECTORS && hi - lo <= 1;
+    printf("blk-image: %s: %lu sectors; stream generations %u..%u, %lu sectors newer than the flushed %u; %lu bad, "
+           "%u out of order: %s\n", path, s, lo, hi, newer, flushed, bad, rises, ok ? "consistent" : "INCONSISTENT");
+    return ok ? 0 : 1;
+}
 
 int main(int argc, char **argv)
 {
@@ -79,6 +143,9 @@ int main(int argc, char **argv)
                bad_sectors);
         return bad_sectors || s < 320 ? 1 : 0;
     }
-    fprintf(stderr, "usage: blk-image create FILE [SECTORS] | blk-image check FILE [written] [zeroes]\n");
+    if (argc == 4 && strcmp(argv[1], "crash-check") == 0)
+        return crash_check(argv[2], (unsigned)strtoul(argv[3], 0, 0));
+    fprintf(stderr, "usage: blk-image create FILE [SECTORS] | blk-image check FILE [written] [zeroes] | "
+                    "blk-image crash-check FILE FLUSHED\n");
     return 2;
 }

@@ -10,8 +10,10 @@
  *   console        virtio-console port 0 transmit (console-rx: also receive a line and echo it)
  *   all            pci + every virtio device type found (the default with no subtest)
  *   bench          virtio-blk benchmark on the first disk (writes it!); not part of "all"
+ *   blk-stream     crash-consistency writer on the first disk (writes it until killed); not part of "all"
  * Modifiers: blk-id=STRING, mac=52:54:00:12:34:56, console-rx,
- *   bench-ios=N bench-qd=N bench-mib=N bench-case=NAME bench-poll (see test_bench).
+ *   bench-ios=N bench-qd=N bench-mib=N bench-case=NAME bench-poll (see test_bench),
+ *   stream-base=N stream-gens=N (see test_blk_stream).
  * Prints one "PASS: <subtest> ..." / "FAIL: <subtest> ..." line per check, then
  * "PASS: all" and exits 0, or "FAIL: summary N failed" and exits 1 (isa-debug-exit).
  */
@@ -1019,6 +1021,69 @@ static void test_console(int rx)
     virtio_reset(d);
 }
 
+/* ---- blk-stream: the writer of the crash-consistency test ------------------------------------
+ * Writes generation after generation of sectors STREAM_FIRST..+STREAM_SECTORS-1, in ascending order, in requests of
+ * 1..16 sectors (varying with the generation), one request at a time; after each generation a FLUSH, and once it
+ * completed "blk-stream: flushed G" on COM1.  It never ends by itself before stream-gens=N generations (default
+ * 900), so the host kills vmm in the middle of it.  Generations start at stream-base=B + 1, so a later run's
+ * generations are all newer than an earlier run's.  Sector s of generation g holds stream_sector(s, g), which
+ * blk-image crash-check recomputes: "VMMS", s, g (little-endian), then bytes ((g * 131 + s * 7 + j) & 0xFF) ^ 0x3C. */
+#define STREAM_FIRST 1024u
+#define STREAM_SECTORS 64u
+
+static void stream_sector(uint8_t *p, uint32_t s, uint32_t g)
+{
+    for (uint32_t j = 0; j < 512; j++)
+        p[j] = (uint8_t)(((g * 131 + s * 7 + j) & 0xFF) ^ 0x3C);
+    memcpy(p, "VMMS", 4);
+    memcpy(p + 4, &s, 4);
+    memcpy(p + 8, &g, 4);
+}
+
+static void test_blk_stream(void)
+{
+    const char *n = "blk-stream";
+    struct virtio_dev dev, *d = &dev;
+    dma_reset();
+    if (!device_init(d, VIRTIO_ID_BLK, n, VIRTIO_F(BLK_F_FLUSH) | VIRTIO_F(BLK_F_BLK_SIZE)) || !queues_init(d, n, 1, 16))
+        return;
+    uint64_t cap = virtio_cfg64(d, 0);
+    uint32_t base = arg_u32("stream-base=", 0), gens = arg_u32("stream-gens=", 900);
+    check2(virtio_has(d, BLK_F_FLUSH) && cap >= STREAM_FIRST + STREAM_SECTORS, n, "FLUSH offered, disk large enough",
+           "features 0x%X, capacity %X", d->offered, cap);
+    if (!virtio_has(d, BLK_F_FLUSH) || cap < STREAM_FIRST + STREAM_SECTORS) {
+        virtio_reset(d);
+        return;
+    }
+    print("%s: sectors %u..%u, generations %u..%u\n", n, STREAM_FIRST, STREAM_FIRST + STREAM_SECTORS - 1, base + 1,
+          base + gens);
+    struct vq_buf data[1];
+    for (uint32_t g = base + 1; g <= base + gens; g++) {
+        uint32_t chunk = 1 + g % 16;
+        for (uint32_t s = 0; s < STREAM_SECTORS; s += chunk) {
+            uint32_t count = STREAM_SECTORS - s < chunk ? STREAM_SECTORS - s : chunk;
+            for (uint32_t k = 0; k < count; k++)
+                stream_sector(blk_buf + k * 512, STREAM_FIRST + s + k, g);
+            data[0] = (struct vq_buf){ blk_buf, count * 512, 0 };
+            uint32_t st = blk_request(d, BLK_T_OUT, STREAM_FIRST + s, data, 1, 0, 0);
+            if (st != 0) {
+                check2(0, n, "write", "generation %u, sector %u: status 0x%x", g, STREAM_FIRST + s, st);
+                virtio_reset(d);
+                return;
+            }
+        }
+        uint32_t st = blk_request(d, BLK_T_FLUSH, 0, data, 0, 0, 0);
+        if (st != 0) {
+            check2(0, n, "flush", "generation %u: status 0x%x", g, st);
+            virtio_reset(d);
+            return;
+        }
+        print("%s: flushed %u\n", n, g);
+    }
+    check2(1, n, "every generation written and flushed", "");
+    virtio_reset(d);
+}
+
 /* ---- main ------------------------------------------------------------------- */
 
 struct mb_info { uint32_t flags, mem_lower, mem_upper, boot_device, cmdline; };
@@ -1044,7 +1109,8 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
     int all = has_token("all");
     int t_blk = has_token("blk"), t_ro = has_token("blk-ro"), t_net = has_token("net"), t_rng = has_token("rng");
     int t_con = has_token("console") || has_token("console-rx"), t_pci = has_token("pci"), t_bench = has_token("bench");
-    if (!(t_blk || t_ro || t_net || t_rng || t_con || t_pci || t_bench))
+    int t_stream = has_token("blk-stream");
+    if (!(t_blk || t_ro || t_net || t_rng || t_con || t_pci || t_bench || t_stream))
         all = 1;
     if (all) {
         t_pci = 1;
@@ -1067,6 +1133,8 @@ void __attribute__((noreturn)) guest_main(uint32_t magic, const struct mb_info *
         test_console(has_token("console-rx"));
     if (t_bench)
         test_bench();
+    if (t_stream)
+        test_blk_stream();
     check(other_irqs == 0, "no unexpected interrupts", "%u, last vector 0x%x", other_irqs, last_other);
     if (failures == 0) {
         print("PASS: all\n");

@@ -70,6 +70,47 @@ public static unsafe class HostFile
         return null;
     }
 
+    /// <summary>For a Unix socket vmm connects to (a vhost-user or vfio-user back-end): null when
+    /// <paramref name="path"/> is a socket, else why not in the words of <see cref="ReadRegular"/> ("no such socket",
+    /// "is a regular file, not a socket"). Only a stat: it cannot block, so a FIFO or a dead mount point cannot hang the
+    /// start, and connect's misleading "Connection refused" for a regular file is never shown.</summary>
+    public static string? NotASocket(string path)
+    {
+        var bytes = new byte[System.Text.Encoding.UTF8.GetByteCount(path) + 1];
+        System.Text.Encoding.UTF8.GetBytes(path, bytes);
+        statx st;
+        int r;
+        fixed (byte* p = bytes)
+        {
+            do
+                r = LibC.statx(LibC.AT_FDCWD, p, 0, LibC.STATX_TYPE, &st);
+            while (r < 0 && Errno.Last == Errno.EINTR);
+        }
+        if (r < 0)
+        {
+            int errno = Errno.Last;
+            return errno == Errno.ENOENT || errno == ENOTDIR ? "no such socket"
+                : errno == Errno.EACCES || errno == Errno.EPERM ? "permission denied"
+                : errno == ELOOP ? "too many levels of symbolic links"
+                : $"cannot be examined: {Errno.Describe(errno)}";
+        }
+        uint type = (uint)st.stx_mode & (uint)LibC.S_IFMT;
+        return type == (uint)LibC.S_IFSOCK ? null
+            : type == (uint)LibC.S_IFREG ? "is a regular file, not a socket"
+            : Describe(type, "a socket");
+    }
+
+    /// <summary>For a Unix socket vmm creates (--api-socket, --vsock socket=): null when the directory it goes in
+    /// exists, else why not ("directory /run/x does not exist"), so the refusal names the real problem instead of
+    /// bind's ENOENT on a temporary name.</summary>
+    public static string? NoDirectoryFor(string path)
+    {
+        string directory = Path.GetDirectoryName(Path.GetFullPath(path)) ?? "/";
+        if (Directory.Exists(directory))
+            return null;
+        return File.Exists(directory) ? $"{directory} is not a directory" : $"directory {directory} does not exist";
+    }
+
     private static (uint Type, ulong Size) Examine(int fd)
     {
         statx st;

@@ -84,6 +84,15 @@ public sealed record MachineConfig
                 throw new ConfigException($"--vsock cid={vsock.Cid}: the guest cid must be {VsockConfig.MinCid} to {VsockConfig.MaxCid} (0-2 are reserved: hypervisor, local, host)");
             if (vsock.Socket.Length == 0 || System.Text.Encoding.UTF8.GetByteCount(vsock.Socket) > VsockConfig.MaxSocketPath)
                 throw new ConfigException($"--vsock socket={vsock.Socket}: the path must be 1 to {VsockConfig.MaxSocketPath} bytes (PATH_port must fit a Unix socket address)");
+            // Before any KVM call, so a wrong path is refused at once (the device checks again when it binds).
+            try
+            {
+                Vmm.Devices.Virtio.Vsock.VirtioVsock.CheckPathFree(vsock.Socket);
+            }
+            catch (ArgumentException e)
+            {
+                throw new ConfigException($"--vsock socket={vsock.Socket}: {e.Message}");
+            }
         }
         foreach (var group in Nets.GroupBy(n => n.Tap).Where(g => g.Count() > 1))
             throw new ConfigException($"--net tap={group.Key} is given {group.Count()} times; each interface needs its own tap");
@@ -98,10 +107,25 @@ public sealed record MachineConfig
         foreach (var group in Fs.GroupBy(f => f.Tag).Where(g => g.Count() > 1))
             throw new ConfigException($"--fs tag={group.Key} is given {group.Count()} times; the guest mounts a file system by its tag");
         // Before any KVM call: the back-end must be listening already (vmm is the vhost-user client).
-        foreach (var disk in Disks.Where(d => d.VhostSocket is not null && !File.Exists(d.VhostSocket)))
-            throw new ConfigException($"--disk vhost_user=on,socket={disk.VhostSocket}: no such socket (start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={disk.VhostSocket})");
-        foreach (var fs in Fs.Where(f => !File.Exists(f.Socket)))
-            throw new ConfigException($"--fs tag={fs.Tag},socket={fs.Socket}: no such socket (start virtiofsd --socket-path={fs.Socket} first)");
+        // Only a stat: a regular file, a directory or a FIFO gets one line saying so (connect would say "Connection
+        // refused"), and nothing here can block.
+        foreach (var disk in Disks.Where(d => d.VhostSocket is not null))
+        {
+            if (Vmm.Interop.HostFile.NotASocket(disk.VhostSocket!) is string why)
+                throw new ConfigException($"--disk vhost_user=on,socket={disk.VhostSocket}: {why}" + (why == "no such socket"
+                    ? $" (start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={disk.VhostSocket})" : ""));
+        }
+        foreach (var fs in Fs)
+        {
+            if (Vmm.Interop.HostFile.NotASocket(fs.Socket) is string why)
+                throw new ConfigException($"--fs tag={fs.Tag},socket={fs.Socket}: {why}" +
+                    (why == "no such socket" ? $" (start virtiofsd --socket-path={fs.Socket} first)" : ""));
+        }
+        foreach (var device in Devices.Where(d => d.Kind == PassthroughKind.VfioUser))
+        {
+            if (Vmm.Interop.HostFile.NotASocket(device.Path) is string why)
+                throw new ConfigException($"--device {device}: {why}" + (why == "no such socket" ? " (start the vfio-user server first)" : ""));
+        }
     }
 }
 

@@ -131,6 +131,8 @@ public sealed class HttpServer : IAsyncDisposable, IDisposable
         switch (Stat(path, out _))
         {
             case SocketFile.Kind.Missing:
+                if (HostFile.NoDirectoryFor(path) is string why)
+                    throw new ApiSocketException($"{path}: {why}");
                 return;
             case SocketFile.Kind.Other:
                 throw new ApiSocketException($"{path}: exists and is not a socket (not replacing it)");

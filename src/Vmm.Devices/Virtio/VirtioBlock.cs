@@ -84,8 +84,8 @@ public sealed class VirtioBlock : VirtioDevice, IDeviceCounters
         {
             if (HostFile.NotAnImage(fd) is string notAnImage)
                 throw new DiskImageException(path, notAnImage);
-            // Writable: an exclusive lock; read-only: a shared one (QEMU's rule). Held until the fd closes.
-            if (ImageLock.TryLock(fd, exclusive: !readOnly) is string locked)
+            // QEMU's image locks (writers exclude everyone, readers share with readers); held until the fd closes.
+            if (ImageLock.TryLock(fd, writable: !readOnly) is string locked)
                 throw new DiskImageException(path, locked);
             long size = FileIo.Size(fd);
             if (size < 0)
@@ -191,6 +191,8 @@ public sealed class VirtioBlock : VirtioDevice, IDeviceCounters
         Deactivate();
         lock (_lifecycle)
         {
+            if (_fd >= 0)
+                ImageLock.Unlock(_fd); // at once, even if a forked child still shares the open file
             Sys.Close(_fd);
             _fd = -1;
             _bounce?.Dispose();

@@ -22,6 +22,7 @@ public sealed class KvmFixture
             ["virtio-test.elf"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "virtio-test.elf")),
             ["net-responder"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "net-responder")),
             ["api-abuse"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "api-abuse")),
+            ["blk-image"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "blk-image")),
             ["vsock-peer"] = File.ReadAllBytes(Repo.PathTo("guest-images", "build", "vsock-peer")),
             ["vsock-initramfs.cpio.gz"] = VsockInitramfs(),
             ["disk.img"] = VirtioTestDisk.Original(),
@@ -102,6 +103,8 @@ public sealed class KvmFixture
                 "n=0; while [ -e v.sock_7000 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; " +
                 "echo @@HOST; cat connect.out serve.out vmm.rc; [ -e v.sock ] && echo '@@SOCKET LEFT' || echo '@@SOCKET GONE'; " +
                 "exit $(cut -d' ' -f2 vmm.rc)"),
+            // Crash consistency (KvmCrashTests): vmm SIGKILLed three times in a guest's write-and-flush stream.
+            new("blk-crash", [], Shell: CrashScenario.Script),
             new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
             // The vfio-user test GPU (tests/Vmm.TestGpu, its own process) passed through to the GPU test guest.
             new("vfio-user-gpu", [], Shell: GpuServers(1, "8G") + "./vmm run --kernel vfio-gpu-test.elf --device vfio-user=gpu1.sock " +

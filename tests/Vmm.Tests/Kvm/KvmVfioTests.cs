@@ -142,7 +142,7 @@ public class KvmVfioTests(KvmFixture kvm)
     {
         var r = R("vfio-user-no-server");
         Assert.True(r.ExitCode == 2, Show(r));
-        Assert.Contains("--device vfio-user=no-such.sock: cannot connect to the vfio-user server at no-such.sock", r.Stderr);
+        Assert.Contains("--device vfio-user=no-such.sock: no such socket (start the vfio-user server first)", r.Stderr);
     }
 
     [Fact]

@@ -174,14 +174,18 @@ public sealed class VirtioVsock : VirtioDevice
 
     /// <summary>A socket file nobody listens on is left over from a dead VMM and may be replaced; anything else
     /// at the path is someone else's.</summary>
-    private static void CheckPathFree(string path)
+    public static void CheckPathFree(string path)
     {
         if (Encoding.UTF8.GetByteCount(path) is 0 or > 100) // PATH_port must fit sun_path too
             throw new ArgumentException($"vsock socket path '{path}' must be 1 to 100 bytes long");
         if (Directory.Exists(path))
             throw new ArgumentException($"vsock socket path '{path}' is a directory");
         if (!File.Exists(path))
+        {
+            if (HostFile.NoDirectoryFor(path) is string why)
+                throw new ArgumentException($"vsock socket path '{path}': {why}");
             return;
+        }
         if (!FileType.IsSocket(path))
             throw new ArgumentException($"vsock socket path '{path}' exists and is not a socket");
         int fd = NonBlockingSocket.Connect(path);

@@ -164,8 +164,9 @@ public sealed class VirtioBlockTests : IDisposable
             Assert.Throws<DiskImageException>(() => new VirtioBlock(fifo)).Message);
     }
 
-    /// <summary>QEMU's image locking: a writable image is locked exclusively, a read-only one shared (OFD locks, so two
-    /// opens in this one process conflict as two VMs would); the error names the holder; closing releases it.</summary>
+    /// <summary>QEMU's image locking: a writer excludes writers and readers, readers share
+    /// (OFD locks, so two opens in this one process conflict as two VMs would); the error names the holder; closing
+    /// releases it. The same against QEMU itself: <see cref="ImageLockQemuTests"/>; the layout: <see cref="Vmm.Interop.ImageLock"/>.</summary>
     [Fact]
     public void A_writable_image_is_locked_so_no_second_VM_writes_or_reads_it_and_the_error_names_the_holder()
     {
@@ -176,16 +177,18 @@ public sealed class VirtioBlockTests : IDisposable
             Assert.Equal($"{_image}: is locked for writing by pid {Environment.ProcessId} ({comm}): another VM (or QEMU) uses this image; " +
                 "two VMs must not write one image", again.Message);
             var reader = Assert.Throws<DiskImageException>(() => new VirtioBlock(_image, readOnly: true));
-            Assert.StartsWith($"{_image}: is locked for writing by pid {Environment.ProcessId}", reader.Message);
+            Assert.Equal($"{_image}: is locked for writing by pid {Environment.ProcessId} ({comm}): another VM (or QEMU) uses this image",
+                reader.Message);
         }
         using (var first = new VirtioBlock(_image, readOnly: true))
         using (var second = new VirtioBlock(_image, readOnly: true)) // readers share
         {
-            Assert.Equal($"{_image}: is locked for reading by pid {Environment.ProcessId} ({comm}): another VM (or QEMU) uses this image; " +
+            Assert.Equal($"{_image}: is locked against writers by pid {Environment.ProcessId} ({comm}): another VM (or QEMU) uses this image; " +
                 "two VMs must not write one image", Assert.Throws<DiskImageException>(() => new VirtioBlock(_image)).Message);
         }
-        using var afterwards = new VirtioBlock(_image); // every lock went with its fd
+        using var afterwards = new VirtioBlock(_image); // every lock was dropped: by Dispose, and by the refused opens
         Assert.False(afterwards.ReadOnly);
+        Assert.Equal(["100-101", "201-201", "203-203"], ImageLockQemuTests.LockedRanges(_image));
     }
 
     [Fact]
