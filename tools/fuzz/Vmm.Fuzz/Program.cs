@@ -5,6 +5,14 @@ using Vmm.Fuzz;
 // each input to the target in this one process. By hand: `Vmm.Fuzz TARGET FILE...` runs the files once each (a
 // crash reproduces with its stack trace), `Vmm.Fuzz --list` lists the targets, `Vmm.Fuzz --write-seeds DIR`
 // writes the generated part of the seed corpus.
+// Instrumented code (the vmm assemblies run.sh rewrote) writes every branch into SharpFuzz's trace map, which
+// Fuzzer.Run points at afl-fuzz's shared memory. Until then — the target's set-up, or a reproduction run outside
+// afl-fuzz — it needs a map too: a private one, never read.
+unsafe
+{
+    if (SharpFuzz.Common.Trace.SharedMem == null)
+        SharpFuzz.Common.Trace.SharedMem = (byte*)System.Runtime.InteropServices.NativeMemory.AllocZeroed(1 << 16);
+}
 if (args.Length == 0 || args[0] is "-h" or "--help")
 {
     Console.Error.WriteLine("usage: Vmm.Fuzz TARGET [FILE...] | --list | --write-seeds DIR");
