@@ -71,6 +71,9 @@ public static class Seeds
             [.. Vsock(op: 4, dstPort: 1234, length: 0), .. new byte[20], .. Vsock(op: 3, dstPort: 1234, length: 0)], heads: [0, 1]));
 
         Put("virtio-rng", "fill", Device(0, [(D, 64, 2, 0)], []));
+        var rngTable = new byte[0x100 + 32];
+        Desc(D + 0x800, 48, 2, 0).CopyTo(rngTable, 0x100);
+        Put("virtio-rng", "indirect", Device(1, [(D, 16, 2, 0), (D + 0x100, 16, 4, 0)], rngTable, heads: [0, 1]));
 
         // ---- PCI: ops of 8 bytes [op][width][offset u16][value u32]
         var vp = new List<byte>();
@@ -150,9 +153,19 @@ public static class Seeds
             Reply(vu, (byte)(i == 0 ? 4 : 0), [.. U32s(32, flags, i, 0), .. BitConverter.GetBytes(size), .. BitConverter.GetBytes(0UL)]);
         }
         for (uint i = 0; i < 5; i++)
-            Reply(vu, 0, U32s(16, 0, i, i == 4 ? 0u : i == 0 ? 1u : 2u));
+            Reply(vu, 0, U32s(16, 0, i, i == 4 ? 2u : i == 0 ? 1u : 2u));
         Reply(vu, 0, []); // DMA_MAP
-        Reply(vu, 0, [.. U32s(0), .. new byte[4]]);
+        byte[] Access(ulong offset, uint region, uint count, bool withData) =>
+            [.. BitConverter.GetBytes(offset), .. U32s(region, count), .. withData ? new byte[count] : []];
+        Reply(vu, 0, Access(0xFF8, 0, 8, true));  // REGION_READ of BAR0's last 8 bytes
+        Reply(vu, 0, Access(0, 0, 4, false));     // REGION_WRITE
+        Reply(vu, 0, Access(248, 7, 8, true));    // config space
+        Reply(vu, 0, Access(0, 7, 4, false));
+        Reply(vu, 0, Access(0xFF8, 8, 8, true));  // the read-only region
+        Reply(vu, 0, []);                         // SET_IRQS (MSI-X eventfd)
+        Reply(vu, 0, []);                         // SET_IRQS (disable)
+        Reply(vu, 0, []);                         // DEVICE_RESET
+        Reply(vu, 0, []);                         // DMA_UNMAP
         Put("vfio-user", "session", [.. vu]);
         var dma = new List<byte>();
         Reply(dma, 0, VersionPayload(1, 1 << 20));

@@ -27,6 +27,7 @@ public sealed class VmConfigTarget : IFuzzTarget
         }
         catch (VmConfigException e)
         {
+            FuzzTargets.Explain(e.Message);
             if (e.Problems.Count == 0)
                 throw new FuzzInvariantException("a VmConfigException that names no problem");
             return null;

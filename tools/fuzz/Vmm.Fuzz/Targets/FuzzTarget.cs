@@ -39,6 +39,16 @@ public static class FuzzTargets
         new("loader-elf64", "64-bit ELF loader: headers and segments, entered in long mode", () => new LoaderTarget(LoaderTarget.Kind.Elf64)),
     ];
 
+    private static readonly bool s_explain = Environment.GetEnvironmentVariable("VMM_FUZZ_EXPLAIN") == "1";
+
+    /// <summary>With VMM_FUZZ_EXPLAIN=1, says on stderr how an input ended when it ended in a documented refusal (to
+    /// check that a seed gets as far as it should).</summary>
+    public static void Explain(string what)
+    {
+        if (s_explain)
+            Console.Error.WriteLine("  " + what);
+    }
+
     public static Entry Find(string name) =>
         All.FirstOrDefault(t => t.Name == name)
         ?? throw new ArgumentException($"no fuzz target '{name}' (targets: {string.Join(", ", All.Select(t => t.Name))})");

@@ -33,6 +33,7 @@ public sealed class LoaderTarget : IFuzzTarget
         }
         catch (KernelImageException e)
         {
+            FuzzTargets.Explain(e.Message);
             if (string.IsNullOrWhiteSpace(e.Message) || e.Message.Contains('\n'))
                 throw new FuzzInvariantException($"a loader error that is not one line: '{e.Message}'");
             return;

@@ -207,8 +207,9 @@ public sealed class PciVfioTarget : IFuzzTarget
         {
             f = new VfioPciFunction(device, msi, mapper, new RecordingIntxLine(), null);
         }
-        catch (VfioException)
+        catch (VfioException e)
         {
+            FuzzTargets.Explain(e.Message);
             msi.DisposeAll();
             return; // the documented refusal of a device vmm cannot pass through
         }

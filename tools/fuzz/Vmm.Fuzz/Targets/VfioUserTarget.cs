@@ -72,8 +72,9 @@ public sealed class VfioUserTarget : IFuzzTarget
         {
             client = VfioUserClient.Connect(_path, new VfioUserClientOptions { ReplyTimeout = TimeSpan.FromSeconds(1), DmaMemory = _memory });
         }
-        catch (VfioException)
+        catch (VfioException e)
         {
+            FuzzTargets.Explain("connect: " + e.Message);
             return;
         }
         using (client)
@@ -106,9 +107,10 @@ public sealed class VfioUserTarget : IFuzzTarget
                     client.Reset();
                 client.Dma.Unmap(0, ram.Size);
             }
-            catch (VfioException)
+            catch (VfioException e)
             {
                 // The documented answer to a server that breaks the protocol.
+                FuzzTargets.Explain(e.Message);
             }
         }
     }
