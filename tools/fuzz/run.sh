@@ -4,13 +4,14 @@
 #   tools/fuzz/run.sh TARGET SECONDS       build, then fuzz TARGET for SECONDS seconds
 #   tools/fuzz/run.sh --all SECONDS        build once, then every target for SECONDS seconds each, one after another
 # Starts from the committed corpus (tools/fuzz/corpus/TARGET plus tools/fuzz/regressions/TARGET); findings go to
-# artifacts/fuzz/out/TARGET (VMM_FUZZ_OUT overrides). Exit status 1 (and the paths of the inputs) when AFL found a
+# artifacts/fuzz/out/TARGET (VMM_FUZZ_OUT overrides; the instrumented build goes to VMM_FUZZ_BIN, default
+# artifacts/fuzz/bin). Exit status 1 (and the paths of the inputs) when AFL found a
 # crash or a hang, 2 for bad usage or a missing tool. Needs afl-fuzz (Debian: apt-get install afl++) and root for the
 # virtio-net target (a tap in a private network namespace).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
-bin=$root/artifacts/fuzz/bin
+bin=${VMM_FUZZ_BIN:-$root/artifacts/fuzz/bin}
 out_root=${VMM_FUZZ_OUT:-$root/artifacts/fuzz/out}
 # The assemblies whose branches AFL sees: everything that parses guest or client input. Not Vmm.Interop (syscall
 # wrappers) and not Vmm.Fuzz itself (the harness).
