@@ -37,7 +37,7 @@ targets() { dotnet "$bin/Vmm.Fuzz.dll" --list | awk '{print $1}'; }
 # fuzz TARGET SECONDS: one afl-fuzz run; prints one summary line; returns 1 on a crash or hang.
 fuzz() {
     local target=$1 seconds=$2
-    local out=$out_root/$target in=$root/artifacts/fuzz/in/$target
+    local out=$out_root/$target in=$out_root/.in/$target
     [ -d "tools/fuzz/corpus/$target" ] || die "no corpus for '$target' (tools/fuzz/corpus/$target)"
     rm -rf "$out" "$in"
     mkdir -p "$in" "$(dirname "$out")"
@@ -86,7 +86,7 @@ case "${1:-}" in
         dotnet "$bin/Vmm.Fuzz.dll" --list
         exit 0 ;;
     ""|-h|--help)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
         exit 2 ;;
 esac
 [ $# -eq 2 ] || die "usage: tools/fuzz/run.sh TARGET SECONDS | --all SECONDS | --list"
