@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs vmm's whole test suite on a fresh Debian/Ubuntu machine with the .NET 10 SDK: installs what the
 # tests need (gcc and make for the C test guests and the ABI probe, QEMU for the cross-check, iasl for
-# the ACPI tables), then
-# runs every test. KVM tests run for real: on this machine's /dev/kvm when it has one, otherwise inside
+# the ACPI tables, AFL++ for the fuzz targets), then
+# runs every test, then (a full run, no extra arguments) every fuzz target under afl-fuzz for a few seconds.
+# KVM tests run for real: on this machine's /dev/kvm when it has one, otherwise inside
 # a QEMU/TCG Linux guest whose emulated AMD SVM provides KVM (tools/nested-kvm). They are never skipped.
 # Extra arguments go to 'dotnet test' (e.g. --filter FullyQualifiedName~Serial).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-for p in gcc libc6-dev make binutils qemu-system-x86 acpica-tools curl; do
+for p in gcc libc6-dev make binutils qemu-system-x86 acpica-tools curl afl++; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || need+=("$p")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -53,4 +54,17 @@ fi
 # One plain summary line over all test assemblies.
 awk '/(Passed|Failed)! +- Failed: /{gsub(",", ""); for (i = 1; i <= NF; i++) { if ($i == "Failed:") f += $(i+1); if ($i == "Passed:") p += $(i+1); if ($i == "Skipped:") s += $(i+1) } }
      END { printf "vmm tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+# Fuzzing: every target under afl-fuzz on SharpFuzz-instrumented assemblies, VMM_FUZZ_SECONDS (default 5) each, one
+# after another (tools/fuzz/README.md). Here and not in a test: it needs a separately published and instrumented build,
+# and afl-fuzz wants a core to itself, not one shared with the test run. The corpus replay runs in the tests above.
+# Only on a full run: with a --filter (or other dotnet test arguments) the caller wants that subset, fast.
+if [ $# -eq 0 ]; then
+    fuzz_start=$(date +%s)
+    set +e
+    tools/fuzz/run.sh --all "${VMM_FUZZ_SECONDS:-5}"
+    fuzz_rc=$?
+    set -e
+    echo "vmm fuzz: every target $((${VMM_FUZZ_SECONDS:-5})) s under afl-fuzz, $(( $(date +%s) - fuzz_start )) s in all: $([ $fuzz_rc -eq 0 ] && echo "no findings" || echo "FINDINGS (exit $fuzz_rc)")"
+    [ "$rc" -ne 0 ] || rc=$fuzz_rc
+fi
 exit "$rc"

@@ -26,13 +26,16 @@ public static class PciCapabilityWalker
         if ((status & PciConfigSpace.StatusCapabilities) == 0)
             return list;
         var seen = new bool[PciConfigSpace.LegacySize];
+        // A config region may be shorter than 256 bytes (a vfio-user server declares its size; 64 is the minimum
+        // vmm takes): a capability must lie inside it. Found by the pci-vfio fuzz target.
+        int end = Math.Min(config.Length, PciConfigSpace.LegacySize);
         int at = config[PciConfigSpace.CapabilitiesPointer];
         while (at != 0)
         {
             // The low two bits of a capability pointer are reserved (PCI 3.0 §6.7): a set one is a broken chain.
-            if (at < 0x40 || at > PciConfigSpace.LegacySize - 4 || (at & 3) != 0)
+            if (at < 0x40 || at > end - 4 || (at & 3) != 0)
             {
-                problem?.Invoke($"capability pointer 0x{at:x2} is outside 0x40-0xFC or unaligned; the capability list ends before it");
+                problem?.Invoke($"capability pointer 0x{at:x2} is outside 0x40-0x{end - 4:X2} or unaligned; the capability list ends before it");
                 break;
             }
             if (seen[at])

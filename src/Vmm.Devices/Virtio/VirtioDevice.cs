@@ -77,6 +77,10 @@ public abstract class VirtioDevice : IDisposable
     /// <summary>The thread serving the queues while the device is active (set by <see cref="Activate"/>).</summary>
     protected VirtioWorker? Worker { get; set; }
 
+    /// <summary>What stopped the active worker, if a device callback threw (a VMM bug: the guest's requests go
+    /// unanswered). The fuzz targets check it after every input.</summary>
+    public Exception? WorkerFault => Worker?.Fault;
+
     /// <summary>Stops taking new requests (vm.pause): the request being served completes, notifications wait in
     /// their eventfds. Throws <see cref="TimeoutException"/> if the worker does not stop within
     /// <paramref name="timeout"/> (a request stuck in the host kernel).</summary>

@@ -534,4 +534,32 @@ public sealed class VfioPciFunctionTests : IDisposable
         Assert.Equal(0, device.LiveMappings);
         Assert.True(device.Disposed);
     }
+
+    // Found by the pci-vfio fuzz target (tools/fuzz/regressions/pci-vfio): a config region may be shorter than 256
+    // bytes — a vfio-user server declares its size, and vmm takes 64 and up — and a capability pointer or an MSI-X
+    // capability past its end indexed past the region (IndexOutOfRangeException, ArgumentOutOfRangeException out of
+    // the constructor instead of a log line).
+    [Fact]
+    public void A_capability_pointer_past_a_short_config_region_ends_the_list()
+    {
+        var config = new ConfigSpaceBuilder(100)
+            .Header(0x1B36, 0x0010, classCode: 0x03, subClass: 0x00, revision: 1, subVendor: 0x1B36, subDevice: 0x10, capabilities: 0x80, pin: 0)
+            .Bytes;
+        var f = Create(new FakeVfioDevice("short", config).WithBar(0, 4 * KiB).WithIrqs(0, 0, 0), intx: false);
+        Assert.Contains(_log, l => l.Contains("capability pointer 0x80 is outside 0x40-0x60", StringComparison.Ordinal));
+        Assert.Equal(0u, Read(f, PciConfigSpace.CapabilitiesPointer, 1));
+    }
+
+    [Fact]
+    public void An_msix_capability_running_past_a_short_config_region_is_hidden()
+    {
+        var config = new ConfigSpaceBuilder(100)
+            .Header(0x1B36, 0x0010, classCode: 0x03, subClass: 0x00, revision: 1, subVendor: 0x1B36, subDevice: 0x10, capabilities: 0x5C, pin: 0)
+            .Cap(0x5C, 0x11, 0x00, 0x03, 0x00) // MSI-X, 4 vectors: its 12 bytes end at 0x68, past the 100-byte region
+            .Bytes;
+        var f = Create(new FakeVfioDevice("short", config).WithBar(0, 4 * KiB).WithIrqs(0, 0, 4), intx: false);
+        Assert.Contains(_log, l => l.Contains("MSI-X capability at 0x5c runs past 0x63; hidden", StringComparison.Ordinal));
+        Assert.Null(f.Msix);
+        Assert.Equal(0u, Read(f, PciConfigSpace.CapabilitiesPointer, 1));
+    }
 }
