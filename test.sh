@@ -51,9 +51,6 @@ if [ -s "$stalls" ]; then
     echo "test.sh: the nested-KVM VM froze $(grep -c "nested VM stalled" "$stalls") time(s) in this run; the scenarios it left ran again in a fresh VM:"
     sed 's/^/  /' "$stalls"
 fi
-# One plain summary line over all test assemblies.
-awk '/(Passed|Failed)! +- Failed: /{gsub(",", ""); for (i = 1; i <= NF; i++) { if ($i == "Failed:") f += $(i+1); if ($i == "Passed:") p += $(i+1); if ($i == "Skipped:") s += $(i+1) } }
-     END { printf "vmm tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 # Fuzzing: every target under afl-fuzz on SharpFuzz-instrumented assemblies, VMM_FUZZ_SECONDS (default 5) each, one
 # after another (tools/fuzz/README.md). Here and not in a test: it needs a separately published and instrumented build,
 # and afl-fuzz wants a core to itself, not one shared with the test run. The corpus replay runs in the tests above.
@@ -67,4 +64,7 @@ if [ $# -eq 0 ]; then
     echo "vmm fuzz: every target $((${VMM_FUZZ_SECONDS:-5})) s under afl-fuzz, $(( $(date +%s) - fuzz_start )) s in all: $([ $fuzz_rc -eq 0 ] && echo "no findings" || echo "FINDINGS (exit $fuzz_rc)")"
     [ "$rc" -ne 0 ] || rc=$fuzz_rc
 fi
+# One plain summary line over all test assemblies, last (CI's log ends with it).
+awk '/(Passed|Failed)! +- Failed: /{gsub(",", ""); for (i = 1; i <= NF; i++) { if ($i == "Failed:") f += $(i+1); if ($i == "Passed:") p += $(i+1); if ($i == "Skipped:") s += $(i+1) } }
+     END { printf "vmm tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$rc"
