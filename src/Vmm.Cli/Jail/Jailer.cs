@@ -30,13 +30,15 @@ public static class Jailer
     private static void Say(string message) => Console.Error.WriteLine("vmm: jail: " + message);
 
     /// <summary>`vmm jail …` (the arguments after "jail").</summary>
-    public static int Run(string[] args)
+    public static int Run(string[] args) => ReportingErrors(() => Parent(JailOptions.Parse(args), args));
+
+    /// <summary>Parent and child report their errors alike: a bad option is a usage error (status 2), a jail that
+    /// cannot be built is one line naming the call and path (status 12).</summary>
+    private static int ReportingErrors(Func<int> body)
     {
-        JailOptions options;
         try
         {
-            options = JailOptions.Parse(args);
-            return Parent(options, args);
+            return body();
         }
         catch (UsageException e)
         {
@@ -251,26 +253,13 @@ public static class Jailer
 
     /// <summary>The child: PID 1 of the new PID namespace, still root; builds the jail, enters it, drops everything
     /// and execve's the jailed vmm. Returns only on failure.</summary>
-    public static int Child(string[] args)
+    public static int Child(string[] args) => ReportingErrors(() =>
     {
-        try
-        {
-            var o = JailOptions.Parse(args);
-            var plan = PlanFor(o, Path.GetFullPath(o.ExecFile ?? Environment.ProcessPath!));
-            Enter(o, plan);
-            return ExitStatus.VmmError; // not reached: Enter execve's or throws
-        }
-        catch (UsageException e)
-        {
-            Console.Error.WriteLine("vmm: error: " + e.Message);
-            return ExitStatus.Usage;
-        }
-        catch (Exception e) when (e is JailException or SyscallException or IOException or UnauthorizedAccessException)
-        {
-            Console.Error.WriteLine("vmm: error: jail: " + e.Message);
-            return ExitStatus.VmmError;
-        }
-    }
+        var o = JailOptions.Parse(args);
+        var plan = PlanFor(o, Path.GetFullPath(o.ExecFile ?? Environment.ProcessPath!));
+        Enter(o, plan);
+        return ExitStatus.VmmError; // not reached: Enter execve's or throws
+    });
 
     private static void Enter(JailOptions o, JailPlan plan)
     {
