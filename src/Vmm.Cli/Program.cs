@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using Vmm.Boot;
 using Vmm.Interop;
+using Vmm.Interop.Seccomp;
 using Vmm.Kvm;
 using Vmm.Api;
 using Vmm.Api.Http;
@@ -48,6 +49,11 @@ public static class Program
         var opened = new List<Stream>();
         try
         {
+            // First: every thread vmm and the runtime start from here on runs under a filter (SeccompFilters.cs).
+            Seccomp.Configure(options.Seccomp, SeccompFilters.All(SeccompFilters.IsJit));
+            Seccomp.InstallProcess("main");
+            if (options.Seccomp != SeccompMode.Off)
+                log.Info($"seccomp: filters installed ({(options.Seccomp == SeccompMode.On ? "on" : "log")})");
             events = options.EventMonitor is null ? null : EventMonitor.Open(options.EventMonitor, log);
             events?.Emit("vmm", "starting");
             var onReset = options.OnRebootGiven || !options.ApiOnly

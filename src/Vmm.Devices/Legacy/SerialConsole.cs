@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.IO.Pipelines;
+using Vmm.Interop.Seccomp;
 
 namespace Vmm.Devices.Legacy;
 
@@ -38,7 +39,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
         if (output is not null)
         {
             _outputThread = new Thread(CopyOutput) { IsBackground = true, Name = "serial-out" };
-            _outputThread.Start();
+            SeccompThreads.Start(_outputThread);
         }
     }
 
@@ -94,6 +95,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
 
     private void CopyOutput()
     {
+        Seccomp.Enter(SeccompRole.Console);
         var chunk = new byte[64 * 1024];
         while (true)
         {
@@ -141,7 +143,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
     public void AttachInput(Stream input, IConsoleInput target, Action? onQuit = null)
     {
         _inputThread = new Thread(() => CopyInput(input, target, onQuit)) { IsBackground = true, Name = "serial-in" };
-        _inputThread.Start();
+        SeccompThreads.Start(_inputThread);
     }
 
     /// <summary>Applies the Ctrl-A escape to <paramref name="input"/>, writing the bytes meant for the guest to
@@ -179,6 +181,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
 
     private void CopyInput(Stream input, IConsoleInput target, Action? onQuit)
     {
+        Seccomp.Enter(SeccompRole.Console);
         var reader = PipeReader.Create(input, new StreamPipeReaderOptions(bufferSize: 4096, leaveOpen: true));
         var translated = new byte[2 * 4096];
         bool escapePending = false;
