@@ -43,6 +43,8 @@ public static class HotplugScenario
         # The vhost-user and vsock devices take the same path: the slots the others left.
         r add-fs tag=hpshare,socket=fs.sock,id=hpfs
         wait_for 'vmm-hotplug: fs done' 60
+        # seccomp (default on): every thread of vmm, with its filter mode (2 = filter), while the devices run.
+        echo "@@THREADS"; for t in /proc/$VPID/task/*; do echo "$(cat $t/comm)|$(grep Seccomp: $t/status | tr -d '\t ')"; done; echo "@@END-THREADS"
         r add-vsock cid=3,socket=vs.sock,id=hpvsock
         wait_for 'vmm-hotplug: vsock driver' 60
         r remove-device hpfs
@@ -57,6 +59,7 @@ public static class HotplugScenario
         echo "@@SECTOR1 $(dd if=hp.img bs=512 skip=1 count=1 2>/dev/null | head -c 16)"
         echo "@@GUESTFILE $(cat share/from-guest.txt 2>&1)"
         echo "@@VSOCKSOCKET $([ -e vs.sock ] && echo left || echo gone)"
+        echo "@@VMMERR"; cat vmm.err; echo "@@END-VMMERR"
         echo "@@CONSOLE"; cat console.log
         echo "@@EVENTS"; cat events.json
         echo "@@VMM-STDERR"; cat vmm.err
