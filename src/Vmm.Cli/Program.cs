@@ -50,10 +50,14 @@ public static class Program
         try
         {
             // First: every thread vmm and the runtime start from here on runs under a filter (SeccompFilters.cs).
-            Seccomp.Configure(options.Seccomp, SeccompFilters.All(SeccompFilters.IsJit));
-            Seccomp.InstallProcess("main");
-            if (options.Seccomp != SeccompMode.Off)
-                log.Info($"seccomp: filters installed ({(options.Seccomp == SeccompMode.On ? "on" : "log")})");
+            // Only when vmm is the process: Program.Main called in-process (the CLI tests) must not filter its host.
+            if (System.Reflection.Assembly.GetEntryAssembly() == typeof(Program).Assembly)
+            {
+                Seccomp.Configure(options.Seccomp, SeccompFilters.All(SeccompFilters.IsJit));
+                Seccomp.InstallProcess("main");
+            }
+            if (Seccomp.Mode != SeccompMode.Off)
+                log.Info($"seccomp: filters installed ({(Seccomp.Mode == SeccompMode.On ? "on" : "log")})");
             events = options.EventMonitor is null ? null : EventMonitor.Open(options.EventMonitor, log);
             events?.Emit("vmm", "starting");
             var onReset = options.OnRebootGiven || !options.ApiOnly

@@ -91,9 +91,15 @@ public static class SeccompFilters
         yield return R("getrandom", "HashCode seeds, virtio-rng");
         yield return R("poll", "waiting on fds");
         yield return R("ppoll", "waiting on fds (glibc's poll)");
+    }
+
+    /// <summary>A role's filter: its list, then in a JIT build the JIT's file calls the list does not have yet.</summary>
+    private static SeccompFilter Make(SeccompRole role, bool jit, IEnumerable<SyscallRule> rules)
+    {
+        var list = rules.ToList();
         if (jit)
-            foreach (var r in JitRuntime())
-                yield return r;
+            list.AddRange(JitRuntime().Where(j => list.All(r => r.Number != j.Number)));
+        return new SeccompFilter(role, list);
     }
 
     /// <summary>A JIT build opens assemblies and reads runtime files lazily, on whichever thread first uses a type.</summary>
@@ -148,7 +154,7 @@ public static class SeccompFilters
 
     /// <summary>vCPU: KVM_RUN and the device emulation its exits reach. No new fds besides eventfds (a device
     /// the driver starts gets its notifiers), no sockets, no files.</summary>
-    public static SeccompFilter Vcpu(bool jit) => new(SeccompRole.Vcpu,
+    public static SeccompFilter Vcpu(bool jit) => Make(SeccompRole.Vcpu, jit,
     [
         Ioctl("KVM_RUN first (the hot path), then only the requests listed in VcpuIoctls", VcpuIoctls),
         .. RuntimeBase(jit),
@@ -162,7 +168,7 @@ public static class SeccompFilters
 
     /// <summary>Device workers (virtio queues: blk, net, console, rng, vsock; the vhost-user relay): the data path.
     /// Sockets only AF_UNIX (vsock connects the guest to PATH_port), no ioctls but FIONREAD/FIONBIO.</summary>
-    public static SeccompFilter DeviceWorker(bool jit) => new(SeccompRole.DeviceWorker,
+    public static SeccompFilter DeviceWorker(bool jit) => Make(SeccompRole.DeviceWorker, jit,
     [
         R("ppoll", "the worker's wait on its kick eventfds and extra fds"),
         .. RuntimeBase(jit).Where(r => r.Name != "ppoll"),
@@ -199,7 +205,7 @@ public static class SeccompFilters
 
     /// <summary>Console threads (serial-out copies guest output to stdout or a file, serial-in reads stdin): plain
     /// reads and writes and the terminal's settings.</summary>
-    public static SeccompFilter Console(bool jit) => new(SeccompRole.Console,
+    public static SeccompFilter Console(bool jit) => Make(SeccompRole.Console, jit,
     [
         .. RuntimeBase(jit),
         .. NoThreads(),
@@ -213,7 +219,7 @@ public static class SeccompFilters
 
     /// <summary>The API's own thread: the event monitor's writer. (The HTTP server runs on the thread pool, under
     /// <see cref="Main"/>: its handlers create, boot and hot-plug VMs.)</summary>
-    public static SeccompFilter Api(bool jit) => new(SeccompRole.Api,
+    public static SeccompFilter Api(bool jit) => Make(SeccompRole.Api, jit,
     [
         .. RuntimeBase(jit),
         .. NoThreads(),
@@ -226,7 +232,7 @@ public static class SeccompFilters
 
     /// <summary>The process: everything vmm does to build, run, control and tear down VMs, and what the runtime and
     /// the API need. A denylist would be shorter; an allow list says what vmm does.</summary>
-    public static SeccompFilter Main(bool jit) => new(SeccompRole.Main,
+    public static SeccompFilter Main(bool jit) => Make(SeccompRole.Main, jit,
     [
         Args("seccomp", "a role thread adds its filter (SECCOMP_SET_MODE_FILTER only: filters only take calls away)",
             Is(0, SECCOMP_SET_MODE_FILTER)),
@@ -325,8 +331,6 @@ public static class SeccompFilters
         R("select", "waits"),
         R("pselect6", "waits"),
         R("epoll_create", "the runtime's socket engine"),
-        // Last, so that the entries above (the setup calls) say why; a runtime call already listed is skipped.
-        .. RuntimeBase(jit).Where(r => r.Name is not ("openat" or "newfstatat" or "fstat" or "stat" or "lstat" or "statx"
-            or "readlink" or "pread64" or "lseek" or "access" or "fcntl" or "pipe2" or "sched_setaffinity" or "getdents64")),
+        .. RuntimeBase(jit),
     ]);
 }
