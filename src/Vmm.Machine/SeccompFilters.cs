@@ -199,7 +199,9 @@ public static class SeccompFilters
         R("getsockopt", "vsock: SO_ERROR after a non-blocking connect"),
         R("setsockopt", "vsock: socket buffer sizes"),
         R("fcntl", "vsock: non-blocking sockets"),
-        Ioctl("FIONREAD/FIONBIO on sockets", FIONREAD, FIONBIO),
+        Ioctl("interrupts: a vector's route is set when it first fires (KVM_SET_GSI_ROUTING), masking swaps irqfds, "
+            + "INTx is an IRQ line; FIONREAD/FIONBIO on sockets",
+            KVM_SET_GSI_ROUTING, KVM_IRQFD, KVM_IRQ_LINE, KVM_SIGNAL_MSI, FIONREAD, FIONBIO),
         R("eventfd2", "notifiers"),
     ]);
 

@@ -7,7 +7,7 @@ namespace Vmm.Interop.Seccomp;
 public static class SeccompThreads
 {
     [ThreadStatic] private static bool t_inRole;
-    private static readonly Queue<(Thread Thread, ManualResetEventSlim Done)> s_queue = new();
+    private static readonly Queue<(Thread? Thread, Action? Action, ManualResetEventSlim? Done)> s_queue = new();
     private static readonly object s_lock = new();
     private static Thread? s_spawner;
 
@@ -30,10 +30,30 @@ public static class SeccompThreads
         using var done = new ManualResetEventSlim();
         lock (s_lock)
         {
-            s_queue.Enqueue((thread, done));
+            s_queue.Enqueue((thread, null, done));
             Monitor.PulseAll(s_lock);
         }
         done.Wait();
+    }
+
+    /// <summary>Runs <paramref name="action"/> now, or on a role thread soon on the spawner: for work that may make
+    /// the .NET thread pool start a worker (completing a task whose continuations run asynchronously, Task.Run),
+    /// which a role thread's filter refuses. The action must not block for long.</summary>
+    public static void Post(Action action)
+    {
+        Thread? spawner;
+        lock (s_lock)
+            spawner = s_spawner;
+        if (!t_inRole || spawner is null)
+        {
+            action();
+            return;
+        }
+        lock (s_lock)
+        {
+            s_queue.Enqueue((null, action, null));
+            Monitor.PulseAll(s_lock);
+        }
     }
 
     /// <summary>The spawner and the runtime's lazily created threads that a role thread would otherwise be the
@@ -60,7 +80,7 @@ public static class SeccompThreads
     {
         while (true)
         {
-            (Thread Thread, ManualResetEventSlim Done) item;
+            (Thread? Thread, Action? Action, ManualResetEventSlim? Done) item;
             lock (s_lock)
             {
                 while (s_queue.Count == 0)
@@ -69,11 +89,18 @@ public static class SeccompThreads
             }
             try
             {
-                item.Thread.Start();
+                item.Thread?.Start();
+                item.Action?.Invoke();
+            }
+            catch (Exception e)
+            {
+                // A thread that cannot start (out of memory) or a posted action's bug: the caller sees the thread
+                // not running; the spawner must stay.
+                Console.Error.WriteLine($"vmm: error: {e.GetType().Name}: {e.Message}");
             }
             finally
             {
-                item.Done.Set();
+                item.Done?.Set();
             }
         }
     }
