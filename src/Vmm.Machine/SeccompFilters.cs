@@ -30,7 +30,7 @@ public static class SeccompFilters
     private const ulong CLONE_THREAD = 0x10000;
     private const int PR_SET_NO_NEW_PRIVS = 38, SECCOMP_SET_MODE_FILTER = 1, PR_SET_NAME = 15, PR_GET_NAME = 16, PR_SET_VMA = 0x53564d41;
     private const int AF_UNIX = 1;
-    private const int EAGAIN = 11, ENOSYS = 38;
+    private const int EAGAIN = 11, EACCES = 13, ENOSYS = 38;
     private const ulong FIONBIO = 0x5421, FIONREAD = 0x541B, TCGETS = 0x5401, TCSETS = 0x5402, TIOCGWINSZ = 0x5413;
 
     /// <summary>The filters for this process (JIT or NativeAOT), one per role.</summary>
@@ -121,6 +121,18 @@ public static class SeccompFilters
         yield return R("getdents64", "JIT build: probing directories");
     }
 
+    /// <summary>Role threads open no files. The runtime sometimes does, lazily, on whichever thread first needs a
+    /// value: glibc's get_nprocs (behind Environment.ProcessorCount, ArrayPool's per-core stacks) reads
+    /// /sys/devices/system/cpu/online and falls back to sched_getaffinity when that fails (seen on a virtio-net
+    /// worker in the nested VM). So openat answers EACCES instead of killing: the file stays closed, the runtime
+    /// copes. (A JIT build allows openat to load assemblies.)</summary>
+    private static IEnumerable<SyscallRule> NoFiles(bool jit)
+    {
+        if (!jit)
+            yield return new SyscallRule("openat", "EACCES: role threads open no files; the runtime's lazy probes fall back",
+                Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | EACCES);
+    }
+
     /// <summary>Role threads never create threads (see the class comment): EAGAIN, which the runtime handles.</summary>
     private static IEnumerable<SyscallRule> NoThreads()
     {
@@ -159,6 +171,7 @@ public static class SeccompFilters
         Ioctl("KVM_RUN first (the hot path), then only the requests listed in VcpuIoctls", VcpuIoctls),
         .. RuntimeBase(jit),
         .. NoThreads(),
+        .. NoFiles(jit),
         R("pread64", "VFIO config-space and BAR reads (region offsets of the device fd)"),
         R("pwrite64", "VFIO config-space and BAR writes"),
         R("sendmsg", "vfio-user and vhost-user requests on their connected sockets (no new sockets)"),
@@ -173,6 +186,7 @@ public static class SeccompFilters
         R("ppoll", "the worker's wait on its kick eventfds and extra fds"),
         .. RuntimeBase(jit).Where(r => r.Name != "ppoll"),
         .. NoThreads(),
+        .. NoFiles(jit),
         R("pread64", "virtio-blk reads"),
         R("pwrite64", "virtio-blk writes"),
         R("preadv", "virtio-blk scatter reads"),
@@ -211,6 +225,7 @@ public static class SeccompFilters
     [
         .. RuntimeBase(jit),
         .. NoThreads(),
+        .. NoFiles(jit),
         R("writev", "stdout writes"),
         R("pwrite64", "--serial file: FileStream writes a regular file at its offset"),
         R("fsync", "--serial file: flushing the file"),
@@ -226,6 +241,7 @@ public static class SeccompFilters
     [
         .. RuntimeBase(jit),
         .. NoThreads(),
+        .. NoFiles(jit),
         R("writev", "event lines"),
         R("pwrite64", "event file: FileStream writes a regular file at its offset"),
         R("fsync", "event file"),

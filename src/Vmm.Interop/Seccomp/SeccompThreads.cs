@@ -68,6 +68,7 @@ public static class SeccompThreads
             s_spawner = new Thread(SpawnLoop) { Name = "vmm-spawner", IsBackground = true };
             s_spawner.Start();
         }
+        _ = Environment.ProcessorCount; // glibc reads /sys/devices/system/cpu/online for it, once
         using var ran = new ManualResetEventSlim();
         ThreadPool.UnsafeQueueUserWorkItem(e => e.Set(), ran, preferLocal: false);
         ran.Wait();

@@ -123,8 +123,10 @@ public class SeccompFilterTests
         Assert.Equal(SECCOMP_RET_ALLOW, Run(f, N("ioctl"), 20, 0xFFFFFFFF00000000UL | KVM_GET_MSRS));
         foreach (ulong request in new ulong[] { KVM_CREATE_VM, KVM_CREATE_VCPU, KVM_SET_CPUID2, KVM_SET_TSS_ADDR, KVM_CREATE_DEVICE, 0x5401 /* TCGETS */ })
             Assert.Equal(Trap, Run(f, N("ioctl"), 20, request));
-        foreach (var name in new[] { "socket", "socketpair", "connect", "bind", "listen", "accept4", "openat", "open", "memfd_create", "execve" })
+        foreach (var name in new[] { "socket", "socketpair", "connect", "bind", "listen", "accept4", "open", "memfd_create", "execve" })
             Assert.Equal(Trap, Run(f, N(name), 1, 1, 0));
+        Assert.Equal(SECCOMP_RET_ERRNO | 13 /* EACCES */, Run(f, N("openat"), unchecked((ulong)-100), 0, 0));
+        Assert.Equal(SECCOMP_RET_ALLOW, Run(SeccompFilters.Vcpu(jit: true), N("openat"), unchecked((ulong)-100), 0, 0));
         Assert.Equal(SECCOMP_RET_ERRNO | EAGAIN, Run(f, N("clone"), 0x10000 /* CLONE_THREAD */));
     }
 
