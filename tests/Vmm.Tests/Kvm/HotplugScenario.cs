@@ -33,6 +33,8 @@ public static class HotplugScenario
         r add-user-device socket=gpu2.sock,id=biggpu
         r add-user-device socket=gpu1.sock,id=gpu
         wait_for 'vmm-hotplug: gpu bar2' 60
+        # seccomp (default on): every thread of vmm, with its filter mode (2 = filter), while the disk, NIC and GPU are in.
+        echo "@@THREADS"; for t in /proc/$VPID/task/*; do echo "$(cat $t/comm)|$(grep Seccomp: $t/status | tr -d '\t ')"; done; echo "@@END-THREADS"
         r add-disk path=hp.img,id=hpdisk
         r info
         r remove-device hpdisk
@@ -43,8 +45,6 @@ public static class HotplugScenario
         # The vhost-user and vsock devices take the same path: the slots the others left.
         r add-fs tag=hpshare,socket=fs.sock,id=hpfs
         wait_for 'vmm-hotplug: fs done' 60
-        # seccomp (default on): every thread of vmm, with its filter mode (2 = filter), while the devices run.
-        echo "@@THREADS"; for t in /proc/$VPID/task/*; do echo "$(cat $t/comm)|$(grep Seccomp: $t/status | tr -d '\t ')"; done; echo "@@END-THREADS"
         r add-vsock cid=3,socket=vs.sock,id=hpvsock
         wait_for 'vmm-hotplug: vsock driver' 60
         r remove-device hpfs

@@ -44,10 +44,12 @@ public class KvmSeccompTests(KvmFixture kvm)
             .Select(l => l.Split('|')).ToList();
         Assert.True(threads.Count >= 5, all);
         // Seccomp: 2 = SECCOMP_MODE_FILTER; the process filter went to every thread (TSYNC) and each role thread
-        // added its own. The role threads are there: vCPUs, device workers, the console.
+        // added its own. The role threads are there: vCPUs, device workers, the console, the event monitor.
         Assert.All(threads, t => Assert.True(t.Length == 2 && t[1] == "Seccomp:2", $"{string.Join('|', t)}\n{all}"));
         Assert.Contains(threads, t => t[0] == "vcpu0");
-        Assert.Contains(threads, t => t[0].StartsWith("virtio-", StringComparison.Ordinal));
+        Assert.Contains(threads, t => t[0].StartsWith("virtio-blk", StringComparison.Ordinal));
+        Assert.Contains(threads, t => t[0].StartsWith("virtio-net", StringComparison.Ordinal));
+        Assert.Contains(threads, t => t[0] == "event-monitor");
         Assert.Contains(threads, t => t[0] == "serial-out");
         Assert.Contains("vmm: seccomp: filters installed (on)", r.Stdout);
         Assert.DoesNotContain("forbidden system call", r.Stdout);
