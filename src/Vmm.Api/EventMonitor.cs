@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Text.Json;
 using Microsoft.Win32.SafeHandles;
+using Vmm.Interop.Seccomp;
 using Vmm.Machine;
 
 namespace Vmm.Api;
@@ -27,7 +28,7 @@ public sealed class EventMonitor : IVmEventSink, IDisposable
         _open = open;
         _log = log;
         _writer = new Thread(WriteLoop) { Name = "event-monitor", IsBackground = true };
-        _writer.Start();
+        SeccompThreads.Start(_writer);
     }
 
     /// <summary>Parses CH's forms: <c>path=FILE</c> (created or truncated) or <c>fd=N</c> (an open file, pipe or FIFO).</summary>
@@ -92,6 +93,7 @@ public sealed class EventMonitor : IVmEventSink, IDisposable
         try
         {
             stream = _open();
+            Seccomp.Enter(SeccompRole.Api); // the file is open: from here on only writes
             foreach (var e in _queue.GetConsumingEnumerable())
             {
                 stream.Write(e);

@@ -1,4 +1,5 @@
 using System.Globalization;
+using Vmm.Interop.Seccomp;
 using Vmm.Machine;
 
 namespace Vmm.Cli;
@@ -26,6 +27,9 @@ public sealed class Options
     public string? SerialPath { get; set; }
     public LogLevel LogLevel { get; set; } = LogLevel.Warn;
     public bool Stats { get; set; }
+
+    /// <summary>--seccomp: the per-thread system call filters (on by default).</summary>
+    public SeccompMode Seccomp { get; set; } = SeccompMode.On;
     public bool NoIrqchip { get; set; }
     public RebootAction OnReboot { get; set; } = RebootAction.Exit;
     public List<DiskConfig> Disks { get; } = [];
@@ -112,6 +116,9 @@ public sealed class Options
                                64-bit BARs of devices hot-added later (vm.add-*; see docs/hotplug.md)
           --log-level LEVEL    error, warn (default), info or debug; debug also lists unclaimed I/O
           --stats              print per-vCPU exit counts, costs and vCPU-thread allocations at exit
+          --seccomp MODE       system call filters per thread role: on (default: a forbidden call kills
+                               vmm with SIGSYS and one line naming the thread and the call), log (allow
+                               it; the kernel logs it, audit type 1326) or off; true/false as aliases
           --no-irqchip         no in-kernel PIC/IOAPIC/LAPIC/PIT: HLT then ends the VM (for test guests)
           --on-reboot ACTION   a guest reset (i8042, ACPI reset register): exit (default: vmm exits 0)
                                or restart (a fresh VM boots the same kernel; RAM is not kept)
@@ -256,6 +263,18 @@ public sealed class Options
                 case "--pci-segment": o.Mmio64Weight = ParsePciSegment(Value()); break;
                 case "--stats": o.Stats = true; break;
                 case "--no-irqchip": o.NoIrqchip = true; break;
+                case "--seccomp":
+                {
+                    string v = Value();
+                    o.Seccomp = v switch
+                    {
+                        "on" or "true" => SeccompMode.On,
+                        "log" => SeccompMode.Log,
+                        "off" or "false" => SeccompMode.Off,
+                        _ => throw new UsageException($"--seccomp must be on, log or off (or true/false), not '{v}'"),
+                    };
+                    break;
+                }
                 case "--on-reboot":
                 {
                     string v = Value();

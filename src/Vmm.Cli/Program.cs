@@ -1,6 +1,7 @@
 using System.Runtime.InteropServices;
 using Vmm.Boot;
 using Vmm.Interop;
+using Vmm.Interop.Seccomp;
 using Vmm.Kvm;
 using Vmm.Api;
 using Vmm.Api.Http;
@@ -61,6 +62,15 @@ public static class Program
         var opened = new List<Stream>();
         try
         {
+            // First: every thread vmm and the runtime start from here on runs under a filter (SeccompFilters.cs).
+            // Only when vmm is the process: Program.Main called in-process (the CLI tests) must not filter its host.
+            if (System.Reflection.Assembly.GetEntryAssembly() == typeof(Program).Assembly)
+            {
+                Seccomp.Configure(options.Seccomp, SeccompFilters.All(SeccompFilters.IsJit));
+                Seccomp.InstallProcess("main");
+            }
+            if (Seccomp.Mode != SeccompMode.Off)
+                log.Info($"seccomp: filters installed ({(Seccomp.Mode == SeccompMode.On ? "on" : "log")})");
             events = options.EventMonitor is null ? null : EventMonitor.Open(options.EventMonitor, log);
             events?.Emit("vmm", "starting");
             var onReset = options.OnRebootGiven || !options.ApiOnly

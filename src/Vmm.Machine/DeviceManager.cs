@@ -11,6 +11,7 @@ using Vmm.Devices.Virtio.Vsock;
 using Vmm.Kvm;
 using Vmm.Memory;
 using static Vmm.Interop.KvmConstants;
+using Vmm.Interop.Seccomp;
 
 namespace Vmm.Machine;
 
@@ -250,7 +251,8 @@ internal sealed class DeviceManager
             Pci.Remove(slot);
         }
         _log.Info($"guest ejected {p.Info.Kind} {p.Info.Id} at {p.Info.Bdf}");
-        Task.Run(() =>
+        // Task.Run from the spawner: a vCPU thread cannot start a thread-pool worker under its seccomp filter.
+        SeccompThreads.Post(() => Task.Run(() =>
         {
             lock (_lock)
                 p.Resources.Dispose();
@@ -263,7 +265,7 @@ internal sealed class DeviceManager
             {
                 _log.Warn($"device-removed handler: {e.Message}");
             }
-        });
+        }));
     }
 
     /// <summary>Teardown: the devices added since boot, newest first; a removal still waiting fails.</summary>

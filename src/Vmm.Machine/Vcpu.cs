@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using Vmm.Boot;
 using Vmm.Interop;
+using Vmm.Interop.Seccomp;
 using Vmm.Kvm;
 using Vmm.Memory;
 using static Vmm.Interop.KvmConstants;
@@ -54,7 +55,7 @@ internal sealed class Vcpu : IDisposable
     public void Start()
     {
         _thread = new Thread(RunLoop) { Name = $"vcpu{Id}", IsBackground = true };
-        _thread.Start();
+        SeccompThreads.Start(_thread);
     }
 
     /// <summary>Makes the loop leave KVM_RUN soon: immediate_exit covers the window before the next entry,
@@ -85,6 +86,9 @@ internal sealed class Vcpu : IDisposable
         VmOutcome? outcome = null;
         try
         {
+            // Before the first KVM_RUN: from here on this thread runs the guest.
+            Seccomp.Enter(SeccompRole.Vcpu);
+            SeccompTestHook.AfterFilter("vcpu", Id);
             outcome = Loop();
         }
         catch (Exception e)

@@ -6,6 +6,7 @@ using Vmm.Devices.Legacy;
 using Vmm.Devices.Pci;
 using Vmm.Kvm;
 using Vmm.Memory;
+using Vmm.Interop.Seccomp;
 using static Vmm.Interop.KvmConstants;
 
 namespace Vmm.Machine;
@@ -126,6 +127,8 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
     /// <summary>Completes with how the VM ended (the first report wins).</summary>
     public Task<VmOutcome> Ended => _ended.Task;
 
+    private VmOutcome? _outcome;
+
     public bool Stopping => _stopping;
 
     private void CreateVcpus(int physicalAddressBits)
@@ -225,8 +228,11 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
     /// <summary>Records how the VM ended (the first report wins) and stops every vCPU.</summary>
     public void Finish(VmOutcome outcome)
     {
-        if (_ended.TrySetResult(outcome))
+        if (Interlocked.CompareExchange(ref _outcome, outcome, null) is null)
         {
+            // Completing the task queues its continuations on the thread pool, which may have to start a worker:
+            // a vCPU thread (under its seccomp filter) cannot, so the completion is handed to a thread that can.
+            SeccompThreads.Post(() => _ended.TrySetResult(outcome));
             _stopping = true;
             lock (_pauseLock)
                 Monitor.PulseAll(_pauseLock); // parked vCPUs leave

@@ -1,5 +1,6 @@
 using System.Buffers;
 using System.IO.Pipelines;
+using Vmm.Interop.Seccomp;
 
 namespace Vmm.Devices.Legacy;
 
@@ -38,7 +39,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
         if (output is not null)
         {
             _outputThread = new Thread(CopyOutput) { IsBackground = true, Name = "serial-out" };
-            _outputThread.Start();
+            SeccompThreads.Start(_outputThread);
         }
     }
 
@@ -94,6 +95,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
 
     private void CopyOutput()
     {
+        Seccomp.Enter(SeccompRole.Console);
         var chunk = new byte[64 * 1024];
         while (true)
         {
@@ -141,7 +143,7 @@ public sealed class SerialConsole : IByteSink, IDisposable
     public void AttachInput(Stream input, IConsoleInput target, Action? onQuit = null)
     {
         _inputThread = new Thread(() => CopyInput(input, target, onQuit)) { IsBackground = true, Name = "serial-in" };
-        _inputThread.Start();
+        SeccompThreads.Start(_inputThread);
     }
 
     /// <summary>Applies the Ctrl-A escape to <paramref name="input"/>, writing the bytes meant for the guest to
@@ -179,7 +181,8 @@ public sealed class SerialConsole : IByteSink, IDisposable
 
     private void CopyInput(Stream input, IConsoleInput target, Action? onQuit)
     {
-        var reader = PipeReader.Create(input, new StreamPipeReaderOptions(bufferSize: 4096, leaveOpen: true));
+        Seccomp.Enter(SeccompRole.Console);
+        var reader = PipeReader.Create(new SynchronousReads(input), new StreamPipeReaderOptions(bufferSize: 4096, leaveOpen: true));
         var translated = new byte[2 * 4096];
         bool escapePending = false;
         try
@@ -247,5 +250,27 @@ public sealed class SerialConsole : IByteSink, IDisposable
             Monitor.PulseAll(_lock);
         }
         _outputThread?.Join();
+    }
+
+    /// <summary>Reads on the calling thread: Stream's default ReadAsync (stdin's console stream, a pipe) runs the read
+    /// on the thread pool, which may have to start a worker — and the input thread's seccomp filter refuses that.
+    /// The input thread only waits for input anyway.</summary>
+    private sealed class SynchronousReads(Stream inner) : Stream
+    {
+        public override bool CanRead => true;
+        public override bool CanSeek => false;
+        public override bool CanWrite => false;
+        public override long Length => throw new NotSupportedException();
+        public override long Position { get => throw new NotSupportedException(); set => throw new NotSupportedException(); }
+        public override void Flush() { }
+        public override int Read(byte[] buffer, int offset, int count) => inner.Read(buffer, offset, count);
+        public override int Read(Span<byte> buffer) => inner.Read(buffer);
+        public override ValueTask<int> ReadAsync(Memory<byte> buffer, CancellationToken cancellationToken = default) =>
+            ValueTask.FromResult(inner.Read(buffer.Span));
+        public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+            Task.FromResult(inner.Read(buffer, offset, count));
+        public override long Seek(long offset, SeekOrigin origin) => throw new NotSupportedException();
+        public override void SetLength(long value) => throw new NotSupportedException();
+        public override void Write(byte[] buffer, int offset, int count) => throw new NotSupportedException();
     }
 }

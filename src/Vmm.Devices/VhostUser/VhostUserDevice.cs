@@ -2,6 +2,7 @@ using System.Buffers.Binary;
 using System.Text;
 using Vmm.Devices.Virtio;
 using Vmm.Interop;
+using Vmm.Interop.Seccomp;
 using Vmm.Memory;
 using static Vmm.Devices.VhostUser.VhostUserProtocol;
 
@@ -321,11 +322,12 @@ public sealed class VhostUserDevice : VirtioDevice
         public void Start()
         {
             _thread = new Thread(Loop) { Name = $"{_device.Name} relay", IsBackground = true };
-            _thread.Start();
+            SeccompThreads.Start(_thread);
         }
 
         private void Loop()
         {
+            Seccomp.Enter(SeccompRole.DeviceWorker);
             int queues = _calls.Length;
             // calls, errs, the socket, the stop eventfd
             var fds = new int[2 * queues + 2];

@@ -1,4 +1,5 @@
 using Vmm.Interop;
+using Vmm.Interop.Seccomp;
 using Vmm.Memory;
 
 namespace Vmm.Devices.Virtio;
@@ -214,7 +215,7 @@ public sealed class VirtioWorker : IDisposable
         _timeoutMs = timeoutMs;
         _pollExtraFd = pollExtraFd;
         _thread = new Thread(Loop) { Name = name, IsBackground = true };
-        _thread.Start();
+        SeccompThreads.Start(_thread);
     }
 
     private long _allocatedBytes;
@@ -228,6 +229,7 @@ public sealed class VirtioWorker : IDisposable
 
     private void Loop()
     {
+        Seccomp.Enter(SeccompRole.DeviceWorker); // before the first queue is read
         int n = _kicks.Count + _extraFds.Length + 2;
         var fds = new int[n];
         var ready = new bool[n];

@@ -69,6 +69,9 @@ public sealed class KvmFixture
             new("reset", ["run", "--kernel", "reset.bin", "--log-level", "info"]),
             new("echo", ["run", "--kernel", "echo.bin"], Stdin: "hello vmm\n"),
             new("bad-image", ["run", "--kernel", "garbage.bin"]),
+            // Issue 12: the test hook makes vCPU 0 call socket() after its filter is in place.
+            new("seccomp-violation", [], Shell: "VMM_TEST_SECCOMP_VIOLATION=vcpu ./vmm demo; echo \"@@STATUS $?\""),
+            new("seccomp-log", [], Shell: "./vmm demo --seccomp log --log-level info; echo \"@@STATUS $?\"; dmesg 2>/dev/null | grep 'type=1326' | grep -c 'comm=' | sed 's/^/@@AUDIT /'"),
             // A stock Debian kernel, no initramfs: it boots until it cannot mount a root file system, then
             // panic=-1 reboots through the i8042 (vmm exits 0).
             new("linux", ["run", "--kernel", "vmlinuz", "--memory", "256M", "--cpus", "2", "--cmdline", LinuxCommandLine, "--log-level", "info",

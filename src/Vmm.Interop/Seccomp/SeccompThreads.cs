@@ -1,0 +1,108 @@
+namespace Vmm.Interop.Seccomp;
+
+/// <summary>Starts vmm's role threads so that each inherits only the process filter. A thread inherits its
+/// creator's filters, and role threads create no threads (their filters refuse clone); but a guest driver that
+/// starts a virtio device does so from a vCPU thread (a config write), and that device's worker must not run under
+/// the vCPU filter. So a role thread hands the start to the spawner, a thread under the process filter alone.</summary>
+public static class SeccompThreads
+{
+    [ThreadStatic] private static bool t_inRole;
+    private static readonly Queue<(Thread? Thread, Action? Action, ManualResetEventSlim? Done)> s_queue = new();
+    private static readonly object s_lock = new();
+    private static Thread? s_spawner;
+
+    /// <summary>True on a thread that took on a role filter (<see cref="Seccomp.Enter"/>).</summary>
+    public static bool InRole => t_inRole;
+
+    internal static void MarkRole() => t_inRole = true;
+
+    /// <summary>Starts <paramref name="thread"/>: directly, or through the spawner on a role thread.</summary>
+    public static void Start(Thread thread)
+    {
+        Thread? spawner;
+        lock (s_lock)
+            spawner = s_spawner;
+        if (!t_inRole || spawner is null)
+        {
+            thread.Start();
+            return;
+        }
+        using var done = new ManualResetEventSlim();
+        lock (s_lock)
+        {
+            s_queue.Enqueue((thread, null, done));
+            Monitor.PulseAll(s_lock);
+        }
+        done.Wait();
+    }
+
+    /// <summary>Runs <paramref name="action"/> now, or on a role thread soon on the spawner: for work that may make
+    /// the .NET thread pool start a worker (completing a task whose continuations run asynchronously, Task.Run),
+    /// which a role thread's filter refuses. The action must not block for long.</summary>
+    public static void Post(Action action)
+    {
+        Thread? spawner;
+        lock (s_lock)
+            spawner = s_spawner;
+        if (!t_inRole || spawner is null)
+        {
+            action();
+            return;
+        }
+        lock (s_lock)
+        {
+            s_queue.Enqueue((null, action, null));
+            Monitor.PulseAll(s_lock);
+        }
+    }
+
+    /// <summary>The spawner and the runtime's lazily created threads that a role thread would otherwise be the
+    /// first to need: the thread pool's gate thread and a worker, the timer thread. Called by the main thread
+    /// before any role thread exists.</summary>
+    internal static void StartSpawner()
+    {
+        lock (s_lock)
+        {
+            if (s_spawner is not null)
+                return;
+            s_spawner = new Thread(SpawnLoop) { Name = "vmm-spawner", IsBackground = true };
+            s_spawner.Start();
+        }
+        _ = Environment.ProcessorCount; // glibc reads /sys/devices/system/cpu/online for it, once
+        using var ran = new ManualResetEventSlim();
+        ThreadPool.UnsafeQueueUserWorkItem(e => e.Set(), ran, preferLocal: false);
+        ran.Wait();
+        using var fired = new ManualResetEventSlim();
+        using (new Timer(e => ((ManualResetEventSlim)e!).Set(), fired, 1, Timeout.Infinite))
+            fired.Wait();
+    }
+
+    private static void SpawnLoop()
+    {
+        while (true)
+        {
+            (Thread? Thread, Action? Action, ManualResetEventSlim? Done) item;
+            lock (s_lock)
+            {
+                while (s_queue.Count == 0)
+                    Monitor.Wait(s_lock);
+                item = s_queue.Dequeue();
+            }
+            try
+            {
+                item.Thread?.Start();
+                item.Action?.Invoke();
+            }
+            catch (Exception e)
+            {
+                // A thread that cannot start (out of memory) or a posted action's bug: the caller sees the thread
+                // not running; the spawner must stay.
+                Console.Error.WriteLine($"vmm: error: {e.GetType().Name}: {e.Message}");
+            }
+            finally
+            {
+                item.Done?.Set();
+            }
+        }
+    }
+}

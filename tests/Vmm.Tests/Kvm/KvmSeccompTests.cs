@@ -1,0 +1,57 @@
+using System.Text.RegularExpressions;
+using Vmm.Tests.TestKit;
+
+namespace Vmm.Tests.Kvm;
+
+/// <summary>Issue 12, item 1: the seccomp filters on a real KVM (the hook that makes a vCPU misbehave, the log
+/// mode, and every thread of the all-devices hotplug scenario under a filter). Never skipped.</summary>
+[Collection("kvm")]
+public class KvmSeccompTests(KvmFixture kvm)
+{
+    private static string Show(Repo.Result r) => $"exit {r.ExitCode}\n--- stdout\n{r.Stdout}\n--- stderr\n{r.Stderr}";
+
+    [Fact]
+    public void A_vCPU_thread_that_makes_a_forbidden_call_kills_vmm_with_SIGSYS_and_one_line_naming_thread_and_call()
+    {
+        var r = kvm.Results["seccomp-violation"];
+        string all = Show(r);
+        // The shell reports a death by signal 31 as 128 + 31.
+        Assert.Contains("@@STATUS 159", r.Stdout);
+        var lines = r.Stderr.Split('\n').Where(l => l.Contains("seccomp: thread")).ToList();
+        Assert.True(lines.Count == 1, all);
+        Assert.Equal("vmm: seccomp: thread 'vcpu0' (vCPU filter) made a forbidden system call: socket (41); the VM was stopped", lines[0]);
+    }
+
+    [Fact]
+    public void Log_mode_lets_the_demo_through_and_the_kernel_logged_no_call_the_lists_miss()
+    {
+        var r = kvm.Results["seccomp-log"];
+        string all = Show(r);
+        Assert.Contains("@@STATUS 0", r.Stdout);
+        Assert.Contains("vmm: seccomp: filters installed (log)", r.Stderr);
+        // Every call the demo makes is on its thread's list: nothing for the kernel to log (audit type 1326).
+        Assert.Contains("@@AUDIT 0", r.Stdout);
+    }
+
+    [Fact]
+    public void Every_vmm_thread_of_the_all_devices_hotplug_scenario_runs_under_a_filter()
+    {
+        var r = kvm.Results["linux-hotplug"];
+        string all = Show(r);
+        var m = Regex.Match(r.Stdout, "@@THREADS\n(.*?)@@END-THREADS", RegexOptions.Singleline);
+        Assert.True(m.Success, all);
+        var threads = m.Groups[1].Value.Split('\n', StringSplitOptions.RemoveEmptyEntries)
+            .Select(l => l.Split('|')).ToList();
+        Assert.True(threads.Count >= 5, all);
+        // Seccomp: 2 = SECCOMP_MODE_FILTER; the process filter went to every thread (TSYNC) and each role thread
+        // added its own. The role threads are there: vCPUs, device workers, the console, the event monitor.
+        Assert.All(threads, t => Assert.True(t.Length == 2 && t[1] == "Seccomp:2", $"{string.Join('|', t)}\n{all}"));
+        Assert.Contains(threads, t => t[0] == "vcpu0");
+        Assert.Contains(threads, t => t[0].StartsWith("virtio-blk", StringComparison.Ordinal));
+        Assert.Contains(threads, t => t[0].StartsWith("virtio-net", StringComparison.Ordinal));
+        Assert.Contains(threads, t => t[0] == "event-monitor");
+        Assert.Contains(threads, t => t[0] == "serial-out");
+        Assert.Contains("vmm: seccomp: filters installed (on)", r.Stdout);
+        Assert.DoesNotContain("forbidden system call", r.Stdout);
+    }
+}
