@@ -51,6 +51,8 @@ public sealed class KvmFixture
             ["vhost-initramfs.cpio.gz"] = VhostUserInitramfs(),
             ["hotplug-initramfs.cpio.gz"] = BusyboxInitramfs(HotplugScenario.InitScript(), AddGuestModules),
             ["hotplug.sh"] = Encoding.UTF8.GetBytes(HotplugScenario.Script),
+            ["all-initramfs.cpio.gz"] = BusyboxInitramfs(AllDevicesScenario.InitScript(), AddGuestModulesAndVsockPeer),
+            ["all-devices.sh"] = Encoding.UTF8.GetBytes(AllDevicesScenario.Script),
         };
         Results = VmmRunner.RunAll(vmm, files, Selected(
         [
@@ -159,6 +161,8 @@ public sealed class KvmFixture
             // PCI hotplug through the API and ACPI (KvmHotplugTests): a disk, a NIC and a test GPU added to a running
             // Linux that booted with no PCI devices, used by it, and removed again.
             new("linux-hotplug", [], Shell: "unshare -n sh ./hotplug.sh"),
+            // Every device at once, cold-plugged, with the seccomp filters on (AllDevicesScenario, KvmSeccompTests).
+            new("linux-all-devices", [], Shell: "unshare -n sh ./all-devices.sh"),
             // vmm jail (KvmJailTests): a Linux boot under the jailer with every restriction on, its process state read from
             // the nested host while the VM runs, and the jailed vmm's own attempts to reach host files (the probe hook).
             new("jail-linux", [], Shell: KvmJailTests.Script),
@@ -384,12 +388,15 @@ public sealed class KvmFixture
                 echo "{{m}} done"
                 $B poweroff -f
 
-                """, root =>
-        {
-            AddGuestModules(root);
-            File.Copy(Repo.PathTo("guest-images", "build", "vsock-peer"), Path.Combine(root, "bin", "vsock-peer"));
-            Repo.MustRun("chmod", "755", Path.Combine(root, "bin", "vsock-peer"));
-        });
+                """, AddGuestModulesAndVsockPeer);
+    }
+
+    /// <summary><see cref="AddGuestModules"/> and guest-images' vsock-peer at /bin/vsock-peer.</summary>
+    private static void AddGuestModulesAndVsockPeer(string root)
+    {
+        AddGuestModules(root);
+        File.Copy(Repo.PathTo("guest-images", "build", "vsock-peer"), Path.Combine(root, "bin", "vsock-peer"));
+        Repo.MustRun("chmod", "755", Path.Combine(root, "bin", "vsock-peer"));
     }
 
     /// <summary>The Debian cloud kernel tools/nested-kvm fetches (apt-get download) and caches.</summary>
