@@ -32,6 +32,10 @@ public class KvmSeccompTests(KvmFixture kvm)
         Assert.Contains("vmm: seccomp: filters installed (log)", r.Stderr);
         // Every call the demo makes is on its thread's list: nothing for the kernel to log (audit type 1326).
         Assert.Contains("@@AUDIT 0", r.Stdout);
+        // The control: with the hook, vCPU 0's socket() is let through (the demo still succeeds) and the kernel logged
+        // it, so the zero above was read from a log that does record what log mode lets through.
+        Assert.Contains("@@HOOK-STATUS 0", r.Stdout);
+        Assert.Matches(@"@@AUDIT-SOCKET [1-9]", r.Stdout);
     }
 
     [Fact]
