@@ -19,6 +19,22 @@ public static class PciOps
 {
     private static readonly int[] s_widths = [1, 2, 4, 8];
 
+    /// <summary>Enumerates <paramref name="f"/> as a guest would, applies the input's accesses, then disposes the function
+    /// and its MSI routes whatever happened.</summary>
+    public static void EnumerateApplyDispose<T>(T f, ref FuzzReader r, NullMsiController msi) where T : PciFunction, IDisposable
+    {
+        try
+        {
+            var mapped = Enumerate(f);
+            Apply(f, ref r, mapped);
+        }
+        finally
+        {
+            f.Dispose();
+            msi.DisposeAll();
+        }
+    }
+
     public static void Apply(PciFunction f, ref FuzzReader r, Dictionary<int, ulong?> mapped, int maxOps = 256)
     {
         Span<byte> data = stackalloc byte[8];
@@ -162,16 +178,7 @@ public sealed class PciVirtioTarget : IFuzzTarget
         var msi = new NullMsiController();
         using var device = new VirtioRng();
         var f = new VirtioPciFunction(device, _memory, msi, null);
-        try
-        {
-            var mapped = PciOps.Enumerate(f);
-            PciOps.Apply(f, ref r, mapped);
-        }
-        finally
-        {
-            f.Dispose();
-            msi.DisposeAll();
-        }
+        PciOps.EnumerateApplyDispose(f, ref r, msi);
     }
 
     public void Dispose() => _memory.Dispose();
@@ -213,16 +220,7 @@ public sealed class PciVfioTarget : IFuzzTarget
             msi.DisposeAll();
             return; // the documented refusal of a device vmm cannot pass through
         }
-        try
-        {
-            var mapped = PciOps.Enumerate(f);
-            PciOps.Apply(f, ref r, mapped);
-        }
-        finally
-        {
-            f.Dispose();
-            msi.DisposeAll();
-        }
+        PciOps.EnumerateApplyDispose(f, ref r, msi);
         if (mapper.Live.Count != 0)
             throw new FuzzInvariantException($"{mapper.Live.Count} guest memory slots left after the function was disposed");
     }
