@@ -4,6 +4,7 @@ using Vmm.Api;
 using Vmm.Api.Http;
 using Vmm.Machine;
 using Vmm.Tests.TestKit;
+using static Vmm.Tests.TestKit.ApiTestHost;
 
 namespace Vmm.Tests.Api;
 
@@ -12,53 +13,13 @@ namespace Vmm.Tests.Api;
 /// same on every host, with or without /dev/kvm.</summary>
 public sealed class ApiEndpointTests : IDisposable
 {
-    private readonly DirectoryInfo _dir = Directory.CreateTempSubdirectory("vmm-api-");
-    private readonly VmmService _service;
-    private readonly HttpServer _server;
-    private readonly ApiClient _client;
+    private readonly ApiTestHost _host = new("vmm-api-");
 
-    public ApiEndpointTests()
-    {
-        var log = new Log(LogLevel.Error, TextWriter.Null);
-        _service = new VmmService(log, null, _ => new ConsoleStreams(null, null), adjust: m => m with { KvmPath = "/nonexistent/kvm" });
-        _server = HttpServer.Listen(Path.Combine(_dir.FullName, "api.sock"), new ApiHandler(_service, log));
-        _client = new ApiClient(Path.Combine(_dir.FullName, "api.sock"), TimeSpan.FromSeconds(10));
-    }
-
-    public void Dispose()
-    {
-        _server.Dispose();
-        _service.Dispose();
-        _dir.Delete(recursive: true);
-    }
-
-    /// <summary>A kernel that loads (a multiboot ELF): vm.boot gets past the payload and fails only at /dev/kvm.</summary>
-    private string KernelFile()
-    {
-        string path = Path.Combine(_dir.FullName, "kernel.elf");
-        File.WriteAllBytes(path, ImageBuilder.Elf(false, 0x10_0000, [new ImageBuilder.Segment(0x10_0000, ImageBuilder.MultibootHeaderBytes())]));
-        return path;
-    }
-
-    private static string Config(string kernel, string extra = "") =>
-        $$"""{"payload":{"kernel":{{JsonSerializer.Serialize(kernel)}}},"memory":{"size":67108864}{{extra}}}""";
-
-    private static string[] Messages(ApiResponse r)
-    {
-        var messages = JsonSerializer.Deserialize<string[]>(r.Body);
-        Assert.NotNull(messages);
-        return messages;
-    }
-
-    private static void AssertError(ApiResponse r, int status, string contained)
-    {
-        Assert.True(r.Status == status, $"expected {status}, got {r.Status}: {r.Body}");
-        Assert.Contains(Messages(r), m => m.Contains(contained, StringComparison.Ordinal));
-    }
+    public void Dispose() => _host.Dispose();
 
     private void Create(string? body = null)
     {
-        var r = _client.Put("vm.create", body ?? Config(KernelFile()));
+        var r = _host.Client.Put("vm.create", body ?? Config(_host.KernelFile()));
         Assert.True(r.Status == 204, $"vm.create: {r.Status} {r.Body}");
         Assert.Equal("", r.Body);
     }
@@ -66,7 +27,7 @@ public sealed class ApiEndpointTests : IDisposable
     [Fact]
     public void Ping_answers_the_version_and_this_process_id()
     {
-        var r = _client.Get("vmm.ping");
+        var r = _host.Client.Get("vmm.ping");
         Assert.Equal(200, r.Status);
         var ping = JsonSerializer.Deserialize(r.Body, ApiJsonContext.Default.VmmPingResponse)!;
         Assert.Equal(VmmService.Version, ping.Version);
@@ -77,15 +38,15 @@ public sealed class ApiEndpointTests : IDisposable
     [Fact]
     public void Vm_info_before_create_is_404()
     {
-        AssertError(_client.Get("vm.info"), 404, "VM is not created");
-        Assert.Equal(["Error from API", "The VM info is not available", "VM is not created"], Messages(_client.Get("vm.info")));
+        AssertError(_host.Client.Get("vm.info"), 404, "VM is not created");
+        Assert.Equal(["Error from API", "The VM info is not available", "VM is not created"], Messages(_host.Client.Get("vm.info")));
     }
 
     [Fact]
     public void Vm_create_is_204_and_vm_info_then_shows_the_created_VM_with_CH_style_ids()
     {
-        Create(Config(KernelFile(), ""","disks":[{"path":"/tmp/a.img"},{"path":"/tmp/b.img","id":"data"}],"net":[{"tap":"tap0"}],"rng":{"src":"/dev/urandom"}"""));
-        var r = _client.Get("vm.info");
+        Create(Config(_host.KernelFile(), ""","disks":[{"path":"/tmp/a.img"},{"path":"/tmp/b.img","id":"data"}],"net":[{"tap":"tap0"}],"rng":{"src":"/dev/urandom"}"""));
+        var r = _host.Client.Get("vm.info");
         Assert.Equal(200, r.Status);
         var info = JsonSerializer.Deserialize(r.Body, ApiJsonContext.Default.VmInfo)!;
         Assert.Equal("Created", info.State);
@@ -101,8 +62,8 @@ public sealed class ApiEndpointTests : IDisposable
     public void A_second_vm_create_is_409_and_keeps_the_first_config()
     {
         Create();
-        AssertError(_client.Put("vm.create", Config("/other/kernel")), 409, "VM is already created");
-        Assert.Contains("kernel.elf", _client.Get("vm.info").Body);
+        AssertError(_host.Client.Put("vm.create", Config("/other/kernel")), 409, "VM is already created");
+        Assert.Contains("kernel.elf", _host.Client.Get("vm.info").Body);
     }
 
     [Theory]
@@ -115,11 +76,11 @@ public sealed class ApiEndpointTests : IDisposable
     public void Actions_a_created_VM_cannot_take_are_405_naming_the_state(string method, string endpoint, string message)
     {
         Create();
-        var r = _client.Send(method, endpoint, null);
+        var r = _host.Client.Send(method, endpoint, null);
         AssertError(r, 405, message);
         Assert.Contains(Messages(r), m => m.Contains("Created", StringComparison.Ordinal));
         Assert.Equal("Error from API", Messages(r)[0]);
-        Assert.Contains("\"state\":\"Created\"", _client.Get("vm.info").Body);
+        Assert.Contains("\"state\":\"Created\"", _host.Client.Get("vm.info").Body);
     }
 
     [Theory]
@@ -131,41 +92,41 @@ public sealed class ApiEndpointTests : IDisposable
     [InlineData("PUT", "vm.power-button")]
     [InlineData("GET", "vm.counters")]
     public void Actions_without_a_VM_are_404(string method, string endpoint) =>
-        AssertError(_client.Send(method, endpoint, null), 404, "VM is not created");
+        AssertError(_host.Client.Send(method, endpoint, null), 404, "VM is not created");
 
     [Fact]
     public void Vm_boot_without_KVM_is_500_naming_KVM_and_the_VM_stays_created()
     {
         Create();
-        var r = _client.Put("vm.boot");
+        var r = _host.Client.Put("vm.boot");
         AssertError(r, 500, "/nonexistent/kvm does not exist");
         Assert.Equal(["Error from API", "The VM could not boot"], Messages(r)[..2]);
         Assert.Contains(Messages(r), m => m.Contains("KVM", StringComparison.Ordinal));
-        Assert.Contains("\"state\":\"Created\"", _client.Get("vm.info").Body);
-        Assert.Equal(500, _client.Put("vm.boot").Status); // and it can be tried again
+        Assert.Contains("\"state\":\"Created\"", _host.Client.Get("vm.info").Body);
+        Assert.Equal(500, _host.Client.Put("vm.boot").Status); // and it can be tried again
     }
 
     [Fact]
     public void Vm_boot_with_a_missing_kernel_file_is_400_naming_payload_kernel()
     {
-        string missing = Path.Combine(_dir.FullName, "no-such-kernel");
+        string missing = Path.Combine(_host.Dir.FullName, "no-such-kernel");
         Create(Config(missing));
-        var r = _client.Put("vm.boot");
+        var r = _host.Client.Put("vm.boot");
         AssertError(r, 400, $"payload.kernel {missing}: no such file");
-        Assert.Contains("\"state\":\"Created\"", _client.Get("vm.info").Body);
+        Assert.Contains("\"state\":\"Created\"", _host.Client.Get("vm.info").Body);
     }
 
     [Fact]
     public void Vm_delete_is_204_and_vm_info_is_then_404_and_a_new_create_works()
     {
-        Assert.Equal(204, _client.Put("vm.delete").Status); // nothing to delete: still 204, as CH
+        Assert.Equal(204, _host.Client.Put("vm.delete").Status); // nothing to delete: still 204, as CH
         Create();
-        var r = _client.Put("vm.delete");
+        var r = _host.Client.Put("vm.delete");
         Assert.Equal(204, r.Status);
         Assert.Equal("", r.Body);
-        Assert.Equal(404, _client.Get("vm.info").Status);
+        Assert.Equal(404, _host.Client.Get("vm.info").Status);
         Create();
-        Assert.Equal(200, _client.Get("vm.info").Status);
+        Assert.Equal(200, _host.Client.Get("vm.info").Status);
     }
 
     [Fact]
@@ -174,18 +135,18 @@ public sealed class ApiEndpointTests : IDisposable
         Assert.NotEmpty(ApiHandler.NotImplemented);
         foreach (string endpoint in ApiHandler.NotImplemented)
         {
-            var r = _client.Put(endpoint, "{}");
+            var r = _host.Client.Put(endpoint, "{}");
             AssertError(r, 501, $"{endpoint} is not implemented");
         }
-        AssertError(_client.Get("vm.resize"), 501, "vm.resize is not implemented");
+        AssertError(_host.Client.Get("vm.resize"), 501, "vm.resize is not implemented");
     }
 
     [Fact]
     public void An_unknown_path_is_404()
     {
-        AssertError(_client.Get("vm.frobnicate"), 404, "/api/v1/vm.frobnicate: no such endpoint");
-        AssertError(_client.Put("vmm.nmi"), 404, "no such endpoint"); // the v51.1 document's misnamed path
-        AssertError(_client.Get(""), 404, "no such endpoint");
+        AssertError(_host.Client.Get("vm.frobnicate"), 404, "/api/v1/vm.frobnicate: no such endpoint");
+        AssertError(_host.Client.Put("vmm.nmi"), 404, "no such endpoint"); // the v51.1 document's misnamed path
+        AssertError(_host.Client.Get(""), 404, "no such endpoint");
     }
 
     [Theory]
@@ -196,16 +157,16 @@ public sealed class ApiEndpointTests : IDisposable
     [InlineData("PUT", "vmm.ping", "vmm.ping takes GET, not PUT")]
     [InlineData("POST", "vm.boot", "vm.boot takes PUT, not POST")]
     public void The_wrong_method_is_400(string method, string endpoint, string message) =>
-        AssertError(_client.Send(method, endpoint, null), 400, message);
+        AssertError(_host.Client.Send(method, endpoint, null), 400, message);
 
     [Fact]
     public void A_body_on_a_bodiless_action_is_400_and_vm_create_without_one_too()
     {
         Create();
-        AssertError(_client.Put("vm.boot", "{}"), 400, "vm.boot takes no body");
-        AssertError(_client.Put("vm.delete", "{}"), 400, "vm.delete takes no body");
-        Assert.Equal(200, _client.Get("vm.info").Status); // not deleted
-        AssertError(_client.Put("vm.create"), 400, "vm.create needs a JSON body");
+        AssertError(_host.Client.Put("vm.boot", "{}"), 400, "vm.boot takes no body");
+        AssertError(_host.Client.Put("vm.delete", "{}"), 400, "vm.delete takes no body");
+        Assert.Equal(200, _host.Client.Get("vm.info").Status); // not deleted
+        AssertError(_host.Client.Put("vm.create"), 400, "vm.create needs a JSON body");
     }
 
     [Theory]
@@ -222,58 +183,58 @@ public sealed class ApiEndpointTests : IDisposable
     [InlineData("{\"payload\":{\"kernel\":\"/k\"},\"Payload\":{}}", "'Payload'")]
     public void A_body_that_is_not_a_VmConfig_is_400_naming_the_problem(string body, string named)
     {
-        var r = _client.Put("vm.create", body);
+        var r = _host.Client.Put("vm.create", body);
         AssertError(r, 400, named);
         Assert.Equal("Failed to deserialize JSON", Messages(r)[0]);
-        Assert.Equal(404, _client.Get("vm.info").Status);
+        Assert.Equal(404, _host.Client.Get("vm.info").Status);
     }
 
     [Fact]
     public void A_property_outside_the_schema_names_its_type_and_where_it_is()
     {
-        var r = _client.Put("vm.create", """{"payload":{"kernel":"/k"},"disks":[{"path":"/a"},{"path":"/b","bar":1}]}""");
+        var r = _host.Client.Put("vm.create", """{"payload":{"kernel":"/k"},"disks":[{"path":"/a"},{"path":"/b","bar":1}]}""");
         AssertError(r, 400, "Vmm.Api.DiskConfig");
         AssertError(r, 400, "Path: $.disks[1]");
-        r = _client.Put("vm.create", """{"payload":{"kernel":"/k","bzimage":"/b"}}""");
+        r = _host.Client.Put("vm.create", """{"payload":{"kernel":"/k","bzimage":"/b"}}""");
         AssertError(r, 400, "Vmm.Api.PayloadConfig");
         AssertError(r, 400, "Path: $.payload");
-        AssertError(_client.Put("vm.create", """{"payload":{"kernel":"/k"},"foo":1}"""), 400, "Path: $");
+        AssertError(_host.Client.Put("vm.create", """{"payload":{"kernel":"/k"},"foo":1}"""), 400, "Path: $");
     }
 
     [Fact]
     public void Invalid_UTF_8_in_the_body_is_400_naming_where()
     {
         byte[] body = [.. "{\"payload\":{\"kernel\":\"/k"u8, 0xFF, 0xFE, .. "\"}}"u8];
-        var r = _client.Send("PUT", "vm.create", body);
+        var r = _host.Client.Send("PUT", "vm.create", body);
         AssertError(r, 400, "$.payload.kernel");
-        Assert.Equal(404, _client.Get("vm.info").Status);
+        Assert.Equal(404, _host.Client.Get("vm.info").Status);
     }
 
     [Fact]
     public void A_config_vmm_cannot_run_is_400_naming_the_field()
     {
-        var r = _client.Put("vm.create", """{"payload":{"kernel":"/k"},"memory":{"size":67108864,"hugepages":true}}""");
+        var r = _host.Client.Put("vm.create", """{"payload":{"kernel":"/k"},"memory":{"size":67108864,"hugepages":true}}""");
         AssertError(r, 400, "memory.hugepages: true is not supported");
         Assert.Equal(["Error from API", "The VM could not be created"], Messages(r)[..2]);
-        Assert.Equal(404, _client.Get("vm.info").Status);
+        Assert.Equal(404, _host.Client.Get("vm.info").Status);
     }
 
     [Fact]
     public async Task Vmm_shutdown_is_200_and_asks_the_process_to_end()
     {
         Create();
-        Assert.False(_service.ExitRequested.IsCompleted);
-        var r = _client.Put("vmm.shutdown");
+        Assert.False(_host.Service.ExitRequested.IsCompleted);
+        var r = _host.Client.Put("vmm.shutdown");
         Assert.Equal(200, r.Status);
         Assert.Equal("", r.Body);
-        Assert.Equal(0, await _service.ExitRequested.WaitAsync(TimeSpan.FromSeconds(5)));
-        Assert.Null(_service.Lifecycle); // the VM went with it
+        Assert.Equal(0, await _host.Service.ExitRequested.WaitAsync(TimeSpan.FromSeconds(5)));
+        Assert.Null(_host.Service.Lifecycle); // the VM went with it
     }
 
     [Fact]
     public async Task Fifty_racing_requests_all_get_a_well_formed_answer_and_the_server_still_answers()
     {
-        string config = Config(KernelFile());
+        string config = Config(_host.KernelFile());
         string[] endpoints = ["vm.info", "vm.create", "vm.delete", "vm.pause"];
         // ApiClient blocks: each request on a thread of its own, not 50 thread-pool threads (the server and the tests
         // running alongside need the pool).
@@ -282,7 +243,7 @@ public sealed class ApiEndpointTests : IDisposable
         {
             string endpoint = endpoints[i % endpoints.Length];
             go.Wait();
-            var r = endpoint == "vm.info" ? _client.Get(endpoint) : _client.Put(endpoint, endpoint == "vm.create" ? config : null);
+            var r = endpoint == "vm.info" ? _host.Client.Get(endpoint) : _host.Client.Put(endpoint, endpoint == "vm.create" ? config : null);
             return (Endpoint: endpoint, Response: r);
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToList();
         go.Set();
@@ -305,10 +266,10 @@ public sealed class ApiEndpointTests : IDisposable
                 Assert.Equal("", r.Body);
         }
         Assert.Contains(answers, a => a.Endpoint == "vm.create" && a.Response.Status == 204);
-        Assert.Equal(200, _client.Get("vmm.ping").Status);
-        var info = _client.Get("vm.info");
+        Assert.Equal(200, _host.Client.Get("vmm.ping").Status);
+        var info = _host.Client.Get("vm.info");
         Assert.True(info.Status is 200 or 404, info.Body);
-        Assert.Equal(204, _client.Put("vm.delete").Status);
+        Assert.Equal(204, _host.Client.Put("vm.delete").Status);
         Create();
     }
 }

@@ -7,6 +7,7 @@ using Vmm.Cli;
 using Vmm.Machine;
 using Vmm.Memory;
 using Vmm.Tests.TestKit;
+using static Vmm.Tests.TestKit.ApiTestHost;
 
 namespace Vmm.Tests.Api;
 
@@ -15,41 +16,17 @@ namespace Vmm.Tests.Api;
 /// syntax; the 64-bit window reservation. The running case (hotplug into a Linux guest) is KvmHotplugTests.</summary>
 public sealed class ApiHotplugTests : IDisposable
 {
-    private readonly DirectoryInfo _dir = Directory.CreateTempSubdirectory("vmm-hotplug-");
-    private readonly VmmService _service;
-    private readonly HttpServer _server;
-    private readonly ApiClient _client;
+    private readonly ApiTestHost _host = new("vmm-hotplug-");
 
-    public ApiHotplugTests()
-    {
-        var log = new Log(LogLevel.Error, TextWriter.Null);
-        _service = new VmmService(log, null, _ => new ConsoleStreams(null, null), adjust: m => m with { KvmPath = "/nonexistent/kvm" });
-        _server = HttpServer.Listen(Path.Combine(_dir.FullName, "api.sock"), new ApiHandler(_service, log));
-        _client = new ApiClient(Path.Combine(_dir.FullName, "api.sock"), TimeSpan.FromSeconds(10));
-    }
-
-    public void Dispose()
-    {
-        _server.Dispose();
-        _service.Dispose();
-        _dir.Delete(recursive: true);
-    }
-
-    private static void AssertError(ApiResponse r, int status, string contained)
-    {
-        Assert.True(r.Status == status, $"expected {status}, got {r.Status}: {r.Body}");
-        Assert.Contains(JsonSerializer.Deserialize<string[]>(r.Body)!, m => m.Contains(contained, StringComparison.Ordinal));
-    }
+    public void Dispose() => _host.Dispose();
 
     private void Create(string devices = "")
     {
-        string kernel = Path.Combine(_dir.FullName, "kernel.elf");
-        File.WriteAllBytes(kernel, ImageBuilder.Elf(false, 0x10_0000, [new ImageBuilder.Segment(0x10_0000, ImageBuilder.MultibootHeaderBytes())]));
-        var r = _client.Put("vm.create", $$"""{"payload":{"kernel":{{JsonSerializer.Serialize(kernel)}}},"memory":{"size":67108864}{{devices}}}""");
+        var r = _host.Client.Put("vm.create", ApiTestHost.Config(_host.KernelFile(), devices));
         Assert.True(r.Status == 204, r.Body);
     }
 
-    private JsonElement Config() => JsonDocument.Parse(_client.Get("vm.info").Body).RootElement.GetProperty("config");
+    private JsonElement Config() => JsonDocument.Parse(_host.Client.Get("vm.info").Body).RootElement.GetProperty("config");
 
     [Theory]
     [InlineData("vm.add-disk", """{"path":"/img"}""")]
@@ -58,38 +35,38 @@ public sealed class ApiHotplugTests : IDisposable
     [InlineData("vm.add-user-device", """{"socket":"/run/gpu.sock"}""")]
     [InlineData("vm.remove-device", """{"id":"_disk0"}""")]
     public void Before_vm_create_every_hotplug_endpoint_is_404(string endpoint, string body) =>
-        AssertError(_client.Put(endpoint, body), 404, "VM is not created");
+        AssertError(_host.Client.Put(endpoint, body), 404, "VM is not created");
 
     [Fact]
     public void On_a_VM_not_booted_a_device_joins_the_config_with_a_CH_style_id_and_answers_204()
     {
         Create(""","disks":[{"path":"/img/root"}]""");
-        var r = _client.Put("vm.add-disk", """{"path":"/img/data","readonly":true}""");
+        var r = _host.Client.Put("vm.add-disk", """{"path":"/img/data","readonly":true}""");
         Assert.True(r.Status == 204, r.Body); // CH's "cold added"
-        Assert.Equal(204, _client.Put("vm.add-net", """{"tap":"tap3","mac":"52:54:00:00:00:03"}""").Status);
-        Assert.Equal(204, _client.Put("vm.add-user-device", """{"socket":"/run/gpu.sock","id":"gpu"}""").Status);
-        Assert.Equal(204, _client.Put("vm.add-device", """{"path":"/sys/bus/pci/devices/0000:41:00.0"}""").Status);
+        Assert.Equal(204, _host.Client.Put("vm.add-net", """{"tap":"tap3","mac":"52:54:00:00:00:03"}""").Status);
+        Assert.Equal(204, _host.Client.Put("vm.add-user-device", """{"socket":"/run/gpu.sock","id":"gpu"}""").Status);
+        Assert.Equal(204, _host.Client.Put("vm.add-device", """{"path":"/sys/bus/pci/devices/0000:41:00.0"}""").Status);
         var config = Config();
         Assert.Equal(["_disk0", "_disk1"], config.GetProperty("disks").EnumerateArray().Select(d => d.GetProperty("id").GetString()));
         Assert.True(config.GetProperty("disks")[1].GetProperty("readonly").GetBoolean());
         Assert.Equal("_net0", config.GetProperty("net")[0].GetProperty("id").GetString());
         Assert.Equal("gpu", config.GetProperty("user_devices")[0].GetProperty("id").GetString());
         Assert.Equal("_vfio0", config.GetProperty("devices")[0].GetProperty("id").GetString());
-        ChSchema.AssertValid(_client.Get("vm.info").Body, "VmInfo");
+        ChSchema.AssertValid(_host.Client.Get("vm.info").Body, "VmInfo");
     }
 
     [Fact]
     public void An_id_in_use_is_409_and_a_body_vmm_cannot_serve_is_400_naming_the_field()
     {
         Create(""","disks":[{"path":"/img/root","id":"root"}]""");
-        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","id":"root"}"""), 409, "Identifier root is not unique");
-        AssertError(_client.Put("vm.add-net", """{"tap":"tap0","id":"root"}"""), 409, "Identifier root is not unique");
-        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","vhost_user":true}"""), 400, "disk.vhost_socket: required with vhost_user: true");
-        AssertError(_client.Put("vm.add-disk", """{}"""), 400, "disk.path: required");
-        AssertError(_client.Put("vm.add-net", """{"tap":"a/b"}"""), 400, "net.tap");
-        AssertError(_client.Put("vm.add-disk", """{"path":"/img/data","colour":"red"}"""), 400, "Failed to deserialize JSON");
-        AssertError(_client.Put("vm.add-user-device", """{"id":"x"}"""), 400, "Failed to deserialize JSON"); // socket is required
-        AssertError(_client.Put("vm.remove-device", """{}"""), 400, "Failed to deserialize JSON");
+        AssertError(_host.Client.Put("vm.add-disk", """{"path":"/img/data","id":"root"}"""), 409, "Identifier root is not unique");
+        AssertError(_host.Client.Put("vm.add-net", """{"tap":"tap0","id":"root"}"""), 409, "Identifier root is not unique");
+        AssertError(_host.Client.Put("vm.add-disk", """{"path":"/img/data","vhost_user":true}"""), 400, "disk.vhost_socket: required with vhost_user: true");
+        AssertError(_host.Client.Put("vm.add-disk", """{}"""), 400, "disk.path: required");
+        AssertError(_host.Client.Put("vm.add-net", """{"tap":"a/b"}"""), 400, "net.tap");
+        AssertError(_host.Client.Put("vm.add-disk", """{"path":"/img/data","colour":"red"}"""), 400, "Failed to deserialize JSON");
+        AssertError(_host.Client.Put("vm.add-user-device", """{"id":"x"}"""), 400, "Failed to deserialize JSON"); // socket is required
+        AssertError(_host.Client.Put("vm.remove-device", """{}"""), 400, "Failed to deserialize JSON");
         Assert.Single(Config().GetProperty("disks").EnumerateArray()); // nothing refused was added
     }
 
@@ -97,9 +74,9 @@ public sealed class ApiHotplugTests : IDisposable
     public void Remove_device_on_a_VM_not_booted_takes_it_out_of_the_config_and_an_unknown_id_is_404()
     {
         Create(""","disks":[{"path":"/img/root","id":"root"}],"user_devices":[{"socket":"/run/gpu.sock","id":"gpu"}]""");
-        Assert.Equal(204, _client.Put("vm.remove-device", """{"id":"gpu"}""").Status);
+        Assert.Equal(204, _host.Client.Put("vm.remove-device", """{"id":"gpu"}""").Status);
         Assert.False(Config().TryGetProperty("user_devices", out var u) && u.GetArrayLength() > 0);
-        AssertError(_client.Put("vm.remove-device", """{"id":"gpu"}"""), 404, "no device with id \"gpu\"");
+        AssertError(_host.Client.Put("vm.remove-device", """{"id":"gpu"}"""), 404, "no device with id \"gpu\"");
         Assert.Equal("root", Config().GetProperty("disks")[0].GetProperty("id").GetString());
     }
 
@@ -129,19 +106,19 @@ public sealed class ApiHotplugTests : IDisposable
     public void Fs_and_vsock_cold_add_with_CH_ids_one_vsock_only_and_leave_by_id()
     {
         Create(""","disks":[{"path":"/img/root"}]""");
-        Assert.Equal(204, _client.Put("vm.add-fs", """{"tag":"kataShared","socket":"/run/virtiofsd.sock"}""").Status);
-        Assert.Equal(204, _client.Put("vm.add-vsock", """{"cid":3,"socket":"/run/kata.sock"}""").Status);
+        Assert.Equal(204, _host.Client.Put("vm.add-fs", """{"tag":"kataShared","socket":"/run/virtiofsd.sock"}""").Status);
+        Assert.Equal(204, _host.Client.Put("vm.add-vsock", """{"cid":3,"socket":"/run/kata.sock"}""").Status);
         var config = Config();
         var fs = config.GetProperty("fs")[0];
         Assert.Equal(("_fs0", 1, 1024), (fs.GetProperty("id").GetString(), fs.GetProperty("num_queues").GetInt32(), fs.GetProperty("queue_size").GetInt32()));
         Assert.Equal(("_vsock0", 3L), (config.GetProperty("vsock").GetProperty("id").GetString(), config.GetProperty("vsock").GetProperty("cid").GetInt64()));
-        ChSchema.AssertValid(_client.Get("vm.info").Body, "VmInfo");
-        AssertError(_client.Put("vm.add-vsock", """{"cid":4,"socket":"/run/other.sock"}"""), 400, "vsock: the VM has a vsock device already (\"_vsock0\")");
-        AssertError(_client.Put("vm.add-vsock", """{"cid":2,"socket":"/run/v.sock"}"""), 400, "vsock.cid: 2 is not a guest cid");
-        AssertError(_client.Put("vm.add-fs", """{"tag":"","socket":"/s"}"""), 400, "fs.tag");
-        AssertError(_client.Put("vm.add-fs", """{"tag":"t","socket":"/s","id":"_vsock0"}"""), 409, "Identifier _vsock0 is not unique");
-        Assert.Equal(204, _client.Put("vm.remove-device", """{"id":"_vsock0"}""").Status);
-        Assert.Equal(204, _client.Put("vm.remove-device", """{"id":"_fs0"}""").Status);
+        ChSchema.AssertValid(_host.Client.Get("vm.info").Body, "VmInfo");
+        AssertError(_host.Client.Put("vm.add-vsock", """{"cid":4,"socket":"/run/other.sock"}"""), 400, "vsock: the VM has a vsock device already (\"_vsock0\")");
+        AssertError(_host.Client.Put("vm.add-vsock", """{"cid":2,"socket":"/run/v.sock"}"""), 400, "vsock.cid: 2 is not a guest cid");
+        AssertError(_host.Client.Put("vm.add-fs", """{"tag":"","socket":"/s"}"""), 400, "fs.tag");
+        AssertError(_host.Client.Put("vm.add-fs", """{"tag":"t","socket":"/s","id":"_vsock0"}"""), 409, "Identifier _vsock0 is not unique");
+        Assert.Equal(204, _host.Client.Put("vm.remove-device", """{"id":"_vsock0"}""").Status);
+        Assert.Equal(204, _host.Client.Put("vm.remove-device", """{"id":"_fs0"}""").Status);
         config = Config();
         Assert.False(config.TryGetProperty("vsock", out var v) && v.ValueKind != JsonValueKind.Null);
         Assert.Equal(0, config.TryGetProperty("fs", out var f) && f.ValueKind == JsonValueKind.Array ? f.GetArrayLength() : 0);
@@ -178,7 +155,7 @@ public sealed class ApiHotplugTests : IDisposable
     [Fact]
     public void Pci_segments_mmio64_aperture_weight_reserves_a_64_bit_window_of_that_many_times_64_GiB()
     {
-        string kernel = Path.Combine(_dir.FullName, "k");
+        string kernel = Path.Combine(_host.Dir.FullName, "k");
         File.WriteAllBytes(kernel, [1]);
         var c = ApiHandler.ParseVmConfig(Encoding.UTF8.GetBytes($$"""{"payload":{"kernel":{{JsonSerializer.Serialize(kernel)}}},"pci_segments":[{"pci_segment":0,"mmio64_aperture_weight":4}]}"""));
         VmConfigMapper.Normalize(c);
