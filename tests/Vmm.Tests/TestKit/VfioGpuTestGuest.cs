@@ -93,6 +93,18 @@ public static class VfioGpuTestGuest
         return bytes;
     }
 
+    /// <summary><see cref="Bar2Fnv"/> after a Linux guest wrote 0x600D0001 to the first dword of BAR2 and 0x600D0002 to
+    /// the last through /dev/mem (the gpu and hotplug initramfs scripts), nothing else.</summary>
+    public static string Bar2FnvOfFirstAndLastDword(ulong bar2Size) => Bar2Fnv(bar2Size, (offset, length) =>
+    {
+        var bytes = new byte[length];
+        if (offset == 0)
+            BinaryPrimitives.WriteUInt32LittleEndian(bytes, 0x600D0001);
+        else
+            BinaryPrimitives.WriteUInt32LittleEndian(bytes.AsSpan(length - 4), 0x600D0002);
+        return bytes;
+    });
+
     /// <summary>The test GPU server's <c>bar2_fnv</c> report value (FNV-1a 64 over the first 64 KiB, then the last
     /// 64 KiB of BAR2) for a BAR2 of <paramref name="bar2Size"/> bytes holding <paramref name="contents"/>
     /// (offset → bytes; everything else zero).</summary>
