@@ -262,14 +262,14 @@ public sealed class KvmFixture
 
     /// <summary>The start of an /init that uses the kept modules (<see cref="AddGuestModules"/>): mounts proc, sysfs and
     /// devtmpfs, loads every module in load order (saying which failed, after <paramref name="marker"/>) and waits up
-    /// to 10 s for /dev/vda. $B is busybox.</summary>
-    internal static string ModulesInitPrologue(string marker) => $$"""
+    /// to 10 s for /dev/vda (with <paramref name="waitForDisk"/>). $B is busybox.</summary>
+    internal static string ModulesInitPrologue(string marker, bool waitForDisk = true) => $$"""
         #!/bin/busybox sh
         B=/bin/busybox
-        $B mkdir -p /proc /sys /dev
+        $B mkdir -p /proc /sys /dev /mnt
         $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
         for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{marker}} insmod $mod failed"; done
-        n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+        {{(waitForDisk ? "n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done" : "")}}
         """;
 
     public const string ApiInitMarker = "vmm-api:";
@@ -344,11 +344,7 @@ public sealed class KvmFixture
     {
         string m = VhostInitMarker;
         return BusyboxInitramfs($$"""
-                #!/bin/busybox sh
-                B=/bin/busybox
-                $B mkdir -p /proc /sys /dev /mnt
-                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
-                for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{m}} insmod $mod failed"; done
+                {{ModulesInitPrologue(m, waitForDisk: false)}}
                 case "$($B cat /proc/cmdline)" in
                 *vmm.vhost=fs*)
                   $B mount -t virtiofs hostshare /mnt && echo "{{m}} mounted hostshare"
@@ -380,11 +376,7 @@ public sealed class KvmFixture
     {
         string m = VsockInitMarker;
         return BusyboxInitramfs($$"""
-                #!/bin/busybox sh
-                B=/bin/busybox
-                $B mkdir -p /proc /sys /dev
-                $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
-                for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{m}} insmod $mod failed"; done
+                {{ModulesInitPrologue(m, waitForDisk: false)}}
                 echo "{{m}} modules loaded, $($B ls /dev/vsock)"
                 /bin/vsock-peer guest-serve 5000
                 /bin/vsock-peer guest-connect 7000 300000
