@@ -220,7 +220,8 @@ public static class VmConfigMapper
             p.Add($"{at}.sparse: false is not supported (discard punches holes)");
         if (d.ImageType is not null and not "Raw")
             p.Add($"{at}.image_type: \"{d.ImageType}\" is not supported (vmm serves raw images only)");
-        Unsupported(p, at + ".lock_granularity", d.LockGranularity, "image locking is not implemented yet");
+        if (d.LockGranularity is not null and not "ByteRange") // CH's default; "Full" would be one lock over the whole file
+            p.Add($"{at}.lock_granularity: \"{d.LockGranularity}\" is not supported (vmm locks images in QEMU's byte-range layout only)");
         if (d.Serial is { } serial && (serial.Length > 20 || serial.Any(ch => ch is < ' ' or > '~')))
             p.Add($"{at}.serial: \"{serial}\" must be at most 20 printable ASCII characters");
     }

@@ -41,7 +41,11 @@ internal sealed class DeviceManager
     private readonly Log _log;
     private readonly ResourceStack _resources;
     private readonly uint _ramSlots;
+    // _lock guards _plugged and is held only briefly: a guest's eject (OnEject) takes it on a vCPU thread.
+    // _changeLock serializes the slow part — creating a hot-added device (VFIO open, DMA maps, vhost-user handshake)
+    // and releasing an ejected one — so a vCPU never waits behind either.
     private readonly Lock _lock = new();
+    private readonly Lock _changeLock = new();
     private readonly List<Plugged> _plugged = [];
     // Singletons created by a hotplug, after the vCPU threads were pushed: released after the hot-plugged devices.
     private readonly ResourceStack _late;
@@ -196,12 +200,15 @@ internal sealed class DeviceManager
         if (!_coldPlugged || _hotplug is null)
             throw new ConfigException("PCI hotplug needs the in-kernel irqchip (the GED interrupt, MSI-X and INTx; drop --no-irqchip)");
         string id = config.Id ?? throw new ArgumentException("a hot-added device needs an id", nameof(config));
-        lock (_lock)
+        lock (_changeLock)
         {
-            if (_plugged.Any(p => p.Info.Id == id))
-                throw new ConfigException($"device id \"{id}\" is in use");
+            lock (_lock)
+            {
+                if (_plugged.Any(p => p.Info.Id == id))
+                    throw new ConfigException($"device id \"{id}\" is in use");
+            }
             CheckPciCapabilities();
-            int slot = Array.FindIndex(Enumerable.Range(0, PciRootBus.SlotCount).ToArray(), 1, s => Pci[s] is null);
+            int slot = Pci.FirstFreeSlot();
             if (slot < 0)
                 throw new ConfigException($"no free PCI slot for {config.DeviceType} {id}: all {PciRootBus.SlotCount - 1} are taken");
             var resources = new ResourceStack(_log);
@@ -254,7 +261,7 @@ internal sealed class DeviceManager
         // Task.Run from the spawner: a vCPU thread cannot start a thread-pool worker under its seccomp filter.
         SeccompThreads.Post(() => Task.Run(() =>
         {
-            lock (_lock)
+            lock (_changeLock)
                 p.Resources.Dispose();
             p.Ejected?.TrySetResult();
             try
@@ -309,7 +316,6 @@ internal sealed class DeviceManager
             if (line is IDisposable d)
                 resources.Push(d, "INTx");
         }
-        // First in the device's own stack (so last released): off the bus, if a teardown finds it still there.
         var info = new PciDeviceInfo(id, kind, slot, function.Name);
         lock (_lock)
             _plugged.Add(new Plugged(function, info, resources, hot));

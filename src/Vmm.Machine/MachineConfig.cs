@@ -177,7 +177,7 @@ public sealed record VsockConfig(ulong Cid, string Socket, string? Id = null) : 
 {
     public string DeviceType => "vsock";
     public const ulong MinCid = 3, MaxCid = uint.MaxValue - 1; // VMADDR_CID_ANY (-1U) is not a cid either
-    public const int MaxSocketPath = 100;
+    public const int MaxSocketPath = Vmm.Devices.Virtio.Vsock.VirtioVsock.MaxSocketPath;
 }
 
 public enum PassthroughKind

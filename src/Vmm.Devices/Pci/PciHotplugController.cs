@@ -14,26 +14,6 @@ public sealed class PciHotplugController(IInterruptLine ged, Action<int> eject) 
     private readonly Lock _lock = new();
     private uint _up, _down;
 
-    /// <summary>Slots announced as up and not read by the guest yet (for tests and logs).</summary>
-    public uint PendingUp
-    {
-        get
-        {
-            lock (_lock)
-                return _up;
-        }
-    }
-
-    /// <summary>Slots announced as going down and not read by the guest yet.</summary>
-    public uint PendingDown
-    {
-        get
-        {
-            lock (_lock)
-                return _down;
-        }
-    }
-
     /// <summary>A device was added in <paramref name="slot"/>: the guest is told to check it.</summary>
     public void SignalUp(int slot) => Signal(slot, up: true);
 

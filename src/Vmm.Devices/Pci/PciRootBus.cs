@@ -49,6 +49,9 @@ public sealed class PciRootBus
 
     public IEnumerable<PciFunction> Functions => _slots.OfType<PciFunction>();
 
+    /// <summary>The lowest free slot above the host bridge's, or -1 when all are taken.</summary>
+    public int FirstFreeSlot() => Array.FindIndex(_slots, 1, s => s is null);
+
     /// <summary>Adds <paramref name="function"/> in the first free slot (or <paramref name="slot"/>) and places its
     /// BARs (largest first, naturally aligned, each at the lowest address no other function's BAR holds, so space a
     /// removed device left is used again): 32-bit BARs and non-prefetchable 64-bit BARs in the 32-bit window,
@@ -59,7 +62,7 @@ public sealed class PciRootBus
         lock (_configLock)
         {
             if (slot < 0)
-                slot = Array.FindIndex(_slots, 1, s => s is null);
+                slot = FirstFreeSlot();
             if (slot < 0)
                 throw new PciConfigException($"no free PCI slot for {function.Name}: all {SlotCount} are taken");
             if (_slots[slot] is not null)

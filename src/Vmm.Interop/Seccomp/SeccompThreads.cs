@@ -11,9 +11,6 @@ public static class SeccompThreads
     private static readonly object s_lock = new();
     private static Thread? s_spawner;
 
-    /// <summary>True on a thread that took on a role filter (<see cref="Seccomp.Enter"/>).</summary>
-    public static bool InRole => t_inRole;
-
     internal static void MarkRole() => t_inRole = true;
 
     /// <summary>Starts <paramref name="thread"/>: directly, or through the spawner on a role thread.</summary>

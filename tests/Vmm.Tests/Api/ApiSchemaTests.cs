@@ -165,6 +165,7 @@ public sealed class ApiSchemaTests : IDisposable
     [InlineData("disks/0", "queue_size", "1024", "disks[0].queue_size")]
     [InlineData("disks/0", "sparse", "false", "disks[0].sparse")]
     [InlineData("disks/0", "image_type", "\"Qcow2\"", "disks[0].image_type")]
+    [InlineData("disks/0", "lock_granularity", "\"Full\"", "disks[0].lock_granularity")]
     [InlineData("net/0", "num_queues", "4", "net[0].num_queues")]
     [InlineData("net/0", "offload_tso", "false", "net[0].offload_*")]
     [InlineData("net/0", "vhost_mode", "\"Server\"", "net[0].vhost_mode")]

@@ -172,12 +172,15 @@ public sealed class VirtioVsock : VirtioDevice
         base.Dispose();
     }
 
+    /// <summary>The longest socket path: PATH_port (up to 11 more bytes) must still fit a Unix socket address (108).</summary>
+    public const int MaxSocketPath = 100;
+
     /// <summary>A socket file nobody listens on is left over from a dead VMM and may be replaced; anything else
     /// at the path is someone else's.</summary>
     public static void CheckPathFree(string path)
     {
-        if (Encoding.UTF8.GetByteCount(path) is 0 or > 100) // PATH_port must fit sun_path too
-            throw new ArgumentException($"vsock socket path '{path}' must be 1 to 100 bytes long");
+        if (Encoding.UTF8.GetByteCount(path) is 0 or > MaxSocketPath)
+            throw new ArgumentException($"vsock socket path '{path}' must be 1 to {MaxSocketPath} bytes long");
         if (Directory.Exists(path))
             throw new ArgumentException($"vsock socket path '{path}' is a directory");
         if (!File.Exists(path))
