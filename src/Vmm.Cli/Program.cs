@@ -262,7 +262,7 @@ public static class Program
             case "File":
                 try
                 {
-                    var stream = new FileStream(file!, FileMode.Append, FileAccess.Write, FileShare.Read);
+                    var stream = new FileStream(HostFile.OpenForAppend(file!), FileAccess.Write);
                     opened.Add(stream);
                     return (new ConsoleStreams(stream, null), null);
                 }

@@ -56,6 +56,38 @@ public static unsafe class HostFile
         }
     }
 
+    /// <summary>Opens <paramref name="path"/> for appended output (the serial console's file:PATH), created 0644 if
+    /// missing: a regular file, a character device (/dev/null, a terminal) or a FIFO someone reads. Opened non-blocking,
+    /// so a FIFO without a reader is refused at once instead of hanging the start, then set back to blocking writes.
+    /// Throws <see cref="HostFileException"/> in the words of <see cref="ReadRegular"/>.</summary>
+    public static Microsoft.Win32.SafeHandles.SafeFileHandle OpenForAppend(string path)
+    {
+        const int O_WRONLY = 1, O_CREAT = 0x40, O_APPEND = 0x400, EISDIR = 21;
+        int fd = Sys.Open(path, O_WRONLY | O_CREAT | O_APPEND | Sys.O_CLOEXEC | LibC.O_NONBLOCK, 0b110_100_100);
+        if (fd < 0)
+        {
+            int errno = Errno.Last;
+            throw new HostFileException(errno switch
+            {
+                EISDIR => "is a directory",
+                _ when errno == Errno.ENXIO => "is a FIFO nobody reads (start its reader first)",
+                _ when errno == Errno.ENOENT || errno == ENOTDIR => "no such directory",
+                _ when errno == Errno.EACCES || errno == Errno.EPERM => "permission denied",
+                _ => $"cannot be opened: {Errno.Describe(errno)}",
+            });
+        }
+        var (type, _) = Examine(fd);
+        int flags = LibC.fcntl(fd, LibC.F_GETFL);
+        if ((type != (uint)LibC.S_IFREG && type != (uint)LibC.S_IFCHR && type != (uint)LibC.S_IFIFO)
+            || flags < 0 || LibC.fcntl(fd, LibC.F_SETFL, flags & ~LibC.O_NONBLOCK) < 0)
+        {
+            LibC.close(fd);
+            throw new HostFileException(flags < 0 ? $"cannot be set to blocking I/O: {Errno.Describe(Errno.Last)}"
+                : Describe(type, "a regular file, character device or FIFO"));
+        }
+        return new Microsoft.Win32.SafeHandles.SafeFileHandle(fd, ownsHandle: true);
+    }
+
     /// <summary>For a disk image opened with O_NONBLOCK (so a FIFO could not hang the open): null when
     /// <paramref name="fd"/> is a regular file or a block device — and O_NONBLOCK is cleared again — else why not ("is a
     /// character device, not a regular file or block device").</summary>

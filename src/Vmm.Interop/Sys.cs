@@ -51,14 +51,22 @@ public static unsafe class Sys
     public const int MAP_SHARED = 0x01, MAP_PRIVATE = 0x02, MAP_ANONYMOUS = 0x20, MAP_NORESERVE = 0x4000;
     public const uint MFD_CLOEXEC = 1;
 
-    public static int Open(string path, int flags)
+    /// <summary>Whether this process runs on the .NET runtime with its JIT (libcoreclr is mapped: <c>dotnet run</c>, the
+    /// tests) rather than as the NativeAOT executable. RuntimeFeature.IsDynamicCodeSupported cannot tell: PublishAot
+    /// turns it off in JIT builds too. Read once.</summary>
+    public static bool RunsOnCoreClr => s_runsOnCoreClr.Value;
+
+    private static readonly Lazy<bool> s_runsOnCoreClr =
+        new(() => File.ReadLines("/proc/self/maps").Any(l => l.EndsWith("/libcoreclr.so", StringComparison.Ordinal)));
+
+    public static int Open(string path, int flags, int mode = 0)
     {
         int byteCount = System.Text.Encoding.UTF8.GetByteCount(path);
         Span<byte> buf = byteCount < 1024 ? stackalloc byte[byteCount + 1] : new byte[byteCount + 1];
         System.Text.Encoding.UTF8.GetBytes(path, buf);
         buf[byteCount] = 0;
         fixed (byte* p = buf)
-            return LibC.open(p, flags, 0);
+            return LibC.open(p, flags, (mode_t)(uint)mode);
     }
 
     /// <summary>ioctl with a pointer argument; returns the kernel's result or -1 (errno in <see cref="Errno.Last"/>).</summary>

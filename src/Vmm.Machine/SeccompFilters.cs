@@ -39,7 +39,8 @@ public static class SeccompFilters
         Main(jit), Vcpu(jit), DeviceWorker(jit), Api(jit), Console(jit),
     ];
 
-    public static bool IsJit => RuntimeFeature.IsDynamicCodeSupported;
+    /// <summary>A JIT build (<c>dotnet run</c>): the runtime loads assemblies and compiles on every thread.</summary>
+    public static bool IsJit => Vmm.Interop.Sys.RunsOnCoreClr;
 
     private static SyscallRule R(string name, string why) => new(name, why);
 

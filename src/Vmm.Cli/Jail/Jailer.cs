@@ -56,7 +56,7 @@ public static class Jailer
     {
         if (!OperatingSystem.IsLinux())
             throw new PlatformNotSupportedException("vmm runs on Linux");
-        if (RuntimeFeature())
+        if (Sys.RunsOnCoreClr)
             throw new UsageException("jail: needs the native vmm executable (dotnet publish src/Vmm.Cli -c Release): this vmm runs on the .NET runtime, which a jail does not hold");
         if (JailCalls.EffectiveUid != 0)
             throw new UsageException("jail: must be started as root (it mounts, makes device nodes and changes user)");
@@ -152,10 +152,6 @@ public static class Jailer
         PosixSignal.SIGINT => 2,
         _ => 15,
     };
-
-    /// <summary>Whether this vmm runs on the .NET runtime (libcoreclr is mapped) rather than as the NativeAOT executable.
-    /// (RuntimeFeature.IsDynamicCodeSupported cannot tell: PublishAot turns it off in JIT builds too.)</summary>
-    private static bool RuntimeFeature() => File.ReadLines("/proc/self/maps").Any(l => l.EndsWith("/libcoreclr.so", StringComparison.Ordinal));
 
     /// <summary>The plan, with the libraries the executable needs: its ELF interpreter and the shared objects this
     /// process has mapped (the jailed vmm is this program: the same libc, libm and loader).</summary>

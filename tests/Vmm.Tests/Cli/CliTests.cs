@@ -170,6 +170,16 @@ public class CliTests
             var (st, err) = RunVmm("run", "--kernel", kernel, "--initrd", "/dev/zero");
             Assert.Equal(ExitStatus.Usage, st);
             Assert.Equal("vmm: error: --initrd /dev/zero: is a character device, not a regular file\n", err);
+            // --serial file: a FIFO nobody reads hung the start forever (SIGTERM did not end it), a directory printed .NET's
+            // "Access to the path … is denied".
+            foreach (var (path, why) in new[] { (fifo, "is a FIFO nobody reads (start its reader first)"), (dir, "is a directory") })
+            {
+                var watch = System.Diagnostics.Stopwatch.StartNew();
+                (st, err) = RunVmm("run", "--kernel", kernel, "--serial", $"file:{path}");
+                Assert.Equal(ExitStatus.Usage, st);
+                Assert.Equal($"vmm: error: --serial file:{path}: {why}\n", err);
+                Assert.True(watch.Elapsed < TimeSpan.FromSeconds(5), $"--serial file:{path} took {watch.Elapsed}"); // no hang
+            }
         }
         finally
         {
