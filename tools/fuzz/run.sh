@@ -73,6 +73,12 @@ fuzz() {
         echo "run.sh: reproduce one (with its stack trace): dotnet $bin/Vmm.Fuzz.dll $target FILE" >&2
         return 1
     fi
+    # A run that executed nothing, or saw no coverage (instrumentation missing: AFL_SKIP_BIN_CHECK hides that), tested
+    # nothing and must not pass as "no findings".
+    if [ "$(stat execs_done)" = 0 ] || [ "$(stat bitmap_cvg)" = "0.00%" ]; then
+        echo "run.sh: $target: afl-fuzz ran $(stat execs_done) inputs with $(stat bitmap_cvg) coverage: not fuzzed (is the build instrumented?)" >&2
+        return 1
+    fi
     if [ "$rc" -ne 0 ]; then
         echo "run.sh: $target: afl-fuzz exited with status $rc; the end of $out.log:" >&2
         tail -n 25 "$out.log" | sed 's/^/  /' >&2

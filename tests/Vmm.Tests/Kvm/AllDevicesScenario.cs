@@ -29,8 +29,9 @@ public static class AllDevicesScenario
         # Waits up to $2 seconds for a console line matching $1.
         wait_for() { n=0; while ! grep -q "$1" console.log 2>/dev/null && [ $n -lt $(($2 * 5)) ]; do sleep 0.2; n=$((n+1)); done; }
         wait_for 'vmm-all: snapshot' 240
-        # Every thread of vmm with its seccomp mode (2 = filter) while every device is in use.
-        echo "@@THREADS"; for t in /proc/$VPID/task/*; do echo "$(cat $t/comm)|$(grep Seccomp: $t/status | tr -d '\t ')"; done; echo "@@END-THREADS"
+        # Every thread of vmm with its seccomp mode (2 = filter) and how many filters it has (the process filter, plus its
+        # role's) while every device is in use.
+        echo "@@THREADS"; for t in /proc/$VPID/task/*; do echo "$(cat $t/comm)|$(grep Seccomp: $t/status | tr -d '\t ')|$(grep Seccomp_filters: $t/status | tr -d '\t ')"; done; echo "@@END-THREADS"
         ./vmm remote --api-socket all.sock info >info.json 2>&1; echo "@@INFO-RC $?"
         wait_for 'vmm-all: done' 60
         # The guest powers off; with an API socket the process stays until vmm.shutdown.

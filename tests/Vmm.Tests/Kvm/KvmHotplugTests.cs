@@ -118,8 +118,7 @@ public class KvmHotplugTests(KvmFixture kvm)
         string stderr = Section(r.Stdout, "VMM-STDERR");
         foreach (string id in new[] { "hpdisk", "_net0", "gpu", "hpfs", "hpvsock" })
         {
-            Has(stderr, $"guest ejected");
-            Has(stderr, $" {id} at 0000:00:0");
+            Assert.True(Regex.IsMatch(stderr, $@"guest ejected .*\b{Regex.Escape(id)} at 0000:00:0"), $"no eject of {id}\n{all}");
             Assert.True(Regex.IsMatch(Section(r.Stdout, "EVENTS"), $"\"event\":\\s*\"device-removed\"[^}}]*\"id\":\\s*\"{id}\""), all);
         }
         Assert.False(stderr.Contains("failed", StringComparison.Ordinal), all);

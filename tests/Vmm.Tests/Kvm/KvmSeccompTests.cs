@@ -94,9 +94,17 @@ public class KvmSeccompTests(KvmFixture kvm)
         var m = Regex.Match(r.Stdout, "@@THREADS\n(.*?)@@END-THREADS", RegexOptions.Singleline);
         Assert.True(m.Success, all);
         var threads = m.Groups[1].Value.Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => l.Split('|')).ToList();
-        Assert.All(threads, t => Assert.True(t.Length == 2 && t[1] == "Seccomp:2", $"{string.Join('|', t)}\n{all}"));
+        Assert.All(threads, t => Assert.True(t.Length == 3 && t[1] == "Seccomp:2", $"{string.Join('|', t)}\n{all}"));
+        // The role threads carry their role's filter on top of the process filter (two in all): without it they would
+        // still show mode 2, from the process filter alone.
         foreach (string name in new[] { "vcpu0", "vcpu1", "virtio-rng", "virtio-console", "virtio-vsock 3", "virtio-net tap0", "serial-out", "event-monitor" })
-            Assert.True(threads.Any(t => t[0] == name), $"no thread {name}\n{all}");
-        Assert.Contains(threads, t => t[0].StartsWith("virtio-blk ad", StringComparison.Ordinal));
+        {
+            var thread = threads.FirstOrDefault(t => t[0] == name);
+            Assert.True(thread is not null, $"no thread {name}\n{all}");
+            Assert.True(thread[2] == "Seccomp_filters:2", $"{string.Join('|', thread)}\n{all}");
+        }
+        Assert.Contains(threads, t => t[0].StartsWith("virtio-blk ad", StringComparison.Ordinal) && t[2] == "Seccomp_filters:2");
+        // Threads without a role (main, the runtime's, the thread pool's) have the process filter only.
+        Assert.Contains(threads, t => t[2] == "Seccomp_filters:1");
     }
 }
