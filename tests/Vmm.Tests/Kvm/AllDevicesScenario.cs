@@ -60,6 +60,7 @@ public static class AllDevicesScenario
         string m = Marker;
         return $$"""
             {{KvmFixture.ModulesInitPrologue(m)}}
+            $B mkdir -p /mnt
             for b in /sys/block/vd*; do
               d=$($B basename $b)
               echo "{{m}} disk $d $($B cat $b/size) sectors serial '$($B cat $b/serial 2>/dev/null)'"

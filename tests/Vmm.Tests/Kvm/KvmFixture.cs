@@ -266,7 +266,7 @@ public sealed class KvmFixture
     internal static string ModulesInitPrologue(string marker, bool waitForDisk = true) => $$"""
         #!/bin/busybox sh
         B=/bin/busybox
-        $B mkdir -p /proc /sys /dev /mnt
+        $B mkdir -p /proc /sys /dev
         $B mount -t proc proc /proc; $B mount -t sysfs sys /sys; $B mount -t devtmpfs dev /dev
         for mod in $($B cat /lib/modules/load-order); do $B insmod /lib/modules/$mod.ko || echo "{{marker}} insmod $mod failed"; done
         {{(waitForDisk ? "n=0; while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done" : "")}}
@@ -345,6 +345,7 @@ public sealed class KvmFixture
         string m = VhostInitMarker;
         return BusyboxInitramfs($$"""
                 {{ModulesInitPrologue(m, waitForDisk: false)}}
+                $B mkdir -p /mnt
                 case "$($B cat /proc/cmdline)" in
                 *vmm.vhost=fs*)
                   $B mount -t virtiofs hostshare /mnt && echo "{{m}} mounted hostshare"
