@@ -67,7 +67,9 @@ public static class AllDevicesScenario
               echo "linux-wrote-$d" | $B dd of=/dev/$d bs=512 seek=1000 conv=fsync 2>/dev/null && echo "{{m}} wrote $d"
             done
             echo "{{m}} rng $($B cat /sys/class/misc/hw_random/rng_current) $($B dd if=/dev/hwrng bs=16 count=1 2>/dev/null | $B od -An -tx1)"
-            $B ip link set eth0 up && echo "{{m}} eth0 up $($B cat /sys/class/net/eth0/address)"
+            # virtio_net may register eth0 a little after insmod returns (one CI run found none yet): wait up to 10 s.
+            n=0; while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
+            $B ip link set eth0 up && echo "{{m}} eth0 up $($B cat /sys/class/net/eth0/address)" || echo "{{m}} eth0 failed: $($B ls /sys/class/net | $B tr '\n' ' ')"
             echo "{{m}} hello on hvc0" > /dev/hvc0
             /bin/vsock-peer guest-connect 7000 30000 | while read l; do echo "{{m}} $l"; done
             $B mount -t virtiofs hostshare /mnt && echo "{{m}} fs read $($B cat /mnt/from-host.txt)"
