@@ -70,7 +70,7 @@ public static class AllDevicesScenario
             # virtio_net may register eth0 a little after insmod returns (one CI run found none yet): wait up to 10 s.
             n=0; while [ ! -e /sys/class/net/eth0 ] && [ $n -lt 50 ]; do $B sleep 0.2; n=$((n+1)); done
             $B ip link set eth0 up && echo "{{m}} eth0 up $($B cat /sys/class/net/eth0/address)" || echo "{{m}} eth0 failed: $($B ls /sys/class/net | $B tr '\n' ' ')"
-            echo "{{m}} hello on hvc0" > /dev/hvc0
+            {{KvmFixture.EchoToVirtioConsole($"{m} hello on hvc0")}}
             /bin/vsock-peer guest-connect 7000 30000 | while read l; do echo "{{m}} $l"; done
             $B mount -t virtiofs hostshare /mnt && echo "{{m}} fs read $($B cat /mnt/from-host.txt)"
             echo all-devices-guest-wrote-this > /mnt/from-guest.txt && $B sync && $B umount /mnt && echo "{{m}} fs written"
