@@ -200,6 +200,9 @@ internal sealed class DeviceManager
         if (!_coldPlugged || _hotplug is null)
             throw new ConfigException("PCI hotplug needs the in-kernel irqchip (the GED interrupt, MSI-X and INTx; drop --no-irqchip)");
         string id = config.Id ?? throw new ArgumentException("a hot-added device needs an id", nameof(config));
+        // The same checks as cold plug's MachineConfig.Validate, before anything is created.
+        if (MachineConfig.SocketProblem(config) is string problem)
+            throw new ConfigException(problem);
         lock (_changeLock)
         {
             lock (_lock)

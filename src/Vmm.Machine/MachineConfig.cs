@@ -59,6 +59,33 @@ public sealed record MachineConfig
 
     public bool HasPciDevices => Disks.Count > 0 || Nets.Count > 0 || VirtioConsole || VirtioRng || Devices.Count > 0 || Fs.Count > 0 || Vsock is not null;
 
+    /// <summary>Why the Unix socket that <paramref name="device"/> connects to (a vhost-user or vfio-user back-end)
+    /// cannot be used, as one line naming the option; null when it is a socket or the device connects to none. Cold
+    /// plug (<see cref="Validate"/>) and hotplug (<c>DeviceManager.HotPlug</c>) both ask. Only a stat: a regular file,
+    /// a directory or a FIFO gets a line saying so (connect would say "Connection refused"), and nothing here can
+    /// block.</summary>
+    public static string? SocketProblem(IPciDeviceConfig device)
+    {
+        switch (device)
+        {
+            case DiskConfig { VhostSocket: string socket }:
+                return Vmm.Interop.HostFile.NotASocket(socket) is string why
+                    ? $"--disk vhost_user=on,socket={socket}: {why}" + (why == "no such socket"
+                        ? $" (start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={socket})" : "")
+                    : null;
+            case FsConfig fs:
+                return Vmm.Interop.HostFile.NotASocket(fs.Socket) is string whyFs
+                    ? $"--fs tag={fs.Tag},socket={fs.Socket}: {whyFs}" + (whyFs == "no such socket" ? $" (start virtiofsd --socket-path={fs.Socket} first)" : "")
+                    : null;
+            case PassthroughConfig { Kind: PassthroughKind.VfioUser } user:
+                return Vmm.Interop.HostFile.NotASocket(user.Path) is string whyUser
+                    ? $"--device {user}: {whyUser}" + (whyUser == "no such socket" ? " (start the vfio-user server first)" : "")
+                    : null;
+            default:
+                return null;
+        }
+    }
+
     public void Validate()
     {
         if (Cpus < 1)
@@ -107,24 +134,10 @@ public sealed record MachineConfig
         foreach (var group in Fs.GroupBy(f => f.Tag).Where(g => g.Count() > 1))
             throw new ConfigException($"--fs tag={group.Key} is given {group.Count()} times; the guest mounts a file system by its tag");
         // Before any KVM call: the back-end must be listening already (vmm is the vhost-user client).
-        // Only a stat: a regular file, a directory or a FIFO gets one line saying so (connect would say "Connection
-        // refused"), and nothing here can block.
-        foreach (var disk in Disks.Where(d => d.VhostSocket is not null))
+        foreach (var device in Disks.Concat<IPciDeviceConfig>(Fs).Concat(Devices))
         {
-            if (Vmm.Interop.HostFile.NotASocket(disk.VhostSocket!) is string why)
-                throw new ConfigException($"--disk vhost_user=on,socket={disk.VhostSocket}: {why}" + (why == "no such socket"
-                    ? $" (start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={disk.VhostSocket})" : ""));
-        }
-        foreach (var fs in Fs)
-        {
-            if (Vmm.Interop.HostFile.NotASocket(fs.Socket) is string why)
-                throw new ConfigException($"--fs tag={fs.Tag},socket={fs.Socket}: {why}" +
-                    (why == "no such socket" ? $" (start virtiofsd --socket-path={fs.Socket} first)" : ""));
-        }
-        foreach (var device in Devices.Where(d => d.Kind == PassthroughKind.VfioUser))
-        {
-            if (Vmm.Interop.HostFile.NotASocket(device.Path) is string why)
-                throw new ConfigException($"--device {device}: {why}" + (why == "no such socket" ? " (start the vfio-user server first)" : ""));
+            if (SocketProblem(device) is string problem)
+                throw new ConfigException(problem);
         }
     }
 }

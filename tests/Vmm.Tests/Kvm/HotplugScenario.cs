@@ -42,6 +42,9 @@ public static class HotplugScenario
         r remove-device gpu
         r remove-device hpdisk
         r info
+        # A back-end "socket" that is a regular file or a directory: one line saying so, as at boot (not "Connection refused").
+        r add-fs tag=badfs,socket=console.log,id=badfs
+        r add-user-device socket=share,id=badgpu
         # The vhost-user and vsock devices take the same path: the slots the others left.
         r add-fs tag=hpshare,socket=fs.sock,id=hpfs
         wait_for 'vmm-hotplug: fs done' 60

@@ -41,7 +41,8 @@ public class KvmHotplugTests(KvmFixture kvm)
         [
             "add-disk path=hp.img,serial=hotplug-disk,id=hpdisk", "add-net tap=tap0,mac=52:54:00:12:34:57", "add-user-device socket=gpu2.sock,id=biggpu",
             "add-user-device socket=gpu1.sock,id=gpu", "add-disk path=hp.img,id=hpdisk", "info", "remove-device hpdisk", "remove-device _net0",
-            "remove-device gpu", "remove-device hpdisk", "info", "add-fs tag=hpshare,socket=fs.sock,id=hpfs",
+            "remove-device gpu", "remove-device hpdisk", "info", "add-fs tag=badfs,socket=console.log,id=badfs",
+            "add-user-device socket=share,id=badgpu", "add-fs tag=hpshare,socket=fs.sock,id=hpfs",
             "add-vsock cid=3,socket=vs.sock,id=hpvsock", "remove-device hpfs", "remove-device hpvsock", "shutdown-vmm",
         ];
         Assert.True(steps.Select(s => s.Command).SequenceEqual(expected), all);
@@ -85,6 +86,12 @@ public class KvmHotplugTests(KvmFixture kvm)
         Assert.Empty(after.GetProperty("device_tree").EnumerateObject());
         Assert.False(after.GetProperty("config").TryGetProperty("disks", out var disks) && disks.GetArrayLength() > 0, all);
 
+        // A hot-added back-end socket gets cold plug's check: a regular file or a directory is named as such, at once.
+        Assert.True(steps[11].Status == 1 && steps[12].Status == 1, all);
+        Assert.Contains("HTTP 400", steps[11].Output);
+        Assert.Contains("--fs tag=badfs,socket=console.log: is a regular file, not a socket", steps[11].Output);
+        Assert.Contains("--device vfio-user=share: is a directory", steps[12].Output);
+
         // The guest: each device appeared (acpiphp on the GED event), worked, and went away.
         string console = Section(r.Stdout, "CONSOLE");
         void Has(string text, string what) => Assert.True(text.Contains(what, StringComparison.Ordinal), $"no \"{what}\" in:\n{all}");
@@ -99,20 +106,20 @@ public class KvmHotplugTests(KvmFixture kvm)
         Assert.False(console.Contains("still there", StringComparison.Ordinal) || console.Contains("missing", StringComparison.Ordinal), all);
         // vm.add-fs and vm.add-vsock: the same path (slots 1 and 2 again, freed by the removals); Linux's virtiofs
         // mounts the hot-added share (virtiofsd on the host serves it), its vsock transport binds the vsock device.
-        Added(11, "hpfs", 1);
-        Added(12, "hpvsock", 2);
+        Added(13, "hpfs", 1); // the refused adds above left nothing behind
+        Added(14, "hpvsock", 2);
         Has(console, $"{M} up fs 0000:00:01.0 0x1af4:0x105a");
         Has(console, $"{M} fs read host-wrote-this");
         Has(console, $"{M} fs unmounted");
         Has(r.Stdout, "@@GUESTFILE hotplug-guest-wrote-this");
         Has(console, $"{M} up vsock 0000:00:02.0 0x1af4:0x1053");
         Has(console, $"{M} vsock driver vmw_vsock_virtio_transport");
-        Assert.True(steps[13].Status == 0 && steps[14].Status == 0, all);
+        Assert.True(steps[15].Status == 0 && steps[16].Status == 0, all);
         Has(console, $"{M} gone fs");
         Has(console, $"{M} gone vsock");
         Has(r.Stdout, "@@VSOCKSOCKET gone"); // the removed vsock device closed and unlinked its socket
         Has(r.Stdout, "@@VMM-EXIT 0"); // the guest powered off after all that, and vmm.shutdown ended vmm
-        Assert.True(steps[15].Status == 0, all);
+        Assert.True(steps[17].Status == 0, all);
 
         // vmm: each eject released the device; the event monitor told of each removal.
         string stderr = Section(r.Stdout, "VMM-STDERR");
