@@ -50,6 +50,10 @@ public sealed class Options
     /// <summary>Flags that describe the VM itself (they build the VmConfig; --config replaces them all).</summary>
     public List<string> VmFlags { get; } = [];
 
+    /// <summary>The options as parsed, in order: each flag with the value it took (null for one that takes none, such as
+    /// --rng). `vmm jail` rewrites the paths in these, so which flags take a value is known in this parser alone.</summary>
+    public List<(string Flag, string? Value)> Given { get; } = [];
+
     /// <summary>`vmm --api-socket PATH` alone: no VM until vm.create / vm.boot.</summary>
     public bool ApiOnly => ApiSocket is not null && !Demo && Kernel is null && ConfigFile is null;
 
@@ -179,13 +183,12 @@ public sealed class Options
                 inline = arg[(eq + 1)..];
                 arg = arg[..eq];
             }
+            string? taken = null;
             string Value()
             {
-                if (inline is not null)
-                    return inline;
-                if (i + 1 >= args.Length)
+                if (inline is null && i + 1 >= args.Length)
                     throw new UsageException($"{arg} needs a value");
-                return args[++i];
+                return taken = inline ?? args[++i];
             }
             if (arg is "--kernel" or "--initrd" or "--cmdline" or "--memory" or "--cpus" or "--serial" or "--disk" or "--net"
                 or "--device" or "--console" or "--rng" or "--fs" or "--vsock" or "--pci-segment")
@@ -290,6 +293,7 @@ public sealed class Options
                 default:
                     throw new UsageException($"unknown option '{args[i]}' (see vmm --help)");
             }
+            o.Given.Add((arg, taken));
         }
         if (o.ConfigFile is not null && o.VmFlags.Count > 0)
             throw new UsageException($"--config describes the whole VM: {string.Join(", ", o.VmFlags.Distinct())} cannot be given with it");

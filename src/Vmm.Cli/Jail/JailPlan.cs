@@ -67,22 +67,13 @@ public sealed class JailPlan
 
         string Full(string p) => Path.GetFullPath(p, cwd);
         plan.RunArgs.Add("run");
-        for (int i = 1; i < vmArgs.Length; i++)
+        foreach (var (arg, taken) in vm.Given)
         {
-            string arg = vmArgs[i];
-            string? inline = null;
-            int eq = arg.IndexOf('=');
-            if (arg.StartsWith("--", StringComparison.Ordinal) && eq > 0)
+            if (taken is not string value)
             {
-                inline = arg[(eq + 1)..];
-                arg = arg[..eq];
-            }
-            if (arg is "--rng" or "--stats" or "--no-irqchip" or "-h" or "--help")
-            {
-                plan.RunArgs.Add(vmArgs[i]);
+                plan.RunArgs.Add(arg); // a flag that takes no value (--rng, --stats, ...)
                 continue;
             }
-            string value = inline ?? vmArgs[++i]; // Options.Parse above made sure every value is there
             string rewritten = arg switch
             {
                 "--kernel" or "--initrd" => plan.File(Full(value), readOnly: true, arg),

@@ -97,6 +97,19 @@ public class JailTests
         Assert.Equal(("/vm/vmlinuz", "/vm/initrd.img", "console=ttyS0 a=b", 3), (vm.Kernel, vm.Initrd, vm.Cmdline, vm.Disks.Count));
     }
 
+    /// <summary>The plan rewrites what Options.Parse took, so it cannot disagree with the parser over which flags take
+    /// a value: a flag without one, next to flags whose value looks like a flag or a path, each keeps its own.</summary>
+    [Fact]
+    public void Flags_without_a_value_and_values_that_look_like_flags_are_split_as_vmm_run_splits_them()
+    {
+        var plan = Plan("run", "--no-irqchip", "--kernel", "vmlinuz", "--stats", "--cmdline", "--rng", "--rng",
+            "--seccomp=log", "--on-reboot", "exit", "--serial", "file:s.log");
+        Assert.Equal(["run", "--no-irqchip", "--kernel=/vm/vmlinuz", "--stats", "--cmdline=--rng", "--rng", "--seccomp=log",
+            "--on-reboot=exit", "--serial=file:/vm/s.log"], plan.RunArgs);
+        var vm = Options.Parse([.. plan.RunArgs]);
+        Assert.Equal(("--rng", true, true, true), (vm.Cmdline, vm.Rng, vm.Stats, vm.NoIrqchip));
+    }
+
     [Fact]
     public void The_same_file_twice_is_one_bind_with_the_wider_rights()
     {
