@@ -151,21 +151,3 @@ public static unsafe class NonBlockingSocket
 
     public static void Shutdown(int fd, int how) => LibC.shutdown(fd, how);
 }
-
-/// <summary>File-type checks the managed file APIs do not offer.</summary>
-public static unsafe class FileType
-{
-    /// <summary>Whether <paramref name="path"/> names a Unix socket (not following a final symlink).</summary>
-    public static bool IsSocket(string path)
-    {
-        var bytes = new byte[System.Text.Encoding.UTF8.GetByteCount(path) + 1];
-        System.Text.Encoding.UTF8.GetBytes(path, bytes);
-        stat st;
-        fixed (byte* p = bytes)
-        {
-            if (LibC.lstat(p, &st) < 0)
-                return false;
-        }
-        return LibC.S_ISSOCK(st.st_mode);
-    }
-}

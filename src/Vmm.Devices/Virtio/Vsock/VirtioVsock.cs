@@ -189,7 +189,7 @@ public sealed class VirtioVsock : VirtioDevice
                 throw new ArgumentException($"vsock socket path '{path}': {why}");
             return;
         }
-        if (!FileType.IsSocket(path))
+        if (SocketFile.Stat(path, out _) != SocketFile.Kind.Socket)
             throw new ArgumentException($"vsock socket path '{path}' exists and is not a socket");
         int fd = NonBlockingSocket.Connect(path);
         if (fd >= 0)
