@@ -40,6 +40,27 @@ public sealed class VmConfig
     public JsonElement? Tpm { get; set; }
     public bool? LandlockEnable { get; set; }
     public JsonElement? LandlockRules { get; set; }
+
+    /// <summary>The ids of the devices that are plugged and removed by id (null for one not named yet): disks,
+    /// interfaces, VFIO and vfio-user devices, file systems, the vsock device. Id generation, the uniqueness check and
+    /// vm.remove-device all read this one list, so a new kind of device is added here once.</summary>
+    public IEnumerable<string?> PluggableDeviceIds() =>
+        (Disks ?? []).Select(d => d.Id).Concat((Net ?? []).Select(n => n.Id)).Concat((Devices ?? []).Select(d => d.Id))
+            .Concat((UserDevices ?? []).Select(d => d.Id)).Concat((Fs ?? []).Select(f => f.Id)).Append(Vsock?.Id);
+
+    /// <summary>Takes device <paramref name="id"/> out of the config; false when no pluggable device has that id.</summary>
+    public bool RemoveDevice(string id)
+    {
+        int removed = (Disks?.RemoveAll(d => d.Id == id) ?? 0) + (Net?.RemoveAll(n => n.Id == id) ?? 0)
+            + (Devices?.RemoveAll(d => d.Id == id) ?? 0) + (UserDevices?.RemoveAll(d => d.Id == id) ?? 0)
+            + (Fs?.RemoveAll(f => f.Id == id) ?? 0);
+        if (Vsock?.Id == id)
+        {
+            Vsock = null;
+            removed++;
+        }
+        return removed > 0;
+    }
 }
 
 public sealed class PayloadConfig

@@ -105,9 +105,7 @@ public static class VmConfigMapper
         var ids = new HashSet<string>();
         // A generated id skips the ids the config gives (CH's next_device_name skips those in use), so that a config
         // naming a disk "_disk0" is not refused because another disk would have been given that name.
-        var named = new HashSet<string>((c.Disks ?? []).Select(d => d.Id).Concat((c.Net ?? []).Select(n => n.Id))
-            .Concat((c.Devices ?? []).Select(d => d.Id)).Concat((c.UserDevices ?? []).Select(d => d.Id))
-            .Concat((c.Fs ?? []).Select(f => f.Id)).Append(c.Vsock?.Id).OfType<string>());
+        var named = new HashSet<string>(c.PluggableDeviceIds().OfType<string>());
         string Id(string? given, string prefix, string path)
         {
             string? id = given;

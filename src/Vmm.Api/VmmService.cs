@@ -215,7 +215,7 @@ public sealed class VmmService : IDisposable
         {
             lock (_lock)
             {
-                if (_config is null || RemoveFromConfig(_config, id) == 0)
+                if (_config is null || !_config.RemoveDevice(id))
                     throw new ApiException(404, "Error from API", what, $"no device with id \"{id}\"");
             }
             return;
@@ -229,21 +229,8 @@ public sealed class VmmService : IDisposable
         lock (_lock)
         {
             if (_config is not null)
-                RemoveFromConfig(_config, id);
+                _config.RemoveDevice(id);
         }
-    }
-
-    private static int RemoveFromConfig(VmConfig c, string id) =>
-        (c.Disks?.RemoveAll(d => d.Id == id) ?? 0) + (c.Net?.RemoveAll(n => n.Id == id) ?? 0)
-        + (c.Devices?.RemoveAll(d => d.Id == id) ?? 0) + (c.UserDevices?.RemoveAll(d => d.Id == id) ?? 0)
-        + (c.Fs?.RemoveAll(f => f.Id == id) ?? 0) + RemoveVsock(c, id);
-
-    private static int RemoveVsock(VmConfig c, string id)
-    {
-        if (c.Vsock?.Id != id)
-            return 0;
-        c.Vsock = null;
-        return 1;
     }
 
     /// <summary>How long vm.remove-device waits for the guest's eject.</summary>
@@ -252,9 +239,7 @@ public sealed class VmmService : IDisposable
     /// <summary>Every device id in use: the config's and those of the running machine (console, rng).</summary>
     private HashSet<string> DeviceIds()
     {
-        var ids = new HashSet<string>((_config!.Disks ?? []).Select(d => d.Id).Concat((_config.Net ?? []).Select(n => n.Id))
-            .Concat((_config.Devices ?? []).Select(d => d.Id)).Concat((_config.UserDevices ?? []).Select(d => d.Id))
-            .Concat((_config.Fs ?? []).Select(f => f.Id)).Concat([_config.Vsock?.Id, _config.Rng?.Id, _config.Console?.Id]).OfType<string>());
+        var ids = new HashSet<string>(_config!.PluggableDeviceIds().Concat([_config.Rng?.Id, _config.Console?.Id]).OfType<string>());
         foreach (var d in _lifecycle?.Machine?.PciDevices ?? [])
             ids.Add(d.Id);
         return ids;
