@@ -170,4 +170,28 @@ public class KvmApiTests(KvmFixture kvm)
         Assert.Equal("GONE", Marker(r.Stdout, "SOCKET"));
         Assert.Contains("SIGTERM: stopping the VM", r.Stderr);
     }
+
+    /// <summary>The eject timeout: hlt.bin runs no ACPI hotplug driver, so the guest never ejects the hot-added disk.</summary>
+    [Fact]
+    public void A_guest_that_never_ejects_gets_a_timeout_naming_what_it_must_run_and_the_device_stays()
+    {
+        var r = R("api-eject-timeout");
+        string all = Show(r);
+        Assert.True(Marker(r.Stdout, "ADD") == "0", all);
+        Assert.True(r.Stdout.Contains("\"id\":\"etdisk\"", StringComparison.Ordinal), all);
+        // 10 s (VmmService.DefaultEjectTimeout) without an eject: HTTP 500 and one line saying what the guest must run.
+        Assert.True(Marker(r.Stdout, "REMOVE") == "1", all);
+        // (vmm remote reports it on stderr; vmm's own log, in the output, says it too.)
+        Assert.True(r.Stderr.Contains("vm.remove-device: HTTP 500", StringComparison.Ordinal), all);
+        const string line = "the guest did not eject device etdisk within 10 s (it must run an ACPI PCI hotplug driver, such as Linux's acpiphp, and let go of the device)";
+        Assert.True(r.Stderr.Contains(line, StringComparison.Ordinal) && r.Stdout.Contains(line, StringComparison.Ordinal), all);
+        // The request stays (a late eject would still remove it): the disk is in vm.info's device tree and config.
+        Assert.True(Marker(r.Stdout, "INFO") == "0", all);
+        int info = r.Stdout.IndexOf("@@REMOVE", StringComparison.Ordinal);
+        Assert.True(r.Stdout[info..].Contains("\"etdisk\":{", StringComparison.Ordinal), all);
+        Assert.True(r.Stdout[info..].Contains("\"path\":\"et.img\"", StringComparison.Ordinal), all);
+        // An eject still pending does not hold up the orderly stop.
+        Assert.True(Marker(r.Stdout, "EXIT") == "0", all);
+        Assert.True(r.Stdout.Contains("SIGTERM: stopping the VM", StringComparison.Ordinal), all);
+    }
 }
