@@ -313,8 +313,9 @@ public sealed class Options
         return o;
     }
 
-    /// <summary>"key=value,key=value" of a device option; unknown or repeated keys are errors.</summary>
-    private static Dictionary<string, string> ParseKeyValues(string text, string option, string[] keys)
+    /// <summary>"key=value,key=value" of a device option (and of `vmm remote add-*`); unknown or repeated keys are errors
+    /// naming <paramref name="option"/>.</summary>
+    internal static Dictionary<string, string> ParseKeyValues(string text, string option, string[] keys)
     {
         var result = new Dictionary<string, string>();
         foreach (string part in text.Split(','))
@@ -331,7 +332,8 @@ public sealed class Options
         return result;
     }
 
-    private static bool OnOff(Dictionary<string, string> kv, string key, string option) =>
+    /// <summary>An on/off key: on, true, yes or off, false, no; absent is off.</summary>
+    internal static bool OnOff(Dictionary<string, string> kv, string key, string option) =>
         !kv.TryGetValue(key, out string? v) ? false : v switch
         {
             "on" or "true" or "yes" => true,

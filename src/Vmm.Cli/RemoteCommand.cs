@@ -153,29 +153,18 @@ public static class RemoteCommand
         using (var json = new Utf8JsonWriter(stream))
         {
             json.WriteStartObject();
-            var seen = new HashSet<string>();
-            foreach (string part in argument.Split(','))
+            string option = $"vmm remote {command}";
+            // The run options' parser: the same errors, and the same on/off words.
+            var kv = Options.ParseKeyValues(argument, option, [.. keys.Keys]);
+            foreach (var (key, value) in kv)
             {
-                int eq = part.IndexOf('=');
-                if (eq <= 0)
-                    throw new UsageException($"vmm remote {command}: '{part}' is not key=value (keys: {string.Join(", ", keys.Keys)})");
-                string key = part[..eq], value = part[(eq + 1)..];
-                if (!keys.TryGetValue(key, out bool onOff))
-                    throw new UsageException($"vmm remote {command}: unknown key '{key}' (keys: {string.Join(", ", keys.Keys)})");
-                if (!seen.Add(key))
-                    throw new UsageException($"vmm remote {command}: '{key}' given twice");
                 if (NumberKeys.Contains(key))
                     json.WriteNumber(key, ulong.TryParse(value, out ulong number) ? number
-                        : throw new UsageException($"vmm remote {command}: {key} must be a number, not '{value}'"));
-                else if (!onOff)
+                        : throw new UsageException($"{option}: {key} must be a number, not '{value}'"));
+                else if (!keys[key])
                     json.WriteString(key, value);
                 else
-                    json.WriteBoolean(key, value switch
-                    {
-                        "on" or "true" => true,
-                        "off" or "false" => false,
-                        _ => throw new UsageException($"vmm remote {command}: {key} must be on or off, not '{value}'"),
-                    });
+                    json.WriteBoolean(key, Options.OnOff(kv, key, option));
             }
             json.WriteEndObject();
         }

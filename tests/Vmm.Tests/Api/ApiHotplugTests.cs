@@ -126,6 +126,8 @@ public sealed class ApiHotplugTests : IDisposable
 
     [Theory]
     [InlineData("add-disk", "path=/img/a.img,readonly=on,serial=S1,id=d", """{"path":"/img/a.img","readonly":true,"serial":"S1","id":"d"}""")]
+    // The on/off words of the run options (--disk readonly=yes) work here too.
+    [InlineData("add-disk", "path=/img/b.img,readonly=yes,direct=no", """{"path":"/img/b.img","readonly":true,"direct":false}""")]
     [InlineData("add-net", "tap=tap0,mac=52:54:00:12:34:57", """{"tap":"tap0","mac":"52:54:00:12:34:57"}""")]
     [InlineData("add-device", "path=/sys/bus/pci/devices/0000:01:00.0", """{"path":"/sys/bus/pci/devices/0000:01:00.0"}""")]
     [InlineData("add-user-device", "socket=gpu.sock,id=gpu", """{"socket":"gpu.sock","id":"gpu"}""")]
