@@ -35,7 +35,7 @@ public sealed class VmConfig
     public bool? Watchdog { get; set; }
     public JsonElement? Rtc { get; set; }
     public bool? Pvpanic { get; set; }
-    public JsonElement? PciSegments { get; set; }
+    public List<PciSegmentConfig>? PciSegments { get; set; }
     public PlatformConfig? Platform { get; set; }
     public JsonElement? Tpm { get; set; }
     public bool? LandlockEnable { get; set; }
@@ -220,6 +220,15 @@ public sealed class UserDeviceConfig
     public string? Id { get; set; }
     public int? PciSegment { get; set; }
     public int? PciDeviceId { get; set; }
+}
+
+/// <summary>CH's PciSegmentConfig: vmm has one segment (0); its mmio64_aperture_weight sizes the 64-bit window.</summary>
+public sealed class PciSegmentConfig
+{
+    [JsonRequired]
+    public int PciSegment { get; set; }
+    public int? Mmio32ApertureWeight { get; set; }
+    public int? Mmio64ApertureWeight { get; set; }
 }
 
 public sealed class PlatformConfig

@@ -328,50 +328,27 @@ public static class VmConfigMapper
     /// space among segments by weight; with one segment vmm reads the weight as a multiple of the default size).</summary>
     public static int Mmio64Weight(VmConfig c, List<string>? p = null)
     {
-        if (c.PciSegments is not { ValueKind: JsonValueKind.Array } segments)
-        {
-            if (c.PciSegments is { ValueKind: not JsonValueKind.Null })
-                p?.Add("pci_segments: must be a list of PciSegmentConfig objects");
-            return 1;
-        }
         int weight = 1;
-        int i = 0;
-        foreach (var s in segments.EnumerateArray())
+        for (int i = 0; i < (c.PciSegments?.Count ?? 0); i++)
         {
-            string at = $"pci_segments[{i++}]";
-            if (s.ValueKind != JsonValueKind.Object)
+            var segment = c.PciSegments![i];
+            string at = $"pci_segments[{i}]";
+            if (segment is null)
             {
                 p?.Add($"{at}: must be a PciSegmentConfig object");
                 continue;
             }
-            foreach (var property in s.EnumerateObject())
+            if (segment.PciSegment != 0)
+                p?.Add($"{at}.pci_segment: {segment.PciSegment} is not supported (vmm has one PCI segment, 0)");
+            if (segment.Mmio32ApertureWeight is int w32 && w32 != 1)
+                p?.Add($"{at}.mmio32_aperture_weight: {w32} is not supported (the 32-bit window is fixed at 512 MiB)");
+            if (segment.Mmio64ApertureWeight is int w64)
             {
-                bool isInt = property.Value.TryGetInt32(out int v);
-                switch (property.Name)
-                {
-                    case "pci_segment" when isInt && v == 0:
-                        break;
-                    case "pci_segment":
-                        p?.Add($"{at}.pci_segment: {property.Value} is not supported (vmm has one PCI segment, 0)");
-                        break;
-                    case "mmio32_aperture_weight" when isInt && v == 1:
-                        break;
-                    case "mmio32_aperture_weight":
-                        p?.Add($"{at}.mmio32_aperture_weight: {property.Value} is not supported (the 32-bit window is fixed at 512 MiB)");
-                        break;
-                    case "mmio64_aperture_weight" when isInt && v is >= 1 and <= 1024:
-                        weight = v;
-                        break;
-                    case "mmio64_aperture_weight":
-                        p?.Add($"{at}.mmio64_aperture_weight: {property.Value} must be an integer from 1 to 1024 (× 64 GiB of 64-bit PCI window)");
-                        break;
-                    default:
-                        p?.Add($"{at}.{property.Name}: not supported");
-                        break;
-                }
+                if (w64 is >= 1 and <= 1024)
+                    weight = w64;
+                else
+                    p?.Add($"{at}.mmio64_aperture_weight: {w64} must be an integer from 1 to 1024 (× 64 GiB of 64-bit PCI window)");
             }
-            if (!s.TryGetProperty("pci_segment", out _))
-                p?.Add($"{at}.pci_segment: required");
         }
         return weight;
     }

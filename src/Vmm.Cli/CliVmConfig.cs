@@ -73,13 +73,7 @@ public static class CliVmConfig
             // p2p=on on any --device turns on peer-to-peer DMA for the passed-through devices (CH's platform-wide
             // vfio_p2p_dma); without it vmm keeps it off, since mapping large BARs for DMA slows start-up.
             Platform = o.Devices.Count > 0 ? new PlatformConfig { VfioP2pDma = p2p } : null,
-            PciSegments = o.Mmio64Weight is int w
-                ? System.Text.Json.JsonSerializer.SerializeToElement(new[] { new Dictionary<string, int> { ["pci_segment"] = 0, ["mmio64_aperture_weight"] = w } },
-                    CliJsonContext.Default.DictionaryStringInt32Array)
-                : null,
+            PciSegments = o.Mmio64Weight is int w ? [new PciSegmentConfig { PciSegment = 0, Mmio64ApertureWeight = w }] : null,
         };
     }
 }
-
-[System.Text.Json.Serialization.JsonSerializable(typeof(Dictionary<string, int>[]))]
-internal sealed partial class CliJsonContext : System.Text.Json.Serialization.JsonSerializerContext;

@@ -171,6 +171,12 @@ public sealed class ApiHotplugTests : IDisposable
         Assert.Contains(problems, p => p.StartsWith("pci_segments[0].pci_segment: 1 is not supported", StringComparison.Ordinal));
         Assert.Contains(problems, p => p.StartsWith("pci_segments[0].mmio64_aperture_weight: 0 must be", StringComparison.Ordinal));
         Assert.Contains(problems, p => p.StartsWith("pci_segments[0].mmio32_aperture_weight: 2 is not supported", StringComparison.Ordinal));
+        // PciSegmentConfig is typed: its required pci_segment and its known keys are checked as the body is read.
+        foreach (string segment in new[] { """{"mmio64_aperture_weight":2}""", """{"pci_segment":0,"colour":"red"}""", """{"pci_segment":"0"}""" })
+        {
+            var e = Assert.Throws<VmConfigException>(() => ApiHandler.ParseVmConfig(Encoding.UTF8.GetBytes($$"""{"payload":{"kernel":"k"},"pci_segments":[{{segment}}]}""")));
+            Assert.Contains(e.Problems, p => p.Contains("pci_segment", StringComparison.Ordinal) || p.Contains("colour", StringComparison.Ordinal));
+        }
     }
 
     [Fact]
