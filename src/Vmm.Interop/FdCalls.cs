@@ -41,9 +41,7 @@ public static unsafe partial class FdCalls
     /// <summary>ioctl whose argument is a NUL-terminated string (VFIO_GROUP_GET_DEVICE_FD's device name).</summary>
     public static int Ioctl(int fd, uint request, string text)
     {
-        byte[] bytes = new byte[System.Text.Encoding.UTF8.GetByteCount(text) + 1];
-        System.Text.Encoding.UTF8.GetBytes(text, bytes);
-        return Ioctl(fd, request, bytes.AsSpan());
+        return Ioctl(fd, request, CString.From(text).AsSpan());
     }
 
     /// <summary>IOMMU_IOAS_IOVA_RANGES: <paramref name="query"/>.allowed_iovas is pointed at <paramref name="ranges"/>
@@ -99,9 +97,7 @@ public static unsafe partial class FdCalls
     /// <summary>access(2) with <paramref name="mode"/> (R_OK | W_OK ...): 0 or a negative errno (EACCES, ENOENT).</summary>
     public static int Access(string path, int mode)
     {
-        byte[] bytes = new byte[System.Text.Encoding.UTF8.GetByteCount(path) + 1];
-        System.Text.Encoding.UTF8.GetBytes(path, bytes);
-        fixed (byte* p = bytes)
+        fixed (byte* p = CString.From(path))
             return access(p, mode) == 0 ? 0 : -Marshal.GetLastPInvokeError();
     }
 

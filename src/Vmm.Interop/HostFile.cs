@@ -108,8 +108,7 @@ public static unsafe class HostFile
     /// start, and connect's misleading "Connection refused" for a regular file is never shown.</summary>
     public static string? NotASocket(string path)
     {
-        var bytes = new byte[System.Text.Encoding.UTF8.GetByteCount(path) + 1];
-        System.Text.Encoding.UTF8.GetBytes(path, bytes);
+        var bytes = CString.From(path);
         statx st;
         int r;
         fixed (byte* p = bytes)

@@ -17,9 +17,6 @@ public static unsafe partial class JailCalls
         MS_MOVE = 8192, MS_REC = 16384, MS_PRIVATE = 1 << 18;
     public const int MNT_DETACH = 2;
 
-    // <sys/stat.h>
-    public const uint S_IFCHR = 0x2000;
-
     // <linux/prctl.h>
     private const int PR_CAPBSET_DROP = 24, PR_SET_NO_NEW_PRIVS = 38, PR_CAP_AMBIENT = 47, PR_CAP_AMBIENT_CLEAR_ALL = 4;
 
@@ -32,13 +29,6 @@ public static unsafe partial class JailCalls
     // x86-64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl)
     private const long SYS_pivot_root = 155, SYS_capset = 126, SYS_landlock_create_ruleset = 444,
         SYS_landlock_add_rule = 445, SYS_landlock_restrict_self = 446;
-
-    private static byte[] CString(string s)
-    {
-        var bytes = new byte[Encoding.UTF8.GetByteCount(s) + 1];
-        Encoding.UTF8.GetBytes(s, bytes);
-        return bytes;
-    }
 
     private static void Check(int result, string call, string? detail = null)
     {
@@ -72,15 +62,15 @@ public static unsafe partial class JailCalls
 
     public static void Mount(string? source, string target, string? fsType, ulong flags, string? data = null)
     {
-        byte[]? s = source is null ? null : CString(source), f = fsType is null ? null : CString(fsType), d = data is null ? null : CString(data);
-        byte[] t = CString(target);
+        byte[]? s = source is null ? null : CString.From(source), f = fsType is null ? null : CString.From(fsType), d = data is null ? null : CString.From(data);
+        byte[] t = CString.From(target);
         fixed (byte* ps = s, pt = t, pf = f, pd = d)
             Check(mount(ps, pt, pf, flags, pd), "mount", source is null ? target : $"{source} on {target}");
     }
 
     public static void Umount(string target, int flags)
     {
-        byte[] t = CString(target);
+        byte[] t = CString.From(target);
         fixed (byte* p = t)
             Check(umount2(p, flags), "umount2", target);
     }
@@ -89,7 +79,7 @@ public static unsafe partial class JailCalls
     /// initramfs rootfs, which cannot be pivoted away from: the caller then moves the jail onto / and chroots).</summary>
     public static int PivotRoot(string newRoot, string putOld)
     {
-        byte[] n = CString(newRoot), o = CString(putOld);
+        byte[] n = CString.From(newRoot), o = CString.From(putOld);
         fixed (byte* pn = n, po = o)
         {
             long r = syscall(SYS_pivot_root, (nint)pn, (nint)po, 0, 0);
@@ -99,14 +89,14 @@ public static unsafe partial class JailCalls
 
     public static void Chroot(string path)
     {
-        byte[] b = CString(path);
+        byte[] b = CString.From(path);
         fixed (byte* p = b)
             Check(chroot(p), "chroot", path);
     }
 
     public static void Chdir(string path)
     {
-        byte[] b = CString(path);
+        byte[] b = CString.From(path);
         fixed (byte* p = b)
             Check(chdir(p), "chdir", path);
     }
@@ -116,10 +106,10 @@ public static unsafe partial class JailCalls
     {
         // makedev as glibc encodes it.
         ulong dev = ((ulong)(major & 0xfffff000) << 32) | ((ulong)(major & 0xfff) << 8) | ((ulong)(minor & 0xffffff00) << 12) | (minor & 0xff);
-        byte[] b = CString(path);
+        byte[] b = CString.From(path);
         fixed (byte* p = b)
         {
-            Check(mknod(p, S_IFCHR | mode, dev), "mknod", path);
+            Check(mknod(p, (uint)Tmds.Linux.LibC.S_IFCHR | mode, dev), "mknod", path);
             Check(chmod(p, mode), "chmod", path); // mknod applies the umask
             Check(chown(p, uid, gid), "chown", path);
         }
@@ -127,7 +117,7 @@ public static unsafe partial class JailCalls
 
     public static void Chown(string path, uint uid, uint gid)
     {
-        byte[] b = CString(path);
+        byte[] b = CString.From(path);
         fixed (byte* p = b)
             Check(chown(p, uid, gid), "chown", path);
     }
@@ -136,13 +126,13 @@ public static unsafe partial class JailCalls
     public static (uint Major, uint Minor)? DeviceNumbers(string path)
     {
         Tmds.Linux.stat st;
-        byte[] b = CString(path);
+        byte[] b = CString.From(path);
         fixed (byte* p = b)
         {
             if (Tmds.Linux.LibC.stat(p, &st) != 0)
                 return null;
         }
-        if (((uint)st.st_mode & 0xF000) != S_IFCHR)
+        if (((uint)st.st_mode & 0xF000) != (uint)Tmds.Linux.LibC.S_IFCHR)
             return null;
         ulong dev = (ulong)st.st_rdev;
         uint major = (uint)(((dev >> 32) & 0xfffff000) | ((dev >> 8) & 0xfff));
@@ -154,7 +144,7 @@ public static unsafe partial class JailCalls
     public static (uint Uid, uint Gid, uint Mode)? Stat(string path)
     {
         Tmds.Linux.stat st;
-        byte[] b = CString(path);
+        byte[] b = CString.From(path);
         fixed (byte* p = b)
         {
             if (Tmds.Linux.LibC.stat(p, &st) != 0)
@@ -175,9 +165,10 @@ public static unsafe partial class JailCalls
 
     public static (ulong Soft, ulong Hard) GetResourceLimit(int resource)
     {
-        ulong* lim = stackalloc ulong[2];
-        Check(getrlimit(resource, lim), "getrlimit");
-        return (lim[0], lim[1]);
+        int r = FdCalls.GetRlimit(resource, out ulong soft, out ulong hard);
+        if (r < 0)
+            throw new SyscallException("getrlimit", -r);
+        return (soft, hard);
     }
 
     /// <summary>Removes every capability from the bounding set (needs CAP_SETPCAP, so before the uid changes).</summary>
@@ -214,7 +205,7 @@ public static unsafe partial class JailCalls
     /// <summary>Replaces this process with <paramref name="path"/>; returns only by throwing.</summary>
     public static void Execve(string path, IReadOnlyList<string> argv, IReadOnlyList<string> envp)
     {
-        byte[] file = CString(path);
+        byte[] file = CString.From(path);
         var handles = new List<GCHandle>();
         try
         {
@@ -222,14 +213,14 @@ public static unsafe partial class JailCalls
             nint* ev = stackalloc nint[envp.Count + 1];
             for (int i = 0; i < argv.Count; i++)
             {
-                var h = GCHandle.Alloc(CString(argv[i]), GCHandleType.Pinned);
+                var h = GCHandle.Alloc(CString.From(argv[i]), GCHandleType.Pinned);
                 handles.Add(h);
                 av[i] = h.AddrOfPinnedObject();
             }
             av[argv.Count] = 0;
             for (int i = 0; i < envp.Count; i++)
             {
-                var h = GCHandle.Alloc(CString(envp[i]), GCHandleType.Pinned);
+                var h = GCHandle.Alloc(CString.From(envp[i]), GCHandleType.Pinned);
                 handles.Add(h);
                 ev[i] = h.AddrOfPinnedObject();
             }
@@ -245,7 +236,7 @@ public static unsafe partial class JailCalls
         }
     }
 
-    public static void Kill(int pid, int signal) => kill(pid, signal);
+    public static void Kill(int pid, int signal) => Tmds.Linux.LibC.kill(pid, signal);
 
     private const long SYS_close_range = 436;
     private const uint CLOSE_RANGE_CLOEXEC = 4;
@@ -362,8 +353,6 @@ public static unsafe partial class JailCalls
     [LibraryImport("libc", SetLastError = true)]
     private static partial int setrlimit(int resource, ulong* rlim);
     [LibraryImport("libc", SetLastError = true)]
-    private static partial int getrlimit(int resource, ulong* rlim);
-    [LibraryImport("libc", SetLastError = true)]
     private static partial int prctl(int option, nuint arg2, nuint arg3, nuint arg4, nuint arg5);
     [LibraryImport("libc", SetLastError = true)]
     private static partial int setgroups(nuint size, uint* list);
@@ -373,8 +362,6 @@ public static unsafe partial class JailCalls
     private static partial int setresuid(uint ruid, uint euid, uint suid);
     [LibraryImport("libc", SetLastError = true)]
     private static partial int execve(byte* path, nint* argv, nint* envp);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int kill(int pid, int signal);
     [LibraryImport("libc", SetLastError = true)]
     private static partial long syscall(long number, nint a1, nint a2, nint a3, nint a4);
 }

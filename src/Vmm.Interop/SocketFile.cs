@@ -18,7 +18,7 @@ public static unsafe class SocketFile
     public static Kind Stat(string path, out (ulong Device, ulong Inode) identity)
     {
         identity = default;
-        byte[] name = NulTerminated(path);
+        byte[] name = CString.From(path);
         statx buffer;
         int r;
         fixed (byte* p = name)
@@ -43,7 +43,7 @@ public static unsafe class SocketFile
     public static int Bind(string path)
     {
         var address = new sockaddr_un { sun_family = LibC.AF_UNIX };
-        byte[] name = NulTerminated(path);
+        byte[] name = CString.From(path);
         if (name.Length - 1 > MaxPathBytes)
             throw new ArgumentException($"{path}: a unix socket path is at most {MaxPathBytes} bytes", nameof(path));
         name.CopyTo(new Span<byte>((byte*)&address + 2, 108));
@@ -60,11 +60,4 @@ public static unsafe class SocketFile
     }
 
     public static int ByteCount(string path) => Encoding.UTF8.GetByteCount(path);
-
-    private static byte[] NulTerminated(string path)
-    {
-        byte[] bytes = new byte[Encoding.UTF8.GetByteCount(path) + 1];
-        Encoding.UTF8.GetBytes(path, bytes);
-        return bytes;
-    }
 }
