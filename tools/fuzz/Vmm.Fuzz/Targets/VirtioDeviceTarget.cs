@@ -1,10 +1,10 @@
 using System.Diagnostics;
-using Tmds.Linux;
 using Vmm.Devices.Virtio;
 using Vmm.Devices.Virtio.Net;
 using Vmm.Devices.Virtio.Vsock;
 using Vmm.Interop;
 using Vmm.Memory;
+using Vmm.Tests.TestKit;
 
 namespace Vmm.Fuzz;
 
@@ -41,7 +41,7 @@ public sealed class VirtioDeviceTarget : IFuzzTarget
                 _queue = 0;
                 break;
             case Kind.Net:
-                _device = new VirtioNet(InPrivateNetNamespace(() => new TapDevice("vmmfuzz0")), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
+                _device = new VirtioNet(NetNamespace.Run(() => new TapDevice("vmmfuzz0")), [0x52, 0x54, 0, 0x12, 0x34, 0x56]);
                 _queue = VirtioNet.TransmitQueue;
                 break;
             case Kind.Console:
@@ -97,7 +97,7 @@ public sealed class VirtioDeviceTarget : IFuzzTarget
                 queues[i].Enabled = true;
             }
         }
-        var interrupts = new Interrupts();
+        var interrupts = new RecordingVirtioInterrupts();
         try
         {
             _device.Activate(new VirtioContext(_memory, features, queues, kicks, interrupts));
@@ -113,7 +113,7 @@ public sealed class VirtioDeviceTarget : IFuzzTarget
                     fault = _device.WorkerFault;
                     if (fault is not null)
                         break;
-                    if (_memory.ReadObj<ushort>(new GuestAddress(Used + 2)) == n || interrupts.NeedsResetCount > 0)
+                    if (_memory.ReadObj<ushort>(new GuestAddress(Used + 2)) == n || !interrupts.NeedsResetReasons.IsEmpty)
                     {
                         done = true;
                         break;
@@ -139,42 +139,6 @@ public sealed class VirtioDeviceTarget : IFuzzTarget
             foreach (var k in kicks)
                 k.Dispose();
         }
-    }
-
-    private sealed class Interrupts : IVirtioInterrupts
-    {
-        private int _needsReset;
-        public int NeedsResetCount => Volatile.Read(ref _needsReset);
-        public void QueueInterrupt(SplitQueue queue) { }
-        public void ConfigInterrupt() { }
-        public void NeedsReset(string why) => Interlocked.Increment(ref _needsReset);
-    }
-
-    /// <summary>A tap in a network namespace of its own (unshare moves only the calling thread, so on a fresh one):
-    /// the fuzzed frames never reach a real network. Needs root, like the tap unit tests.</summary>
-    private static T InPrivateNetNamespace<T>(Func<T> body)
-    {
-        const int CLONE_NEWNET = 0x40000000;
-        T? result = default;
-        Exception? error = null;
-        var thread = new Thread(() =>
-        {
-            try
-            {
-                if (LibC.unshare(CLONE_NEWNET) != 0)
-                    throw new SyscallException("unshare(CLONE_NEWNET)", LibC.errno, "the virtio-net fuzz target needs root");
-                result = body();
-            }
-            catch (Exception e)
-            {
-                error = e;
-            }
-        }) { Name = "fuzz-netns" };
-        thread.Start();
-        thread.Join();
-        if (error is not null)
-            throw error;
-        return result!;
     }
 
     public void Dispose()
