@@ -34,6 +34,9 @@ public sealed class VfioPciFunction : PciFunction, IDisposable
     private readonly IIntxIrqfdLine? _intxLine;
     private readonly Action<string>? _log;
     private readonly int _configRegionSize;
+    /// <summary>Where the legacy capabilities must end: 256 bytes, or a shorter config region's end (a vfio-user server
+    /// declares its size; found by the pci-vfio fuzz target).</summary>
+    private readonly int _legacyEnd;
     private readonly bool[] _emulated = new bool[PciConfigSpace.Size];
     private readonly byte[] _deviceWritable = new byte[PciConfigSpace.Size];
     private readonly BarMapping?[] _bars = new BarMapping?[6];
@@ -72,6 +75,7 @@ public sealed class VfioPciFunction : PciFunction, IDisposable
         _mapper = mapper;
         _log = log;
         _configRegionSize = (int)Math.Min(device.GetRegionInfo(VfioRegionIndex.Config).Size, PciConfigSpace.Size);
+        _legacyEnd = Math.Min(_configRegionSize, PciConfigSpace.LegacySize);
         var config = snapshot.AsSpan(0, _configRegionSize);
         try
         {
@@ -257,7 +261,7 @@ public sealed class VfioPciFunction : PciFunction, IDisposable
                 case PciCapabilityWalker.CapPowerManagement:
                     DeviceWritable(cap.Offset + 4, 2, 0x8103); // PMCSR: power state, PME enable, PME status (W1C)
                     break;
-                case PciConfigSpace.CapabilityPciExpress when cap.Offset + 0x2C <= Math.Min(config.Length, PciConfigSpace.LegacySize):
+                case PciConfigSpace.CapabilityPciExpress when cap.Offset + 0x2C <= _legacyEnd:
                     DeviceWritable(cap.Offset + 0x08, 2, 0x7FFF); // device control, not Initiate FLR
                     DeviceWritable(cap.Offset + 0x0A, 2, 0x000F); // device status error bits (W1C)
                     DeviceWritable(cap.Offset + 0x28, 2, 0x045F); // device control 2: completion timeout, AtomicOp, LTR
@@ -313,10 +317,9 @@ public sealed class VfioPciFunction : PciFunction, IDisposable
         }
         ushort control = BinaryPrimitives.ReadUInt16LittleEndian(config[(offset + 2)..]);
         int length = ((control & 0x80) != 0 ? 14 : 10) + ((control & 0x100) != 0 ? 10 : 0);
-        // Past the end of legacy space, or of a config region shorter than that (found by the pci-vfio fuzz target).
-        if (offset + length > Math.Min(config.Length, PciConfigSpace.LegacySize))
+        if (offset + length > _legacyEnd)
         {
-            Log($"MSI capability at 0x{offset:x2} runs past 0x{Math.Min(config.Length, PciConfigSpace.LegacySize) - 1:X2}; hidden");
+            Log($"MSI capability at 0x{offset:x2} runs past 0x{_legacyEnd - 1:X2}; hidden");
             return null;
         }
         var msi = new VfioMsi(Config, offset, control, count, controller, _device.Name);
@@ -326,9 +329,9 @@ public sealed class VfioPciFunction : PciFunction, IDisposable
 
     private MsixTable? BuildMsix(ReadOnlySpan<byte> config, int offset, IMsiController controller)
     {
-        if (offset + 12 > Math.Min(config.Length, PciConfigSpace.LegacySize))
+        if (offset + 12 > _legacyEnd)
         {
-            Log($"MSI-X capability at 0x{offset:x2} runs past 0x{Math.Min(config.Length, PciConfigSpace.LegacySize) - 1:X2}; hidden");
+            Log($"MSI-X capability at 0x{offset:x2} runs past 0x{_legacyEnd - 1:X2}; hidden");
             return null;
         }
         int size = (BinaryPrimitives.ReadUInt16LittleEndian(config[(offset + 2)..]) & 0x7FF) + 1;
