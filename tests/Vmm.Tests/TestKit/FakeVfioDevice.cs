@@ -16,6 +16,19 @@ public sealed unsafe class FakeVfioDevice : IVfioDevice
     private readonly Dictionary<VfioIrqIndex, uint> _irqs = [];
     private byte[] _rom = [];
 
+    /// <summary>The checks of what vmm asks that failed. They also throw, but VfioPciFunction catches and logs a failed
+    /// mapping (a real one fails with an errno), so a caller that must see them reads this list.</summary>
+    public List<string> Violations { get; } = [];
+
+    /// <summary>Records a failed check in <paramref name="violations"/>, then fails it as an xunit assertion.</summary>
+    internal static void Check(List<string> violations, bool ok, string what)
+    {
+        if (ok)
+            return;
+        violations.Add(what);
+        Assert.Fail(what);
+    }
+
     public FakeVfioDevice(string name, byte[] config, bool canReset = true)
     {
         Name = name;
@@ -124,8 +137,8 @@ public sealed unsafe class FakeVfioDevice : IVfioDevice
     public IVfioMapping MapRegion(int index, ulong offset, ulong size)
     {
         var r = _regions[index];
-        Assert.True(offset % 4096 == 0 && size % 4096 == 0, $"MapRegion({index}, 0x{offset:x}, 0x{size:x}) not page aligned");
-        Assert.True(r.Info.MmapAreas.Any(a => offset >= a.Offset && offset + size <= a.End),
+        Check(Violations, offset % 4096 == 0 && size % 4096 == 0, $"MapRegion({index}, 0x{offset:x}, 0x{size:x}) not page aligned");
+        Check(Violations, r.Info.MmapAreas.Any(a => offset >= a.Offset && offset + size <= a.End),
             $"MapRegion({index}, 0x{offset:x}, 0x{size:x}) is outside every mmap area");
         Log.Add($"map {index} 0x{offset:x}+0x{size:x}");
         LiveMappings++;
@@ -195,9 +208,13 @@ public sealed class RecordingGuestMemoryMapper : IGuestMemoryMapper
     public List<string> Log { get; } = [];
     public List<(ulong Guest, ulong Size, nint Host, string Name)> Live { get; } = [];
 
+    /// <summary>Failed checks (see <see cref="FakeVfioDevice.Violations"/>). An overlap with a live slot is not one: a
+    /// guest can move one BAR onto another, and KVM refuses the second slot (EEXIST), which vmm logs.</summary>
+    public List<string> Violations { get; } = [];
+
     public IDisposable Map(ulong guestAddress, ulong size, nint hostAddress, string name, int fd = -1, long fileOffset = 0)
     {
-        Assert.True(guestAddress % 4096 == 0 && size % 4096 == 0 && hostAddress % 4096 == 0,
+        FakeVfioDevice.Check(Violations, guestAddress % 4096 == 0 && size % 4096 == 0 && hostAddress % 4096 == 0,
             $"slot 0x{guestAddress:x}/0x{size:x} at host 0x{hostAddress:x} is not page aligned");
         Assert.DoesNotContain(Live, s => guestAddress < s.Guest + s.Size && s.Guest < guestAddress + size);
         var slot = (guestAddress, size, hostAddress, name);

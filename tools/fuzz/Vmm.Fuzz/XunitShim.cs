@@ -10,6 +10,8 @@ internal static class Assert
             throw new Vmm.Fuzz.FuzzInvariantException("Assert.True failed: " + message);
     }
 
+    public static void Fail(string message) => True(false, message);
+
     public static void False(bool condition, string? message = null) => True(!condition, message);
 
     public static void Null(object? value) => True(value is null, $"expected null, got {value}");

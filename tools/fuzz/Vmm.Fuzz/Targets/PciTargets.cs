@@ -1,4 +1,5 @@
 using System.Buffers.Binary;
+using Vmm.Devices;
 using Vmm.Devices.Pci;
 using Vmm.Devices.Vfio;
 using Vmm.Devices.Virtio;
@@ -8,36 +9,57 @@ using Vmm.Tests.TestKit;
 
 namespace Vmm.Fuzz;
 
-/// <summary>Guest accesses to one PCI function, delivered as <see cref="PciRootBus"/> delivers them: config accesses
-/// of 1, 2 or 4 bytes inside one dword (the 0xCF8/0xCFC ports) or naturally aligned 1-8 bytes (ECAM), never past
-/// 4 KiB; a config write touching a BAR or the command register re-decodes the BARs and tells the function
-/// (<see cref="PciFunction.BarMapped"/>); BAR accesses of 1-8 bytes at any offset inside a decoded BAR (they may
-/// run past its end, as an MMIO exit may). Each op is 8 bytes: [op: bits 0-1 config write / config read / BAR
-/// write / BAR read, bit 2 port-style config access, bit 3 BAR offset from the end, bits 4-7 which BAR]
-/// [width: 1 2 4 8 by bits 0-1] [offset u16] [value u32].</summary>
+/// <summary>Guest accesses to one PCI function on a real <see cref="PciRootBus"/>, which places its BARs as at boot; the
+/// guest then turns on memory decode and bus mastering. Config accesses go through the 0xCF8/0xCFC ports (1, 2 or 4
+/// bytes at any byte of the data port; the bus refuses one that straddles the dword) or the ECAM window (1-8 bytes at
+/// any offset; the bus refuses an unaligned one); BAR accesses of 1-8 bytes at any offset inside a BAR go through the
+/// window the BAR's address is in (they may run past its end, as an MMIO exit may); the bus decodes them, so a BAR the
+/// guest moved out of the windows or turned off is not reached. Each op is 8 bytes: [op: bits 0-1 config write /
+/// config read / BAR write / BAR read, bit 2 port-style config access, bit 3 BAR offset from the end, bits 4-7 which
+/// BAR] [width: 1 2 4 8 by bits 0-1] [offset u16] [value u32].</summary>
 public static class PciOps
 {
     private static readonly int[] s_widths = [1, 2, 4, 8];
 
-    /// <summary>Enumerates <paramref name="f"/> as a guest would, applies the input's accesses, then disposes the function
-    /// and its MSI routes whatever happened.</summary>
+    /// <summary>The 64-bit window of a small guest: from 4 GiB, 64 GiB.</summary>
+    private const ulong Window64Start = 1UL << 32, Window64Size = 64UL << 30;
+
+    /// <summary>Puts <paramref name="f"/> on a root bus as vmm does at boot, applies the input's accesses, takes it off
+    /// the bus (as an eject does: its BARs decode nowhere) and disposes the function and its MSI routes whatever
+    /// happened. A function whose BARs do not fit the windows is vmm's documented refusal.</summary>
     public static void EnumerateApplyDispose<T>(T f, ref FuzzReader r, NullMsiController msi) where T : PciFunction, IDisposable
     {
+        var bus = new PciRootBus(Window64Start, Window64Size);
+        int slot = -1;
         try
         {
-            var mapped = Enumerate(f);
-            Apply(f, ref r, mapped);
+            try
+            {
+                slot = bus.Add(f);
+            }
+            catch (PciConfigException e)
+            {
+                FuzzTargets.Explain(e.Message);
+                return;
+            }
+            Span<byte> command = stackalloc byte[2];
+            BinaryPrimitives.WriteUInt16LittleEndian(command, PciConfigSpace.CommandMemorySpace | PciConfigSpace.CommandBusMaster);
+            bus.ConfigWrite(0, slot, 0, PciConfigSpace.Command, command);
+            Apply(bus, slot, f, ref r);
         }
         finally
         {
+            if (slot > 0)
+                bus.Remove(slot);
             f.Dispose();
             msi.DisposeAll();
         }
     }
 
-    public static void Apply(PciFunction f, ref FuzzReader r, Dictionary<int, ulong?> mapped, int maxOps = 256)
+    private static void Apply(PciRootBus bus, int slot, PciFunction f, ref FuzzReader r, int maxOps = 256)
     {
         Span<byte> data = stackalloc byte[8];
+        Span<byte> address = stackalloc byte[4];
         for (int i = 0; i < maxOps && !r.AtEnd; i++)
         {
             byte op = r.U8();
@@ -47,91 +69,43 @@ public static class PciOps
             BinaryPrimitives.WriteUInt32LittleEndian(data, value);
             BinaryPrimitives.WriteUInt32LittleEndian(data[4..], ~value);
             var bytes = data[..width];
-            switch (op & 3)
+            bool write = (op & 1) == 0;
+            if ((op & 3) <= 1)
             {
-                case 0 or 1:
+                IBusDevice port;
+                ulong at;
+                if ((op & 4) != 0)
                 {
-                    int reg;
-                    if ((op & 4) != 0)
-                    {
-                        if (width == 8)
-                            width = 4;
-                        bytes = data[..width];
-                        reg = (offset & 0xFFC) + ((offset >> 12) & 3) % (5 - width);
-                    }
-                    else
-                        reg = offset & 0xFFF & ~(width - 1);
-                    if ((op & 3) == 1)
-                        f.ConfigRead(reg, bytes);
-                    else
-                        ConfigWrite(f, reg, bytes, mapped);
-                    break;
+                    // CONFIG_ADDRESS (enable bit, this slot, the dword), then a CONFIG_DATA byte: 0xCFC-0xCFF.
+                    BinaryPrimitives.WriteUInt32LittleEndian(address, 0x8000_0000u | ((uint)slot << 11) | (offset & 0xFCu));
+                    bus.ConfigIo.Write(0, address);
+                    (port, at) = (bus.ConfigIo, 4 + (ulong)((offset >> 12) & 3));
+                    bytes = data[..Math.Min(width, 4)];
                 }
-                default:
-                {
-                    var live = mapped.Where(m => m.Value is not null).Select(m => m.Key).ToArray();
-                    if (live.Length == 0)
-                        break;
-                    int bar = live[(op >> 4) % live.Length];
-                    ulong size = f.Config.Bars.First(b => b.Index == bar).Size;
-                    ulong at = offset % size;
-                    if ((op & 8) != 0)
-                        at = size - 1 - at;
-                    if ((op & 3) == 2)
-                        f.BarWrite(bar, at, bytes);
-                    else
-                        f.BarRead(bar, at, bytes);
-                    break;
-                }
+                else
+                    (port, at) = (bus.Ecam, (ulong)(((uint)slot << 15) | (offset & 0xFFFu)));
+                if (write)
+                    port.Write(at, bytes);
+                else
+                    port.Read(at, bytes);
+                continue;
             }
+            var bars = f.Config.Bars;
+            if (bars.Count == 0)
+                continue;
+            var bar = bars[(op >> 4) % bars.Count];
+            ulong within = offset % bar.Size;
+            if ((op & 8) != 0)
+                within = bar.Size - 1 - within;
+            ulong guest = f.Config.BarAddress(bar.Index) + within;
+            var (window, start) = guest >= Window64Start ? (bus.Mmio64Window, Window64Start) : (bus.Mmio32Window, MemoryLayout.PciMmio32Start);
+            if (guest < start)
+                continue;
+            if (write)
+                window.Write(guest - start, bytes);
+            else
+                window.Read(guest - start, bytes);
         }
-    }
-
-    /// <summary>A config write and what the root bus does after it (PciRootBus.RebuildDecodeLocked, one function).</summary>
-    public static void ConfigWrite(PciFunction f, int reg, ReadOnlySpan<byte> bytes, Dictionary<int, ulong?> mapped)
-    {
-        bool bars = PciConfigSpace.TouchesBars(reg, bytes.Length) || PciConfigSpace.TouchesCommand(reg, bytes.Length);
-        f.ConfigWrite(reg, bytes);
-        if (!bars)
-            return;
-        foreach (var bar in f.Config.Bars)
-        {
-            ulong? now = null;
-            ulong start = f.Config.BarAddress(bar.Index);
-            if (f.Config.MemoryDecodeEnabled && f.Config.BarEnabled(bar.Index) && start != 0 && start + bar.Size > start)
-                now = start;
-            mapped.TryGetValue(bar.Index, out var before);
-            if (before != now)
-            {
-                mapped[bar.Index] = now;
-                f.BarMapped(bar.Index, now);
-            }
-        }
-    }
-
-    /// <summary>What firmware does before the guest runs: every BAR at a distinct aligned address, memory decode on.</summary>
-    public static Dictionary<int, ulong?> Enumerate(PciFunction f)
-    {
-        var mapped = new Dictionary<int, ulong?>();
-        Span<byte> b = stackalloc byte[4];
-        ulong next32 = MemoryLayout.PciMmio32Start, next64 = 0x1_0000_0000;
-        foreach (var bar in f.Config.Bars.OrderByDescending(b => b.Size))
-        {
-            ref ulong next = ref bar.Kind == PciBarKind.Memory64 ? ref next64 : ref next32;
-            ulong address = (next + bar.Size - 1) & ~(bar.Size - 1);
-            next = address + bar.Size;
-            int reg = bar.Index == PciConfigSpace.RomBarIndex ? PciConfigSpace.ExpansionRom : PciConfigSpace.Bar0 + 4 * bar.Index;
-            BinaryPrimitives.WriteUInt32LittleEndian(b, (uint)address | (bar.Index == PciConfigSpace.RomBarIndex ? 1u : 0));
-            ConfigWrite(f, reg, b, mapped);
-            if (bar.Kind == PciBarKind.Memory64)
-            {
-                BinaryPrimitives.WriteUInt32LittleEndian(b, (uint)(address >> 32));
-                ConfigWrite(f, reg + 4, b, mapped);
-            }
-        }
-        BinaryPrimitives.WriteUInt16LittleEndian(b, PciConfigSpace.CommandMemorySpace | PciConfigSpace.CommandBusMaster);
-        ConfigWrite(f, PciConfigSpace.Command, b[..2], mapped);
-        return mapped;
     }
 }
 
@@ -167,7 +141,7 @@ public sealed class NullMsiController : IMsiController
 /// <summary>A virtio-pci function (virtio-rng behind it) as a guest driver meets it: config space, the capability
 /// list, and BAR0's common configuration (feature negotiation, queue setup, status up to DRIVER_OK, which activates
 /// the device), ISR, device configuration, notification and MSI-X table. Input: ops for <see cref="PciOps"/>.
-/// Invariants: no access throws; the function is always disposable.</summary>
+/// Invariant: no access throws.</summary>
 public sealed class PciVirtioTarget : IFuzzTarget
 {
     private readonly GuestMemory _memory = GuestMemory.Create(1 << 20);
@@ -189,7 +163,10 @@ public sealed class PciVirtioTarget : IFuzzTarget
 /// Input: [config length u16, at most 4096] [that many config bytes] [ops for <see cref="PciOps"/>]. Regions:
 /// BAR0 16 MiB, BAR1 256 MiB and BAR3 32 MiB mmappable, BAR5 128 bytes of I/O, a 4 KiB ROM; INTx, 16 MSI, 6 MSI-X.
 /// Invariants: a config space vmm cannot present is refused with <see cref="VfioException"/> at creation, nothing
-/// else throws; guest memory slots never overlap and are page aligned (the fake mapper checks).</summary>
+/// else throws; every BAR mmap and guest memory slot vmm asks for is page aligned and inside the region's mmap areas
+/// (the fakes record a violation: the function catches a failed mapping, as it must for a real errno); no slot is
+/// left once the function is off the bus and disposed. Overlapping slots are not a violation: the guest can move one
+/// BAR onto another, and KVM refuses the second slot, which vmm logs.</summary>
 public sealed class PciVfioTarget : IFuzzTarget
 {
     private const ulong MiB = 1 << 20;
@@ -221,6 +198,8 @@ public sealed class PciVfioTarget : IFuzzTarget
             return; // the documented refusal of a device vmm cannot pass through
         }
         PciOps.EnumerateApplyDispose(f, ref r, msi);
+        if (device.Violations.Concat(mapper.Violations).FirstOrDefault() is string violation)
+            throw new FuzzInvariantException(violation);
         if (mapper.Live.Count != 0)
             throw new FuzzInvariantException($"{mapper.Live.Count} guest memory slots left after the function was disposed");
     }
