@@ -109,6 +109,19 @@ public sealed class FuzzCorpusReplayTests
         Assert.Contains(format, loaded.Format);
     }
 
+    /// <summary>A device seed the target refuses (at creation, or on a BAR layout the bus cannot place) would leave the
+    /// device's own code unfuzzed.</summary>
+    [Theory]
+    [InlineData("pci-vfio/a100")]
+    [InlineData("pci-virtio/driver-bring-up")]
+    public void The_valid_device_seeds_are_not_refused(string seed)
+    {
+        using var t = FuzzTargets.Find(seed.Split('/')[0]).Create();
+        int before = FuzzTargets.Refusals;
+        t.Run(File.ReadAllBytes(Path.Combine(s_corpus, seed)));
+        Assert.Equal(before, FuzzTargets.Refusals);
+    }
+
     [Fact]
     public void The_valid_vmconfig_seeds_are_accepted()
     {

@@ -41,10 +41,15 @@ public static class FuzzTargets
 
     private static readonly bool s_explain = Environment.GetEnvironmentVariable("VMM_FUZZ_EXPLAIN") == "1";
 
-    /// <summary>With VMM_FUZZ_EXPLAIN=1, says on stderr how an input ended when it ended in a documented refusal (to
-    /// check that a seed gets as far as it should).</summary>
+    /// <summary>Documented refusals on this thread so far: the replay test checks that a valid seed is not refused.</summary>
+    [ThreadStatic] private static int t_refusals;
+    public static int Refusals => t_refusals;
+
+    /// <summary>Counts a documented refusal and, with VMM_FUZZ_EXPLAIN=1, says on stderr how the input ended (to check
+    /// that a seed gets as far as it should).</summary>
     public static void Explain(string what)
     {
+        t_refusals++;
         if (s_explain)
             Console.Error.WriteLine("  " + what);
     }
