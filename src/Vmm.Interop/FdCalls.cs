@@ -8,7 +8,7 @@ namespace Vmm.Interop;
 /// and never throws, so the caller builds the message that names the device and the operation.</summary>
 public static unsafe partial class FdCalls
 {
-    public const int RLIMIT_MEMLOCK = 8; // x86-64
+    public const int RLIMIT_FSIZE = 1, RLIMIT_NOFILE = 7, RLIMIT_MEMLOCK = 8; // <sys/resource.h>, x86-64
     public const ulong RLIM_INFINITY = ulong.MaxValue;
 
     /// <summary>ioctl with an integer argument: the result, or a negative errno.</summary>

@@ -4,7 +4,7 @@ using Tmds.Linux;
 
 namespace Vmm.Interop;
 
-/// <summary>The system calls of `vmm jail` (namespaces, mounts, device nodes, credentials, capabilities, rlimits,
+/// <summary>The system calls of `vmm jail` (namespaces, mounts, device nodes, credentials, capabilities,
 /// landlock, execve), C names and x86-64 numbers; Tmds.LibC's declarations where it has them (errno in
 /// <see cref="Errno.Last"/>). Each wrapper throws <see cref="SyscallException"/> naming the call and its path, so the
 /// jailer's one error line says what failed where.</summary>
@@ -24,9 +24,6 @@ public static unsafe partial class JailCalls
 
     // <linux/capability.h>
     private const uint _LINUX_CAPABILITY_VERSION_3 = 0x20080522;
-
-    // <sys/resource.h>, x86-64
-    public const int RLIMIT_FSIZE = 1, RLIMIT_NOFILE = 7, RLIMIT_MEMLOCK = 8;
 
     // x86-64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl)
     private const int SYS_pivot_root = 155, SYS_capset = 126, SYS_landlock_create_ruleset = 444,
@@ -157,21 +154,6 @@ public static unsafe partial class JailCalls
 
     public static uint EffectiveUid => LibC.geteuid();
 
-    public static void SetResourceLimit(int resource, ulong soft, ulong hard, string name)
-    {
-        int r = FdCalls.SetRlimit(resource, soft, hard);
-        if (r < 0)
-            throw new SyscallException("setrlimit", -r, name);
-    }
-
-    public static (ulong Soft, ulong Hard) GetResourceLimit(int resource)
-    {
-        int r = FdCalls.GetRlimit(resource, out ulong soft, out ulong hard);
-        if (r < 0)
-            throw new SyscallException("getrlimit", -r);
-        return (soft, hard);
-    }
-
     /// <summary>Removes every capability from the bounding set (needs CAP_SETPCAP, so before the uid changes).</summary>
     public static void DropBoundingSet(int lastCap)
     {
@@ -270,7 +252,7 @@ public static unsafe partial class JailCalls
         LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11, LANDLOCK_ACCESS_FS_MAKE_SYM = 1 << 12, LANDLOCK_ACCESS_FS_REFER = 1 << 13,
         LANDLOCK_ACCESS_FS_TRUNCATE = 1 << 14, LANDLOCK_ACCESS_FS_IOCTL_DEV = 1 << 15;
     private const uint LANDLOCK_CREATE_RULESET_VERSION = 1;
-    private const int LANDLOCK_RULE_PATH_BENEATH = 1, O_PATH = 0x200000;
+    private const int LANDLOCK_RULE_PATH_BENEATH = 1;
 
     /// <summary>Every filesystem right the kernel's landlock ABI version knows (v1: 13 rights, v2 REFER, v3 TRUNCATE,
     /// v5 IOCTL_DEV); all of them are handled, so whatever a rule does not grant is denied.</summary>
@@ -308,7 +290,7 @@ public static unsafe partial class JailCalls
     /// <summary>Allows <paramref name="access"/> on <paramref name="path"/> and beneath it.</summary>
     public static void LandlockAllow(int ruleset, string path, ulong access)
     {
-        int fd = Sys.Open(path, O_PATH | Sys.O_CLOEXEC);
+        int fd = Sys.Open(path, LibC.O_PATH | Sys.O_CLOEXEC);
         if (fd < 0)
             throw new SyscallException("open", Errno.Last, path);
         try

@@ -235,15 +235,24 @@ public static class Jailer
     private static void SetResourceLimits(JailOptions o, JailPlan plan)
     {
         ulong nofile = o.ResourceLimits.TryGetValue("no-file", out ulong n) ? n : JailOptions.DefaultNoFile;
-        JailCalls.SetResourceLimit(JailCalls.RLIMIT_NOFILE, nofile, nofile, $"no-file={nofile}");
+        Set(FdCalls.RLIMIT_NOFILE, nofile, nofile, $"no-file={nofile}");
         if (o.ResourceLimits.TryGetValue("fsize", out ulong fsize))
-            JailCalls.SetResourceLimit(JailCalls.RLIMIT_FSIZE, fsize, fsize, $"fsize={fsize}");
+            Set(FdCalls.RLIMIT_FSIZE, fsize, fsize, $"fsize={fsize}");
         // VFIO pins all guest RAM for the device's DMA and charges it to RLIMIT_MEMLOCK: raise it that far, no further.
         if (plan.MemlockBytes is ulong memlock)
         {
-            var (soft, hard) = JailCalls.GetResourceLimit(JailCalls.RLIMIT_MEMLOCK);
+            int r = FdCalls.GetRlimit(FdCalls.RLIMIT_MEMLOCK, out ulong soft, out ulong hard);
+            if (r < 0)
+                throw new SyscallException("getrlimit", -r, "RLIMIT_MEMLOCK");
             if (soft < memlock)
-                JailCalls.SetResourceLimit(JailCalls.RLIMIT_MEMLOCK, memlock, Math.Max(hard, memlock), $"memlock={memlock} (guest RAM, pinned for VFIO)");
+                Set(FdCalls.RLIMIT_MEMLOCK, memlock, Math.Max(hard, memlock), $"memlock={memlock} (guest RAM, pinned for VFIO)");
+        }
+
+        static void Set(int resource, ulong soft, ulong hard, string name)
+        {
+            int r = FdCalls.SetRlimit(resource, soft, hard);
+            if (r < 0)
+                throw new SyscallException("setrlimit", -r, name);
         }
     }
 
