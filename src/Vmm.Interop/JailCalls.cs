@@ -100,15 +100,14 @@ public static unsafe partial class JailCalls
             Check(LibC.chdir(p), "chdir", path);
     }
 
-    /// <summary>A character device node with the given numbers (and mode bits), owned by <paramref name="uid"/>:<paramref name="gid"/>.</summary>
-    public static void MakeCharDevice(string path, uint mode, uint major, uint minor, uint uid, uint gid)
+    /// <summary>A character device node with the device number <paramref name="rdev"/> (a host node's st_rdev) and
+    /// the mode bits <paramref name="mode"/>, owned by <paramref name="uid"/>:<paramref name="gid"/>.</summary>
+    public static void MakeCharDevice(string path, uint mode, ulong rdev, uint uid, uint gid)
     {
-        // makedev as glibc encodes it.
-        ulong dev = ((ulong)(major & 0xfffff000) << 32) | ((ulong)(major & 0xfff) << 8) | ((ulong)(minor & 0xffffff00) << 12) | (minor & 0xff);
         byte[] b = CString.From(path);
         fixed (byte* p = b)
         {
-            Check(LibC.mknod(p, LibC.S_IFCHR | (mode_t)mode, dev), "mknod", path);
+            Check(LibC.mknod(p, LibC.S_IFCHR | (mode_t)mode, rdev), "mknod", path);
             Check(LibC.chmod(p, (mode_t)mode), "chmod", path); // mknod applies the umask
             Check(LibC.chown(p, uid, gid), "chown", path);
         }
@@ -121,8 +120,9 @@ public static unsafe partial class JailCalls
             Check(LibC.chown(p, uid, gid), "chown", path);
     }
 
-    /// <summary>Major and minor numbers of a character device (st_rdev).</summary>
-    public static (uint Major, uint Minor)? DeviceNumbers(string path)
+    /// <summary>Owner, group, st_mode and st_rdev (the device number of a device node) of <paramref name="path"/>
+    /// (following links), or null when it does not exist.</summary>
+    public static (uint Uid, uint Gid, uint Mode, ulong Rdev)? Stat(string path)
     {
         stat st;
         byte[] b = CString.From(path);
@@ -131,25 +131,7 @@ public static unsafe partial class JailCalls
             if (LibC.stat(p, &st) != 0)
                 return null;
         }
-        if (((uint)st.st_mode & 0xF000) != (uint)LibC.S_IFCHR)
-            return null;
-        ulong dev = (ulong)st.st_rdev;
-        uint major = (uint)(((dev >> 32) & 0xfffff000) | ((dev >> 8) & 0xfff));
-        uint minor = (uint)(((dev >> 12) & 0xffffff00) | (dev & 0xff));
-        return (major, minor);
-    }
-
-    /// <summary>Owner, group and st_mode of <paramref name="path"/> (following links), or null when it does not exist.</summary>
-    public static (uint Uid, uint Gid, uint Mode)? Stat(string path)
-    {
-        stat st;
-        byte[] b = CString.From(path);
-        fixed (byte* p = b)
-        {
-            if (LibC.stat(p, &st) != 0)
-                return null;
-        }
-        return ((uint)st.st_uid, (uint)st.st_gid, (uint)st.st_mode);
+        return (st.st_uid, st.st_gid, (uint)st.st_mode, st.st_rdev);
     }
 
     public static uint EffectiveUid => LibC.geteuid();
