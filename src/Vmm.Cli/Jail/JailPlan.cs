@@ -77,15 +77,15 @@ public sealed class JailPlan
             string rewritten = arg switch
             {
                 "--kernel" or "--initrd" => plan.File(Full(value), readOnly: true, arg),
-                "--disk" => plan.KeyValues(value, (k, v, all) => k switch
+                "--disk" => plan.KeyValues(value, (k, v) => k switch
                 {
-                    "path" => plan.File(Full(v), readOnly: all.Contains("readonly=on") || all.Contains("readonly=true") || all.Contains("readonly=yes"), arg),
+                    "path" => plan.File(Full(v), readOnly: Options.ParseDisk(value).ReadOnly, arg),
                     "socket" => plan.File(Full(v), readOnly: false, arg),
                     _ => v,
                 }),
-                "--fs" => plan.KeyValues(value, (k, v, _) => k == "socket" ? plan.File(Full(v), readOnly: false, arg) : v),
-                "--vsock" => plan.KeyValues(value, (k, v, _) => k == "socket" ? plan.SocketIn(Full(v), arg) : v),
-                "--device" => plan.KeyValues(value, (k, v, _) => k switch
+                "--fs" => plan.KeyValues(value, (k, v) => k == "socket" ? plan.File(Full(v), readOnly: false, arg) : v),
+                "--vsock" => plan.KeyValues(value, (k, v) => k == "socket" ? plan.SocketIn(Full(v), arg) : v),
+                "--device" => plan.KeyValues(value, (k, v) => k switch
                 {
                     "vfio-user" => plan.File(Full(v), readOnly: false, arg),
                     "vfio" => plan.Vfio(v, exists),
@@ -105,14 +105,14 @@ public sealed class JailPlan
 
     private static string KeyValuesJoin(IEnumerable<string> parts) => string.Join(',', parts);
 
-    /// <summary>Rewrites the values of a key=value,… option (<paramref name="map"/> gets the key, the value and all parts).</summary>
-    private string KeyValues(string text, Func<string, string, string[], string> map)
+    /// <summary>Rewrites the values of a key=value,… option (<paramref name="map"/> gets the key and the value).</summary>
+    private string KeyValues(string text, Func<string, string, string> map)
     {
         string[] parts = text.Split(',');
         return KeyValuesJoin(parts.Select(p =>
         {
             int eq = p.IndexOf('=');
-            return eq <= 0 ? p : p[..(eq + 1)] + map(p[..eq], p[(eq + 1)..], parts);
+            return eq <= 0 ? p : p[..(eq + 1)] + map(p[..eq], p[(eq + 1)..]);
         }));
     }
 
