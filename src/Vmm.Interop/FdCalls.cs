@@ -3,12 +3,12 @@ using Tmds.Linux;
 
 namespace Vmm.Interop;
 
-/// <summary>ioctl, mmap and getrlimit over refs and spans, for layers built without unsafe code (the VFIO backends
+/// <summary>ioctl, mmap, getrlimit and setrlimit over refs and spans, for layers built without unsafe code (the VFIO backends
 /// in Vmm.Devices). Like <see cref="FileIo"/>, every call returns the kernel's answer — a negative errno on failure —
 /// and never throws, so the caller builds the message that names the device and the operation.</summary>
 public static unsafe partial class FdCalls
 {
-    public const int RLIMIT_MEMLOCK = 8; // x86-64
+    public const int RLIMIT_FSIZE = 1, RLIMIT_NOFILE = 7, RLIMIT_MEMLOCK = 8; // <sys/resource.h>, x86-64
     public const ulong RLIM_INFINITY = ulong.MaxValue;
 
     /// <summary>ioctl with an integer argument: the result, or a negative errno.</summary>
@@ -92,6 +92,15 @@ public static unsafe partial class FdCalls
         return 0;
     }
 
+    /// <summary>setrlimit(2) (not in Tmds.LibC 0.5 either): 0 or a negative errno.</summary>
+    public static int SetRlimit(int resource, ulong soft, ulong hard)
+    {
+        ulong* limits = stackalloc ulong[2];
+        limits[0] = soft;
+        limits[1] = hard;
+        return setrlimit(resource, limits) == 0 ? 0 : -Marshal.GetLastPInvokeError();
+    }
+
     public const int R_OK = 4, W_OK = 2;
 
     /// <summary>access(2) with <paramref name="mode"/> (R_OK | W_OK ...): 0 or a negative errno (EACCES, ENOENT).</summary>
@@ -106,4 +115,7 @@ public static unsafe partial class FdCalls
 
     [LibraryImport("libc", SetLastError = true)]
     private static partial int getrlimit(int resource, ulong* rlim);
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int setrlimit(int resource, ulong* rlim);
 }

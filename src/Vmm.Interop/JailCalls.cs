@@ -1,11 +1,13 @@
 using System.Runtime.InteropServices;
 using System.Text;
+using Tmds.Linux;
 
 namespace Vmm.Interop;
 
-/// <summary>The system calls of `vmm jail` (namespaces, mounts, device nodes, credentials, capabilities, rlimits,
-/// landlock, execve), C names and x86-64 numbers. Each wrapper throws <see cref="SyscallException"/> naming the call
-/// and its path, so the jailer's one error line says what failed where.</summary>
+/// <summary>The system calls of `vmm jail` (namespaces, mounts, device nodes, credentials, capabilities,
+/// landlock, execve), C names and x86-64 numbers; Tmds.LibC's declarations where it has them (errno in
+/// <see cref="Errno.Last"/>). Each wrapper throws <see cref="SyscallException"/> naming the call and its path, so the
+/// jailer's one error line says what failed where.</summary>
 public static unsafe partial class JailCalls
 {
     // <linux/sched.h>
@@ -23,20 +25,17 @@ public static unsafe partial class JailCalls
     // <linux/capability.h>
     private const uint _LINUX_CAPABILITY_VERSION_3 = 0x20080522;
 
-    // <sys/resource.h>, x86-64
-    public const int RLIMIT_FSIZE = 1, RLIMIT_NOFILE = 7, RLIMIT_MEMLOCK = 8;
-
     // x86-64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl)
-    private const long SYS_pivot_root = 155, SYS_capset = 126, SYS_landlock_create_ruleset = 444,
+    private const int SYS_pivot_root = 155, SYS_capset = 126, SYS_landlock_create_ruleset = 444,
         SYS_landlock_add_rule = 445, SYS_landlock_restrict_self = 446;
 
     private static void Check(int result, string call, string? detail = null)
     {
         if (result < 0)
-            throw new SyscallException(call, Marshal.GetLastPInvokeError(), detail);
+            throw new SyscallException(call, Errno.Last, detail);
     }
 
-    public static void Unshare(int flags) => Check(unshare(flags), "unshare");
+    public static void Unshare(int flags) => Check(LibC.unshare(flags), "unshare");
 
     public static void SetNetNamespace(string path)
     {
@@ -45,7 +44,7 @@ public static unsafe partial class JailCalls
             throw new SyscallException("open", Errno.Last, path);
         try
         {
-            Check(setns(fd, CLONE_NEWNET), "setns", $"{path} (is it a network namespace, e.g. /var/run/netns/NAME?)");
+            Check(LibC.setns(fd, CLONE_NEWNET), "setns", $"{path} (is it a network namespace, e.g. /var/run/netns/NAME?)");
         }
         finally
         {
@@ -57,7 +56,7 @@ public static unsafe partial class JailCalls
     {
         byte[] b = Encoding.ASCII.GetBytes(name);
         fixed (byte* p = b)
-            Check(sethostname(p, (nuint)b.Length), "sethostname", name);
+            Check(LibC.sethostname(p, b.Length), "sethostname", name);
     }
 
     public static void Mount(string? source, string target, string? fsType, ulong flags, string? data = null)
@@ -65,14 +64,14 @@ public static unsafe partial class JailCalls
         byte[]? s = source is null ? null : CString.From(source), f = fsType is null ? null : CString.From(fsType), d = data is null ? null : CString.From(data);
         byte[] t = CString.From(target);
         fixed (byte* ps = s, pt = t, pf = f, pd = d)
-            Check(mount(ps, pt, pf, flags, pd), "mount", source is null ? target : $"{source} on {target}");
+            Check(LibC.mount(ps, pt, pf, (ulong_t)flags, pd), "mount", source is null ? target : $"{source} on {target}");
     }
 
     public static void Umount(string target, int flags)
     {
         byte[] t = CString.From(target);
         fixed (byte* p = t)
-            Check(umount2(p, flags), "umount2", target);
+            Check(LibC.umount2(p, flags), "umount2", target);
     }
 
     /// <summary>pivot_root(new_root, put_old); the result or a negative errno (EINVAL when the current root is the
@@ -82,8 +81,8 @@ public static unsafe partial class JailCalls
         byte[] n = CString.From(newRoot), o = CString.From(putOld);
         fixed (byte* pn = n, po = o)
         {
-            long r = syscall(SYS_pivot_root, (nint)pn, (nint)po, 0, 0);
-            return r < 0 ? -Marshal.GetLastPInvokeError() : 0;
+            long r = (long)LibC.syscall(SYS_pivot_root, pn, po);
+            return r < 0 ? -Errno.Last : 0;
         }
     }
 
@@ -91,27 +90,26 @@ public static unsafe partial class JailCalls
     {
         byte[] b = CString.From(path);
         fixed (byte* p = b)
-            Check(chroot(p), "chroot", path);
+            Check(LibC.chroot(p), "chroot", path);
     }
 
     public static void Chdir(string path)
     {
         byte[] b = CString.From(path);
         fixed (byte* p = b)
-            Check(chdir(p), "chdir", path);
+            Check(LibC.chdir(p), "chdir", path);
     }
 
-    /// <summary>A character device node with the given numbers (and mode bits), owned by <paramref name="uid"/>:<paramref name="gid"/>.</summary>
-    public static void MakeCharDevice(string path, uint mode, uint major, uint minor, uint uid, uint gid)
+    /// <summary>A character device node with the device number <paramref name="rdev"/> (a host node's st_rdev) and
+    /// the mode bits <paramref name="mode"/>, owned by <paramref name="uid"/>:<paramref name="gid"/>.</summary>
+    public static void MakeCharDevice(string path, uint mode, ulong rdev, uint uid, uint gid)
     {
-        // makedev as glibc encodes it.
-        ulong dev = ((ulong)(major & 0xfffff000) << 32) | ((ulong)(major & 0xfff) << 8) | ((ulong)(minor & 0xffffff00) << 12) | (minor & 0xff);
         byte[] b = CString.From(path);
         fixed (byte* p = b)
         {
-            Check(mknod(p, (uint)Tmds.Linux.LibC.S_IFCHR | mode, dev), "mknod", path);
-            Check(chmod(p, mode), "chmod", path); // mknod applies the umask
-            Check(chown(p, uid, gid), "chown", path);
+            Check(LibC.mknod(p, LibC.S_IFCHR | (mode_t)mode, rdev), "mknod", path);
+            Check(LibC.chmod(p, (mode_t)mode), "chmod", path); // mknod applies the umask
+            Check(LibC.chown(p, uid, gid), "chown", path);
         }
     }
 
@@ -119,57 +117,24 @@ public static unsafe partial class JailCalls
     {
         byte[] b = CString.From(path);
         fixed (byte* p = b)
-            Check(chown(p, uid, gid), "chown", path);
+            Check(LibC.chown(p, uid, gid), "chown", path);
     }
 
-    /// <summary>Major and minor numbers of a character device (st_rdev).</summary>
-    public static (uint Major, uint Minor)? DeviceNumbers(string path)
+    /// <summary>Owner, group, st_mode and st_rdev (the device number of a device node) of <paramref name="path"/>
+    /// (following links), or null when it does not exist.</summary>
+    public static (uint Uid, uint Gid, uint Mode, ulong Rdev)? Stat(string path)
     {
-        Tmds.Linux.stat st;
+        stat st;
         byte[] b = CString.From(path);
         fixed (byte* p = b)
         {
-            if (Tmds.Linux.LibC.stat(p, &st) != 0)
+            if (LibC.stat(p, &st) != 0)
                 return null;
         }
-        if (((uint)st.st_mode & 0xF000) != (uint)Tmds.Linux.LibC.S_IFCHR)
-            return null;
-        ulong dev = (ulong)st.st_rdev;
-        uint major = (uint)(((dev >> 32) & 0xfffff000) | ((dev >> 8) & 0xfff));
-        uint minor = (uint)(((dev >> 12) & 0xffffff00) | (dev & 0xff));
-        return (major, minor);
+        return (st.st_uid, st.st_gid, (uint)st.st_mode, st.st_rdev);
     }
 
-    /// <summary>Owner, group and st_mode of <paramref name="path"/> (following links), or null when it does not exist.</summary>
-    public static (uint Uid, uint Gid, uint Mode)? Stat(string path)
-    {
-        Tmds.Linux.stat st;
-        byte[] b = CString.From(path);
-        fixed (byte* p = b)
-        {
-            if (Tmds.Linux.LibC.stat(p, &st) != 0)
-                return null;
-        }
-        return ((uint)st.st_uid, (uint)st.st_gid, (uint)st.st_mode);
-    }
-
-    public static uint EffectiveUid => geteuid();
-
-    public static void SetResourceLimit(int resource, ulong soft, ulong hard, string name)
-    {
-        ulong* lim = stackalloc ulong[2];
-        lim[0] = soft;
-        lim[1] = hard;
-        Check(setrlimit(resource, lim), "setrlimit", name);
-    }
-
-    public static (ulong Soft, ulong Hard) GetResourceLimit(int resource)
-    {
-        int r = FdCalls.GetRlimit(resource, out ulong soft, out ulong hard);
-        if (r < 0)
-            throw new SyscallException("getrlimit", -r);
-        return (soft, hard);
-    }
+    public static uint EffectiveUid => LibC.geteuid();
 
     /// <summary>Removes every capability from the bounding set (needs CAP_SETPCAP, so before the uid changes).</summary>
     public static void DropBoundingSet(int lastCap)
@@ -181,9 +146,9 @@ public static unsafe partial class JailCalls
     /// <summary>setgroups(0), setresgid, setresuid: glibc applies each to every thread of the process.</summary>
     public static void SetIdentity(uint uid, uint gid)
     {
-        Check(setgroups(0, null), "setgroups");
-        Check(setresgid(gid, gid, gid), "setresgid", gid.ToString());
-        Check(setresuid(uid, uid, uid), "setresuid", uid.ToString());
+        Check(LibC.setgroups(0, null), "setgroups");
+        Check(LibC.setresgid(gid, gid, gid), "setresgid", gid.ToString());
+        Check(LibC.setresuid(uid, uid, uid), "setresuid", uid.ToString());
     }
 
     /// <summary>Clears the calling thread's effective, permitted and inheritable sets (capset) and its ambient set.</summary>
@@ -195,8 +160,8 @@ public static unsafe partial class JailCalls
         uint* data = stackalloc uint[6]; // two __user_cap_data_struct {effective, permitted, inheritable}
         for (int i = 0; i < 6; i++)
             data[i] = 0;
-        if (syscall(SYS_capset, (nint)header, (nint)data, 0, 0) < 0)
-            throw new SyscallException("capset", Marshal.GetLastPInvokeError());
+        if ((long)LibC.syscall(SYS_capset, header, data) < 0)
+            throw new SyscallException("capset", Errno.Last);
         Check(prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)");
     }
 
@@ -209,25 +174,25 @@ public static unsafe partial class JailCalls
         var handles = new List<GCHandle>();
         try
         {
-            nint* av = stackalloc nint[argv.Count + 1];
-            nint* ev = stackalloc nint[envp.Count + 1];
+            byte** av = stackalloc byte*[argv.Count + 1];
+            byte** ev = stackalloc byte*[envp.Count + 1];
             for (int i = 0; i < argv.Count; i++)
             {
                 var h = GCHandle.Alloc(CString.From(argv[i]), GCHandleType.Pinned);
                 handles.Add(h);
-                av[i] = h.AddrOfPinnedObject();
+                av[i] = (byte*)h.AddrOfPinnedObject();
             }
-            av[argv.Count] = 0;
+            av[argv.Count] = null;
             for (int i = 0; i < envp.Count; i++)
             {
                 var h = GCHandle.Alloc(CString.From(envp[i]), GCHandleType.Pinned);
                 handles.Add(h);
-                ev[i] = h.AddrOfPinnedObject();
+                ev[i] = (byte*)h.AddrOfPinnedObject();
             }
-            ev[envp.Count] = 0;
+            ev[envp.Count] = null;
             fixed (byte* f = file)
-                execve(f, av, ev);
-            throw new SyscallException("execve", Marshal.GetLastPInvokeError(), path);
+                LibC.execve(f, av, ev);
+            throw new SyscallException("execve", Errno.Last, path);
         }
         finally
         {
@@ -236,9 +201,9 @@ public static unsafe partial class JailCalls
         }
     }
 
-    public static void Kill(int pid, int signal) => Tmds.Linux.LibC.kill(pid, signal);
+    public static void Kill(int pid, int signal) => LibC.kill(pid, signal);
 
-    private const long SYS_close_range = 436;
+    private const int SYS_close_range = 436;
     private const uint CLOSE_RANGE_CLOEXEC = 4;
 
     /// <summary>Marks every descriptor from 3 up close-on-exec except <paramref name="keep"/>: whatever the caller left
@@ -256,8 +221,8 @@ public static unsafe partial class JailCalls
 
         static void CloseRange(uint first, uint last)
         {
-            if (syscall(SYS_close_range, (nint)first, (nint)last, (nint)CLOSE_RANGE_CLOEXEC, 0) < 0)
-                throw new SyscallException("close_range", Marshal.GetLastPInvokeError(), $"{first}-{last}");
+            if ((long)LibC.syscall(SYS_close_range, first, last, CLOSE_RANGE_CLOEXEC) < 0)
+                throw new SyscallException("close_range", Errno.Last, $"{first}-{last}");
         }
     }
 
@@ -269,7 +234,7 @@ public static unsafe partial class JailCalls
         LANDLOCK_ACCESS_FS_MAKE_BLOCK = 1 << 11, LANDLOCK_ACCESS_FS_MAKE_SYM = 1 << 12, LANDLOCK_ACCESS_FS_REFER = 1 << 13,
         LANDLOCK_ACCESS_FS_TRUNCATE = 1 << 14, LANDLOCK_ACCESS_FS_IOCTL_DEV = 1 << 15;
     private const uint LANDLOCK_CREATE_RULESET_VERSION = 1;
-    private const int LANDLOCK_RULE_PATH_BENEATH = 1, O_PATH = 0x200000;
+    private const int LANDLOCK_RULE_PATH_BENEATH = 1;
 
     /// <summary>Every filesystem right the kernel's landlock ABI version knows (v1: 13 rights, v2 REFER, v3 TRUNCATE,
     /// v5 IOCTL_DEV); all of them are handled, so whatever a rule does not grant is denied.</summary>
@@ -283,17 +248,17 @@ public static unsafe partial class JailCalls
     /// at boot, i.e. not in the lsm= list).</summary>
     public static int LandlockAbiVersion()
     {
-        long r = syscall(SYS_landlock_create_ruleset, 0, 0, (nint)LANDLOCK_CREATE_RULESET_VERSION, 0);
-        return r < 0 ? -Marshal.GetLastPInvokeError() : (int)r;
+        long r = (long)LibC.syscall(SYS_landlock_create_ruleset, null, 0, LANDLOCK_CREATE_RULESET_VERSION);
+        return r < 0 ? -Errno.Last : (int)r;
     }
 
     /// <summary>A ruleset handling <paramref name="handled"/>; its fd.</summary>
     public static int LandlockCreateRuleset(ulong handled)
     {
         ulong attr = handled; // struct landlock_ruleset_attr { __u64 handled_access_fs; ... }: the first field suffices
-        long r = syscall(SYS_landlock_create_ruleset, (nint)(&attr), sizeof(ulong), 0, 0);
+        long r = (long)LibC.syscall(SYS_landlock_create_ruleset, &attr, sizeof(ulong), 0);
         if (r < 0)
-            throw new SyscallException("landlock_create_ruleset", Marshal.GetLastPInvokeError());
+            throw new SyscallException("landlock_create_ruleset", Errno.Last);
         return (int)r;
     }
 
@@ -307,14 +272,14 @@ public static unsafe partial class JailCalls
     /// <summary>Allows <paramref name="access"/> on <paramref name="path"/> and beneath it.</summary>
     public static void LandlockAllow(int ruleset, string path, ulong access)
     {
-        int fd = Sys.Open(path, O_PATH | Sys.O_CLOEXEC);
+        int fd = Sys.Open(path, LibC.O_PATH | Sys.O_CLOEXEC);
         if (fd < 0)
             throw new SyscallException("open", Errno.Last, path);
         try
         {
             var attr = new landlock_path_beneath_attr { allowed_access = access, parent_fd = fd };
-            if (syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, (nint)(&attr), 0) < 0)
-                throw new SyscallException("landlock_add_rule", Marshal.GetLastPInvokeError(), path);
+            if ((long)LibC.syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, &attr, 0) < 0)
+                throw new SyscallException("landlock_add_rule", Errno.Last, path);
         }
         finally
         {
@@ -324,44 +289,11 @@ public static unsafe partial class JailCalls
 
     public static void LandlockRestrictSelf(int ruleset)
     {
-        if (syscall(SYS_landlock_restrict_self, ruleset, 0, 0, 0) < 0)
-            throw new SyscallException("landlock_restrict_self", Marshal.GetLastPInvokeError());
+        if ((long)LibC.syscall(SYS_landlock_restrict_self, ruleset, 0) < 0)
+            throw new SyscallException("landlock_restrict_self", Errno.Last);
     }
 
-    [LibraryImport("libc")]
-    private static partial uint geteuid();
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int unshare(int flags);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int setns(int fd, int nstype);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int sethostname(byte* name, nuint len);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int mount(byte* source, byte* target, byte* fstype, ulong flags, byte* data);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int umount2(byte* target, int flags);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int chroot(byte* path);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int chdir(byte* path);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int mknod(byte* path, uint mode, ulong dev);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int chmod(byte* path, uint mode);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int chown(byte* path, uint uid, uint gid);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int setrlimit(int resource, ulong* rlim);
+    // Not in Tmds.LibC 0.5.
     [LibraryImport("libc", SetLastError = true)]
     private static partial int prctl(int option, nuint arg2, nuint arg3, nuint arg4, nuint arg5);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int setgroups(nuint size, uint* list);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int setresgid(uint rgid, uint egid, uint sgid);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int setresuid(uint ruid, uint euid, uint suid);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial int execve(byte* path, nint* argv, nint* envp);
-    [LibraryImport("libc", SetLastError = true)]
-    private static partial long syscall(long number, nint a1, nint a2, nint a3, nint a4);
 }

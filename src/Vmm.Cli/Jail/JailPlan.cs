@@ -10,8 +10,6 @@ public enum JailRights
     Execute = 4,
     /// <summary>Create (and remove) Unix sockets in a directory: the API socket, the vsock listener.</summary>
     MakeSocket = 8,
-    /// <summary>Device ioctls (/dev/kvm, /dev/net/tun, VFIO).</summary>
-    DeviceIoctl = 16,
 }
 
 /// <summary>A host file or directory bind-mounted into the jail.</summary>
@@ -40,11 +38,9 @@ public sealed class JailPlan
     public List<JailDevice> Devices { get; } = [];
     /// <summary>The `run …` arguments with every path rewritten to its place in the jail.</summary>
     public List<string> RunArgs { get; } = [];
-    /// <summary>Kernel VFIO devices are passed through: guest RAM is pinned for their DMA, so RLIMIT_MEMLOCK must cover it.</summary>
-    public bool KernelVfio { get; private set; }
-    public ulong GuestMemory { get; private set; }
-    /// <summary>RLIMIT_MEMLOCK the jailed vmm needs: the guest RAM size with kernel VFIO, else null (left as it is).</summary>
-    public ulong? MemlockBytes => KernelVfio ? GuestMemory : null;
+    /// <summary>RLIMIT_MEMLOCK the jailed vmm needs: with kernel VFIO devices guest RAM is pinned for their DMA, so
+    /// the guest RAM size; else null (left as it is).</summary>
+    public ulong? MemlockBytes { get; private set; }
 
     /// <summary>Builds the plan for <paramref name="vmArgs"/> ("run" first). <paramref name="cwd"/> resolves relative
     /// paths; <paramref name="libraries"/> are the shared objects the executable needs (bound read-only at the same
@@ -52,7 +48,7 @@ public sealed class JailPlan
     public static JailPlan Build(string[] vmArgs, string cwd, IEnumerable<string> libraries, Func<string, bool> exists)
     {
         var vm = Options.Parse(vmArgs); // the same errors as 'vmm run' gives
-        var plan = new JailPlan { GuestMemory = vm.Memory };
+        var plan = new JailPlan();
         if (vm.ConfigFile is not null)
             throw new UsageException("jail: --config is not supported in the jail yet: give the VM as flags (--kernel, --disk, ...)");
         foreach (string lib in libraries)
@@ -77,18 +73,18 @@ public sealed class JailPlan
             string rewritten = arg switch
             {
                 "--kernel" or "--initrd" => plan.File(Full(value), readOnly: true, arg),
-                "--disk" => plan.KeyValues(value, (k, v, all) => k switch
+                "--disk" => plan.KeyValues(value, (k, v) => k switch
                 {
-                    "path" => plan.File(Full(v), readOnly: all.Contains("readonly=on") || all.Contains("readonly=true") || all.Contains("readonly=yes"), arg),
+                    "path" => plan.File(Full(v), readOnly: Options.ParseDisk(value).ReadOnly, arg),
                     "socket" => plan.File(Full(v), readOnly: false, arg),
                     _ => v,
                 }),
-                "--fs" => plan.KeyValues(value, (k, v, _) => k == "socket" ? plan.File(Full(v), readOnly: false, arg) : v),
-                "--vsock" => plan.KeyValues(value, (k, v, _) => k == "socket" ? plan.SocketIn(Full(v), arg) : v),
-                "--device" => plan.KeyValues(value, (k, v, _) => k switch
+                "--fs" => plan.KeyValues(value, (k, v) => k == "socket" ? plan.File(Full(v), readOnly: false, arg) : v),
+                "--vsock" => plan.KeyValues(value, (k, v) => k == "socket" ? plan.SocketIn(Full(v), arg) : v),
+                "--device" => plan.KeyValues(value, (k, v) => k switch
                 {
                     "vfio-user" => plan.File(Full(v), readOnly: false, arg),
-                    "vfio" => plan.Vfio(v, exists),
+                    "vfio" => plan.Vfio(v, vm.Memory, exists),
                     _ => v,
                 }),
                 "--serial" when value.StartsWith("file:", StringComparison.Ordinal) => "file:" + plan.File(Full(value[5..]), readOnly: false, arg, create: true),
@@ -103,16 +99,13 @@ public sealed class JailPlan
         return plan;
     }
 
-    private static string KeyValuesJoin(IEnumerable<string> parts) => string.Join(',', parts);
-
-    /// <summary>Rewrites the values of a key=value,… option (<paramref name="map"/> gets the key, the value and all parts).</summary>
-    private string KeyValues(string text, Func<string, string, string[], string> map)
+    /// <summary>Rewrites the values of a key=value,… option (<paramref name="map"/> gets the key and the value).</summary>
+    private string KeyValues(string text, Func<string, string, string> map)
     {
-        string[] parts = text.Split(',');
-        return KeyValuesJoin(parts.Select(p =>
+        return string.Join(',', text.Split(',').Select(p =>
         {
             int eq = p.IndexOf('=');
-            return eq <= 0 ? p : p[..(eq + 1)] + map(p[..eq], p[(eq + 1)..], parts);
+            return eq <= 0 ? p : p[..(eq + 1)] + map(p[..eq], p[(eq + 1)..]);
         }));
     }
 
@@ -149,12 +142,13 @@ public sealed class JailPlan
         return b.JailPath + "/" + Path.GetFileName(host);
     }
 
-    /// <summary>A kernel VFIO device: its sysfs path stays (sysfs is bound read-only) and every VFIO node comes along.</summary>
-    private string Vfio(string sysfsPath, Func<string, bool> exists)
+    /// <summary>A kernel VFIO device: its sysfs path stays (sysfs is bound read-only) and every VFIO node comes along;
+    /// <paramref name="guestMemory"/> bytes will be pinned.</summary>
+    private string Vfio(string sysfsPath, ulong guestMemory, Func<string, bool> exists)
     {
-        if (!KernelVfio)
+        if (MemlockBytes is null) // the first kernel VFIO device
         {
-            KernelVfio = true;
+            MemlockBytes = guestMemory;
             Add("/sys", "/sys", isDirectory: true, readOnly: true, JailRights.Read, "--device vfio");
             foreach (string node in VfioNodes(exists))
                 Devices.Add(new(node, node, Shared: false));

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
+using Tmds.Linux;
 using Vmm.Interop;
 
 namespace Vmm.Cli.Jail;
@@ -215,14 +216,14 @@ public static class Jailer
                 continue;
             }
             var st = JailCalls.Stat(b.HostPath);
-            uint type = (st?.Mode ?? 0) & 0xF000;
-            if (st is null || b.IsDirectory != (type == 0x4000))
+            uint type = (st?.Mode ?? 0) & (uint)LibC.S_IFMT;
+            if (st is null || b.IsDirectory != (type == (uint)LibC.S_IFDIR))
                 throw new UsageException($"jail: {b.Option} {b.HostPath}: {(st is null ? b.IsDirectory ? "no such directory" : "no such file" : b.IsDirectory ? "not a directory" : "is a directory")}");
-            var (owner, group, mode) = st.Value;
+            var (owner, group, mode, _) = st.Value;
             bool r = Allowed(o, owner, group, mode, 4), w = Allowed(o, owner, group, mode, 2), x = Allowed(o, owner, group, mode, 1);
             string? missing = b.IsDirectory
                 ? (b.Rights.HasFlag(JailRights.MakeSocket) && !(w && x) ? "write and search (sockets are made there)" : null)
-                : !r && b.Rights.HasFlag(JailRights.Read) && type != 0xC000 ? "read"
+                : !r && b.Rights.HasFlag(JailRights.Read) && type != (uint)LibC.S_IFSOCK ? "read"
                 : !w && b.Rights.HasFlag(JailRights.Write) ? "write" : null;
             if (missing is not null)
                 throw new UsageException($"jail: {b.Option} {b.HostPath}: uid {o.Uid} gid {o.Gid} may not {missing} it (owner {owner}:{group}, mode {Convert.ToString(mode & 0xFFF, 8)}); chown or chmod it{(b.Rights.HasFlag(JailRights.Write) && b.Option == "--disk" ? ", or give readonly=on" : "")}");
@@ -235,15 +236,24 @@ public static class Jailer
     private static void SetResourceLimits(JailOptions o, JailPlan plan)
     {
         ulong nofile = o.ResourceLimits.TryGetValue("no-file", out ulong n) ? n : JailOptions.DefaultNoFile;
-        JailCalls.SetResourceLimit(JailCalls.RLIMIT_NOFILE, nofile, nofile, $"no-file={nofile}");
+        Set(FdCalls.RLIMIT_NOFILE, nofile, nofile, $"no-file={nofile}");
         if (o.ResourceLimits.TryGetValue("fsize", out ulong fsize))
-            JailCalls.SetResourceLimit(JailCalls.RLIMIT_FSIZE, fsize, fsize, $"fsize={fsize}");
+            Set(FdCalls.RLIMIT_FSIZE, fsize, fsize, $"fsize={fsize}");
         // VFIO pins all guest RAM for the device's DMA and charges it to RLIMIT_MEMLOCK: raise it that far, no further.
         if (plan.MemlockBytes is ulong memlock)
         {
-            var (soft, hard) = JailCalls.GetResourceLimit(JailCalls.RLIMIT_MEMLOCK);
+            int r = FdCalls.GetRlimit(FdCalls.RLIMIT_MEMLOCK, out ulong soft, out ulong hard);
+            if (r < 0)
+                throw new SyscallException("getrlimit", -r, "RLIMIT_MEMLOCK");
             if (soft < memlock)
-                JailCalls.SetResourceLimit(JailCalls.RLIMIT_MEMLOCK, memlock, Math.Max(hard, memlock), $"memlock={memlock} (guest RAM, pinned for VFIO)");
+                Set(FdCalls.RLIMIT_MEMLOCK, memlock, Math.Max(hard, memlock), $"memlock={memlock} (guest RAM, pinned for VFIO)");
+        }
+
+        static void Set(int resource, ulong soft, ulong hard, string name)
+        {
+            int r = FdCalls.SetRlimit(resource, soft, hard);
+            if (r < 0)
+                throw new SyscallException("setrlimit", -r, name);
         }
     }
 
@@ -289,10 +299,10 @@ public static class Jailer
         JailCalls.Mount("tmpfs", root + "/dev", "tmpfs", JailCalls.MS_NOSUID | JailCalls.MS_NOEXEC, "mode=755,size=64k");
         foreach (var d in plan.Devices)
         {
-            var numbers = JailCalls.DeviceNumbers(d.HostPath) ?? throw new JailException($"{d.HostPath} is missing or not a character device on the host");
+            if (JailCalls.Stat(d.HostPath) is not { } st || (st.Mode & (uint)LibC.S_IFMT) != (uint)LibC.S_IFCHR)
+                throw new JailException($"{d.HostPath} is missing or not a character device on the host");
             Directory.CreateDirectory(Path.GetDirectoryName(root + d.JailPath)!);
-            JailCalls.MakeCharDevice(root + d.JailPath, d.Shared ? 0x1B6u : 0x180u, numbers.Major, numbers.Minor,
-                d.Shared ? 0 : o.Uid, d.Shared ? 0 : o.Gid);
+            JailCalls.MakeCharDevice(root + d.JailPath, d.Shared ? 0x1B6u : 0x180u, st.Rdev, d.Shared ? 0 : o.Uid, d.Shared ? 0 : o.Gid);
         }
         int lastCap = int.Parse(File.ReadAllText("/proc/sys/kernel/cap_last_cap").Trim());
 

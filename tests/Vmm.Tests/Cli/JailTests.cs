@@ -119,6 +119,21 @@ public class JailTests
         Assert.Equal(["run", "--kernel=/vm/disk.img", "--disk=path=/vm/disk.img"], plan.RunArgs);
     }
 
+    /// <summary>readonly= takes the words `vmm run` takes (on/true/yes, off/false/no): the bind is read-only exactly
+    /// when the disk is.</summary>
+    [Theory]
+    [InlineData("on", true)]
+    [InlineData("true", true)]
+    [InlineData("yes", true)]
+    [InlineData("off", false)]
+    [InlineData("no", false)]
+    public void A_disk_is_bound_read_only_when_vmm_run_opens_it_read_only(string word, bool readOnly)
+    {
+        var plan = Plan("run", "--kernel", "k", "--disk", $"path=/a/disk.img,readonly={word}");
+        var b = Assert.Single(plan.Binds, b => b.HostPath == "/a/disk.img");
+        Assert.Equal((readOnly, readOnly ? JailRights.Read : JailRights.Read | JailRights.Write), (b.ReadOnly, b.Rights));
+    }
+
     [Fact]
     public void A_tap_brings_dev_net_tun_and_no_kvm_node_is_made_where_the_host_has_none()
     {
