@@ -20,16 +20,7 @@ public static unsafe class HostFile
     {
         int fd = Sys.Open(path, Sys.O_RDONLY | Sys.O_CLOEXEC | LibC.O_NONBLOCK);
         if (fd < 0)
-        {
-            int errno = Errno.Last;
-            throw new HostFileException(errno switch
-            {
-                _ when errno == Errno.ENOENT || errno == ENOTDIR => "no such file",
-                _ when errno == Errno.EACCES || errno == Errno.EPERM => "permission denied",
-                _ when errno == ELOOP => "too many levels of symbolic links",
-                _ => $"cannot be opened: {Errno.Describe(errno)}",
-            });
-        }
+            throw new HostFileException(PathFailure(Errno.Last, "no such file", "opened"));
         try
         {
             var (type, size) = Examine(fd);
@@ -71,9 +62,7 @@ public static unsafe class HostFile
             {
                 EISDIR => "is a directory",
                 _ when errno == Errno.ENXIO => NoSuchDeviceOrAddress(path),
-                _ when errno == Errno.ENOENT || errno == ENOTDIR => "no such directory",
-                _ when errno == Errno.EACCES || errno == Errno.EPERM => "permission denied",
-                _ => $"cannot be opened: {Errno.Describe(errno)}",
+                _ => PathFailure(errno, "no such directory", "opened"), // O_CREAT: only a missing directory is ENOENT
             });
         }
         try
@@ -123,12 +112,7 @@ public static unsafe class HostFile
     {
         uint type = TypeAt(path, out int errno);
         if (errno != 0)
-        {
-            return errno == Errno.ENOENT || errno == ENOTDIR ? "no such socket"
-                : errno == Errno.EACCES || errno == Errno.EPERM ? "permission denied"
-                : errno == ELOOP ? "too many levels of symbolic links"
-                : $"cannot be examined: {Errno.Describe(errno)}";
-        }
+            return PathFailure(errno, "no such socket", "examined");
         return type == (uint)LibC.S_IFSOCK ? null
             : type == (uint)LibC.S_IFREG ? "is a regular file, not a socket"
             : Describe(type, "a socket");
@@ -144,6 +128,17 @@ public static unsafe class HostFile
             return null;
         return File.Exists(directory) ? $"{directory} is not a directory" : $"directory {directory} does not exist";
     }
+
+    /// <summary>Why a path could not be opened or examined, from the errno, in words a user acts on:
+    /// <paramref name="missing"/> ("no such file") for ENOENT/ENOTDIR, else "permission denied", the symbolic-link loop
+    /// or "cannot be <paramref name="verb"/>: " and the errno.</summary>
+    private static string PathFailure(int errno, string missing, string verb) => errno switch
+    {
+        _ when errno == Errno.ENOENT || errno == ENOTDIR => missing,
+        _ when errno == Errno.EACCES || errno == Errno.EPERM => "permission denied",
+        ELOOP => "too many levels of symbolic links",
+        _ => $"cannot be {verb}: {Errno.Describe(errno)}",
+    };
 
     /// <summary>The file type (S_IFMT bits) of <paramref name="path"/>, following symbolic links as open does; 0 with
     /// <paramref name="errno"/> set when it cannot be examined. Only a stat: it cannot block on a FIFO or socket.</summary>
