@@ -109,9 +109,8 @@ public sealed record MachineConfig
         {
             if (vsock.Cid < VsockConfig.MinCid || vsock.Cid > VsockConfig.MaxCid)
                 throw new ConfigException($"--vsock cid={vsock.Cid}: the guest cid must be {VsockConfig.MinCid} to {VsockConfig.MaxCid} (0-2 are reserved: hypervisor, local, host)");
-            if (vsock.Socket.Length == 0 || System.Text.Encoding.UTF8.GetByteCount(vsock.Socket) > VsockConfig.MaxSocketPath)
-                throw new ConfigException($"--vsock socket={vsock.Socket}: the path must be 1 to {VsockConfig.MaxSocketPath} bytes (PATH_port must fit a Unix socket address)");
-            // Before any KVM call, so a wrong path is refused at once (the device checks again when it binds).
+            // Before any KVM call, so a wrong path (empty, too long for PATH_port, not a free socket path) is refused at
+            // once (the device checks again when it binds).
             try
             {
                 Vmm.Devices.Virtio.Vsock.VirtioVsock.CheckPathFree(vsock.Socket);
