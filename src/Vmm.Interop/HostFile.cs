@@ -104,6 +104,10 @@ public static unsafe class HostFile
         return ClearNonBlocking(fd);
     }
 
+    /// <summary>What <see cref="NotASocket"/> says when nothing is at the path (the back-end is not started yet), so a
+    /// caller can add how to start it.</summary>
+    public const string NoSuchSocket = "no such socket";
+
     /// <summary>For a Unix socket vmm connects to (a vhost-user or vfio-user back-end): null when
     /// <paramref name="path"/> is a socket, else why not in the words of <see cref="ReadRegular"/> ("no such socket",
     /// "is a regular file, not a socket"). Only a stat: it cannot block, so a FIFO or a dead mount point cannot hang the
@@ -112,7 +116,7 @@ public static unsafe class HostFile
     {
         uint type = TypeAt(path, out int errno);
         if (errno != 0)
-            return PathFailure(errno, "no such socket", "examined");
+            return PathFailure(errno, NoSuchSocket, "examined");
         return type == (uint)LibC.S_IFSOCK ? null
             : type == (uint)LibC.S_IFREG ? "is a regular file, not a socket"
             : Describe(type, "a socket");

@@ -66,24 +66,17 @@ public sealed record MachineConfig
     /// block.</summary>
     public static string? SocketProblem(IPciDeviceConfig device)
     {
-        switch (device)
+        var (option, socket, hint) = device switch
         {
-            case DiskConfig { VhostSocket: string socket }:
-                return Vmm.Interop.HostFile.NotASocket(socket) is string why
-                    ? $"--disk vhost_user=on,socket={socket}: {why}" + (why == "no such socket"
-                        ? $" (start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={socket})" : "")
-                    : null;
-            case FsConfig fs:
-                return Vmm.Interop.HostFile.NotASocket(fs.Socket) is string whyFs
-                    ? $"--fs tag={fs.Tag},socket={fs.Socket}: {whyFs}" + (whyFs == "no such socket" ? $" (start virtiofsd --socket-path={fs.Socket} first)" : "")
-                    : null;
-            case PassthroughConfig { Kind: PassthroughKind.VfioUser } user:
-                return Vmm.Interop.HostFile.NotASocket(user.Path) is string whyUser
-                    ? $"--device {user}: {whyUser}" + (whyUser == "no such socket" ? " (start the vfio-user server first)" : "")
-                    : null;
-            default:
-                return null;
-        }
+            DiskConfig { VhostSocket: string s } => ($"--disk vhost_user=on,socket={s}", s,
+                $"start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={s}"),
+            FsConfig fs => ($"--fs tag={fs.Tag},socket={fs.Socket}", fs.Socket, $"start virtiofsd --socket-path={fs.Socket} first"),
+            PassthroughConfig { Kind: PassthroughKind.VfioUser } user => ($"--device {user}", user.Path, "start the vfio-user server first"),
+            _ => ("", null, ""),
+        };
+        if (socket is null || Vmm.Interop.HostFile.NotASocket(socket) is not string why)
+            return null;
+        return why == Vmm.Interop.HostFile.NoSuchSocket ? $"{option}: {why} ({hint})" : $"{option}: {why}";
     }
 
     public void Validate()
