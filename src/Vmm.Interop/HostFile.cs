@@ -20,16 +20,7 @@ public static unsafe class HostFile
     {
         int fd = Sys.Open(path, Sys.O_RDONLY | Sys.O_CLOEXEC | LibC.O_NONBLOCK);
         if (fd < 0)
-        {
-            int errno = Errno.Last;
-            throw new HostFileException(errno switch
-            {
-                _ when errno == Errno.ENOENT || errno == ENOTDIR => "no such file",
-                _ when errno == Errno.EACCES || errno == Errno.EPERM => "permission denied",
-                _ when errno == ELOOP => "too many levels of symbolic links",
-                _ => $"cannot be opened: {Errno.Describe(errno)}",
-            });
-        }
+            throw new HostFileException(PathFailure(Errno.Last, "no such file", "opened"));
         try
         {
             var (type, size) = Examine(fd);
@@ -70,22 +61,36 @@ public static unsafe class HostFile
             throw new HostFileException(errno switch
             {
                 EISDIR => "is a directory",
-                _ when errno == Errno.ENXIO => "is a FIFO nobody reads (start its reader first)",
-                _ when errno == Errno.ENOENT || errno == ENOTDIR => "no such directory",
-                _ when errno == Errno.EACCES || errno == Errno.EPERM => "permission denied",
-                _ => $"cannot be opened: {Errno.Describe(errno)}",
+                _ when errno == Errno.ENXIO => NoSuchDeviceOrAddress(path),
+                _ => PathFailure(errno, "no such directory", "opened"), // O_CREAT: only a missing directory is ENOENT
             });
         }
-        var (type, _) = Examine(fd);
-        int flags = LibC.fcntl(fd, LibC.F_GETFL);
-        if ((type != (uint)LibC.S_IFREG && type != (uint)LibC.S_IFCHR && type != (uint)LibC.S_IFIFO)
-            || flags < 0 || LibC.fcntl(fd, LibC.F_SETFL, flags & ~LibC.O_NONBLOCK) < 0)
+        try
+        {
+            var (type, _) = Examine(fd);
+            if (type != (uint)LibC.S_IFREG && type != (uint)LibC.S_IFCHR && type != (uint)LibC.S_IFIFO)
+                throw new HostFileException(Describe(type, Appendable));
+            if (ClearNonBlocking(fd) is string why)
+                throw new HostFileException(why);
+        }
+        catch
         {
             LibC.close(fd);
-            throw new HostFileException(flags < 0 ? $"cannot be set to blocking I/O: {Errno.Describe(Errno.Last)}"
-                : Describe(type, "a regular file, character device or FIFO"));
+            throw;
         }
         return new Microsoft.Win32.SafeHandles.SafeFileHandle(fd, ownsHandle: true);
+    }
+
+    private const string Appendable = "a regular file, character device or FIFO";
+
+    /// <summary>Why open(O_WRONLY | O_NONBLOCK) gave ENXIO: the kernel answers so for a FIFO without a reader and for a
+    /// Unix socket alike (and for a device file whose device is absent), so the path's type decides the words.</summary>
+    private static string NoSuchDeviceOrAddress(string path)
+    {
+        uint type = TypeAt(path, out _);
+        return type == (uint)LibC.S_IFIFO ? "is a FIFO nobody reads (start its reader first)"
+            : type == (uint)LibC.S_IFSOCK ? Describe(type, Appendable)
+            : $"cannot be opened: {Errno.Describe(Errno.ENXIO)}";
     }
 
     /// <summary>For a disk image opened with O_NONBLOCK (so a FIFO could not hang the open): null when
@@ -96,11 +101,12 @@ public static unsafe class HostFile
         var (type, _) = Examine(fd);
         if (type != (uint)LibC.S_IFREG && type != (uint)LibC.S_IFBLK)
             return Describe(type, "a regular file or block device");
-        int flags = LibC.fcntl(fd, LibC.F_GETFL);
-        if (flags < 0 || LibC.fcntl(fd, LibC.F_SETFL, flags & ~LibC.O_NONBLOCK) < 0)
-            return $"cannot be set to blocking I/O: {Errno.Describe(Errno.Last)}";
-        return null;
+        return ClearNonBlocking(fd);
     }
+
+    /// <summary>What <see cref="NotASocket"/> says when nothing is at the path (the back-end is not started yet), so a
+    /// caller can add how to start it.</summary>
+    public const string NoSuchSocket = "no such socket";
 
     /// <summary>For a Unix socket vmm connects to (a vhost-user or vfio-user back-end): null when
     /// <paramref name="path"/> is a socket, else why not in the words of <see cref="ReadRegular"/> ("no such socket",
@@ -108,24 +114,9 @@ public static unsafe class HostFile
     /// start, and connect's misleading "Connection refused" for a regular file is never shown.</summary>
     public static string? NotASocket(string path)
     {
-        var bytes = CString.From(path);
-        statx st;
-        int r;
-        fixed (byte* p = bytes)
-        {
-            do
-                r = LibC.statx(LibC.AT_FDCWD, p, 0, LibC.STATX_TYPE, &st);
-            while (r < 0 && Errno.Last == Errno.EINTR);
-        }
-        if (r < 0)
-        {
-            int errno = Errno.Last;
-            return errno == Errno.ENOENT || errno == ENOTDIR ? "no such socket"
-                : errno == Errno.EACCES || errno == Errno.EPERM ? "permission denied"
-                : errno == ELOOP ? "too many levels of symbolic links"
-                : $"cannot be examined: {Errno.Describe(errno)}";
-        }
-        uint type = (uint)st.stx_mode & (uint)LibC.S_IFMT;
+        uint type = TypeAt(path, out int errno);
+        if (errno != 0)
+            return PathFailure(errno, NoSuchSocket, "examined");
         return type == (uint)LibC.S_IFSOCK ? null
             : type == (uint)LibC.S_IFREG ? "is a regular file, not a socket"
             : Describe(type, "a socket");
@@ -140,6 +131,44 @@ public static unsafe class HostFile
         if (Directory.Exists(directory))
             return null;
         return File.Exists(directory) ? $"{directory} is not a directory" : $"directory {directory} does not exist";
+    }
+
+    /// <summary>Why a path could not be opened or examined, from the errno, in words a user acts on:
+    /// <paramref name="missing"/> ("no such file") for ENOENT/ENOTDIR, else "permission denied", the symbolic-link loop
+    /// or "cannot be <paramref name="verb"/>: " and the errno.</summary>
+    private static string PathFailure(int errno, string missing, string verb) => errno switch
+    {
+        _ when errno == Errno.ENOENT || errno == ENOTDIR => missing,
+        _ when errno == Errno.EACCES || errno == Errno.EPERM => "permission denied",
+        ELOOP => "too many levels of symbolic links",
+        _ => $"cannot be {verb}: {Errno.Describe(errno)}",
+    };
+
+    /// <summary>The file type (S_IFMT bits) of <paramref name="path"/>, following symbolic links as open does; 0 with
+    /// <paramref name="errno"/> set when it cannot be examined. Only a stat: it cannot block on a FIFO or socket.</summary>
+    private static uint TypeAt(string path, out int errno)
+    {
+        var bytes = CString.From(path);
+        statx st;
+        int r;
+        fixed (byte* p = bytes)
+        {
+            do
+                r = LibC.statx(LibC.AT_FDCWD, p, 0, LibC.STATX_TYPE, &st);
+            while (r < 0 && Errno.Last == Errno.EINTR);
+        }
+        errno = r < 0 ? Errno.Last : 0;
+        return r < 0 ? 0 : (uint)st.stx_mode & (uint)LibC.S_IFMT;
+    }
+
+    /// <summary>Clears the O_NONBLOCK a careful open set (so a FIFO could not hang it): null when done, else why
+    /// not.</summary>
+    private static string? ClearNonBlocking(int fd)
+    {
+        int flags = LibC.fcntl(fd, LibC.F_GETFL);
+        if (flags < 0 || LibC.fcntl(fd, LibC.F_SETFL, flags & ~LibC.O_NONBLOCK) < 0)
+            return $"cannot be set to blocking I/O: {Errno.Describe(Errno.Last)}";
+        return null;
     }
 
     private static (uint Type, ulong Size) Examine(int fd)

@@ -23,15 +23,16 @@ namespace Vmm.Interop;
 public static unsafe class ImageLock
 {
     /// <summary>QEMU's lock offsets (block/file-posix.c RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE).</summary>
-    public const int PermBase = 100, SharedBase = 200;
+    private const int PermBase = 100, SharedBase = 200;
 
-    /// <summary>QEMU's block permission bits (include/block/block-common.h, BLK_PERM_*).</summary>
-    public const int ConsistentRead = 0, Write = 1, WriteUnchanged = 2, Resize = 3;
+    /// <summary>QEMU's block permission bits (include/block/block-common.h, BLK_PERM_*) that vmm holds or refuses; bit 2
+    /// is "write unchanged", named only in <see cref="s_permNames"/>.</summary>
+    private const int ConsistentRead = 0, Write = 1, Resize = 3;
 
     private static readonly string[] s_permNames = ["consistent read", "write", "write unchanged", "resize"];
 
     /// <summary>The bytes vmm locks: (permissions held, permissions refused to others), as bit masks.</summary>
-    public static (int Held, int Refused) Permissions(bool writable) =>
+    private static (int Held, int Refused) Permissions(bool writable) =>
         ((1 << ConsistentRead) | (writable ? 1 << Write : 0), (1 << Write) | (1 << Resize));
 
     /// <summary>Takes the locks for an image opened <paramref name="writable"/> or read-only on <paramref name="fd"/>;
@@ -42,19 +43,10 @@ public static unsafe class ImageLock
         var (held, refused) = Permissions(writable);
         for (int bit = 0; bit < s_permNames.Length; bit++)
         {
-            foreach (int offset in (ReadOnlySpan<int>)[(held >> bit & 1) != 0 ? PermBase + bit : -1, (refused >> bit & 1) != 0 ? SharedBase + bit : -1])
-            {
-                if (offset < 0)
-                    continue;
-                var request = Range(LibC.F_RDLCK, offset, 1);
-                if (Fcntl(fd, LibC.F_OFD_SETLK, ref request) is int errno and not 0)
-                {
-                    Unlock(fd);
-                    // Only an exclusive lock blocks a shared one: not QEMU's (all shared) but, say, a whole-file flock-style holder.
-                    return errno is Errno.EAGAIN or Errno.EACCES ? Refusal(fd, offset, $"is locked (byte {offset})", writable)
-                        : $"cannot be locked: {Errno.Describe(errno)}";
-                }
-            }
+            if ((held >> bit & 1) != 0 && Take(PermBase + bit) is string notHeld)
+                return notHeld;
+            if ((refused >> bit & 1) != 0 && Take(SharedBase + bit) is string notRefused)
+                return notRefused;
         }
         // What someone else holds that we refuse, then what someone else refuses that we hold (either order is QEMU's
         // rule; this one names a writer as a writer rather than as "refuses writers").
@@ -81,6 +73,19 @@ public static unsafe class ImageLock
             }
         }
         return null;
+
+        // Takes the shared lock on one byte: null when granted, else (all locks dropped again) why not.
+        string? Take(int offset)
+        {
+            var request = Range(LibC.F_RDLCK, offset, 1);
+            int errno = Fcntl(fd, LibC.F_OFD_SETLK, ref request);
+            if (errno == 0)
+                return null;
+            Unlock(fd);
+            // Only an exclusive lock blocks a shared one: not QEMU's (all shared) but, say, a whole-file flock-style holder.
+            return errno is Errno.EAGAIN or Errno.EACCES ? Refusal(fd, offset, $"is locked (byte {offset})", writable)
+                : $"cannot be locked: {Errno.Describe(errno)}";
+        }
     }
 
     private static string Refusal(int fd, int offset, string what, bool writable)

@@ -66,24 +66,17 @@ public sealed record MachineConfig
     /// block.</summary>
     public static string? SocketProblem(IPciDeviceConfig device)
     {
-        switch (device)
+        var (option, socket, hint) = device switch
         {
-            case DiskConfig { VhostSocket: string socket }:
-                return Vmm.Interop.HostFile.NotASocket(socket) is string why
-                    ? $"--disk vhost_user=on,socket={socket}: {why}" + (why == "no such socket"
-                        ? $" (start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={socket})" : "")
-                    : null;
-            case FsConfig fs:
-                return Vmm.Interop.HostFile.NotASocket(fs.Socket) is string whyFs
-                    ? $"--fs tag={fs.Tag},socket={fs.Socket}: {whyFs}" + (whyFs == "no such socket" ? $" (start virtiofsd --socket-path={fs.Socket} first)" : "")
-                    : null;
-            case PassthroughConfig { Kind: PassthroughKind.VfioUser } user:
-                return Vmm.Interop.HostFile.NotASocket(user.Path) is string whyUser
-                    ? $"--device {user}: {whyUser}" + (whyUser == "no such socket" ? " (start the vfio-user server first)" : "")
-                    : null;
-            default:
-                return null;
-        }
+            DiskConfig { VhostSocket: string s } => ($"--disk vhost_user=on,socket={s}", s,
+                $"start the back-end first, e.g. qemu-storage-daemon --export type=vhost-user-blk,addr.path={s}"),
+            FsConfig fs => ($"--fs tag={fs.Tag},socket={fs.Socket}", fs.Socket, $"start virtiofsd --socket-path={fs.Socket} first"),
+            PassthroughConfig { Kind: PassthroughKind.VfioUser } user => ($"--device {user}", user.Path, "start the vfio-user server first"),
+            _ => ("", null, ""),
+        };
+        if (socket is null || Vmm.Interop.HostFile.NotASocket(socket) is not string why)
+            return null;
+        return why == Vmm.Interop.HostFile.NoSuchSocket ? $"{option}: {why} ({hint})" : $"{option}: {why}";
     }
 
     public void Validate()
@@ -109,9 +102,8 @@ public sealed record MachineConfig
         {
             if (vsock.Cid < VsockConfig.MinCid || vsock.Cid > VsockConfig.MaxCid)
                 throw new ConfigException($"--vsock cid={vsock.Cid}: the guest cid must be {VsockConfig.MinCid} to {VsockConfig.MaxCid} (0-2 are reserved: hypervisor, local, host)");
-            if (vsock.Socket.Length == 0 || System.Text.Encoding.UTF8.GetByteCount(vsock.Socket) > VsockConfig.MaxSocketPath)
-                throw new ConfigException($"--vsock socket={vsock.Socket}: the path must be 1 to {VsockConfig.MaxSocketPath} bytes (PATH_port must fit a Unix socket address)");
-            // Before any KVM call, so a wrong path is refused at once (the device checks again when it binds).
+            // Before any KVM call, so a wrong path (empty, too long for PATH_port, not a free socket path) is refused at
+            // once (the device checks again when it binds).
             try
             {
                 Vmm.Devices.Virtio.Vsock.VirtioVsock.CheckPathFree(vsock.Socket);

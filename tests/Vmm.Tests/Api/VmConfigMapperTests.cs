@@ -238,7 +238,9 @@ public sealed class VmConfigMapperTests : IDisposable
     public void A_vsock_socket_path_too_long_or_a_reserved_cid_is_one_config_error()
     {
         var tooLong = new MachineConfig { Kernel = new BootFile("k", [1]), Vsock = new Vmm.Machine.VsockConfig(3, "/" + new string('x', 120)) };
-        Assert.StartsWith("--vsock socket=/xxx", Assert.Throws<ConfigException>(tooLong.Validate).Message);
+        string message = Assert.Throws<ConfigException>(tooLong.Validate).Message;
+        Assert.StartsWith("--vsock socket=/xxx", message);
+        Assert.Contains($"must be 1 to {Vmm.Machine.VsockConfig.MaxSocketPath} bytes long", message);
         var reserved = new MachineConfig { Kernel = new BootFile("k", [1]), Vsock = new Vmm.Machine.VsockConfig(1, "/s") };
         Assert.Equal("--vsock cid=1: the guest cid must be 3 to 4294967294 (0-2 are reserved: hypervisor, local, host)",
             Assert.Throws<ConfigException>(reserved.Validate).Message);

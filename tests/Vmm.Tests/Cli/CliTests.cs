@@ -171,8 +171,19 @@ public class CliTests
             Assert.Equal(ExitStatus.Usage, st);
             Assert.Equal("vmm: error: --initrd /dev/zero: is a character device, not a regular file\n", err);
             // --serial file: a FIFO nobody reads hung the start forever (SIGTERM did not end it), a directory printed .NET's
-            // "Access to the path … is denied".
-            foreach (var (path, why) in new[] { (fifo, "is a FIFO nobody reads (start its reader first)"), (dir, "is a directory") })
+            // "Access to the path … is denied"; a Unix socket (open gives ENXIO as for a FIFO without a reader) read as
+            // that FIFO.
+            string socket = Path.Combine(dir, "serial.sock");
+            using var listener = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix,
+                System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified);
+            listener.Bind(new System.Net.Sockets.UnixDomainSocketEndPoint(socket));
+            listener.Listen();
+            foreach (var (path, why) in new[]
+            {
+                (fifo, "is a FIFO nobody reads (start its reader first)"),
+                (dir, "is a directory"),
+                (socket, "is a socket, not a regular file, character device or FIFO"),
+            })
             {
                 var watch = System.Diagnostics.Stopwatch.StartNew();
                 (st, err) = RunVmm("run", "--kernel", kernel, "--serial", $"file:{path}");

@@ -1,15 +1,16 @@
 namespace Vmm.Tests.Kvm;
 
-/// <summary>The crash-consistency scenario (KvmCrashTests), run with sh in the scenario directory. The image starts as
-/// blk-image's background (sector s: bytes (s &amp; 0xFF) ^ 0x5A). Three rounds: vmm runs virtio-test's blk-stream
-/// (generation after generation of sectors 1024..1087, a FLUSH and "blk-stream: flushed G" after each), the script
-/// waits for 4, 8, 12 reported flushes plus a random 0-300 ms, SIGKILLs vmm and runs `blk-image crash-check` with the
-/// last generation vmm reported flushed (the rule is in guest-images/blk-image/blk-image.c). Round i's generations
-/// start at i*1000+1, so data a previous round left cannot pass for this one's. Each next round starts at once on the
-/// image the killed vmm held writable: its locks must have died with it. In round 1, while vmm writes, a second vmm
-/// asks for the same image and must be refused, naming the first. A last clean run writes 3 generations and exits.
-/// Markers: <c>@@REFUSED status</c>, <c>@@KILLED i status flushes</c>, <c>@@CHECK i status flushed</c> (then
-/// crash-check's output), <c>@@FINAL status</c>, <c>@@FINALCHECK status</c>.</summary>
+/// <summary>The process-kill consistency scenario (KvmCrashTests; not a power loss: the page cache survives a kill),
+/// run with sh in the scenario directory. The image starts as blk-image's background (sector s: bytes (s &amp; 0xFF) ^
+/// 0x5A). Three rounds: vmm runs virtio-test's blk-stream (generation after generation of sectors 1024..1087, a FLUSH
+/// and "blk-stream: flushed G" after each), the script waits for 4, 8, 12 reported flushes plus a random 0-300 ms,
+/// SIGKILLs vmm and runs `blk-image crash-check` with the last generation vmm reported flushed (the rule is in
+/// guest-images/blk-image/blk-image.c). Round i's generations start at i*1000+1, so data a previous round left cannot
+/// pass for this one's. Each next round starts at once on the image the killed vmm held writable: its locks must have
+/// died with it. In round 1, while vmm writes, a second vmm asks for the same image and must be refused, naming the
+/// first. A last clean run writes 3 generations and exits. Markers: <c>@@REFUSED status</c>, <c>@@KILLED i status
+/// flushes</c>, <c>@@CHECK i status flushed</c> (then crash-check's output), <c>@@FINAL status</c>, <c>@@FINALCHECK
+/// status</c>.</summary>
 public static class CrashScenario
 {
     public const int Rounds = 3;

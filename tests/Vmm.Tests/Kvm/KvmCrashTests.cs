@@ -3,10 +3,15 @@ using Vmm.Tests.TestKit;
 
 namespace Vmm.Tests.Kvm;
 
-/// <summary>Crash consistency and image locking on a real KVM (<see cref="CrashScenario"/>): vmm SIGKILLed in the middle
-/// of a guest's write-and-flush stream loses no write the guest saw completed before its last reported flush, changes
-/// nothing outside the written sectors, and leaves no lock behind; a second vmm cannot open the image a running one
-/// writes.</summary>
+/// <summary>Process-kill consistency and image locking on a real KVM (<see cref="CrashScenario"/>): vmm SIGKILLed in
+/// the middle of a guest's write-and-flush stream loses no write the guest saw completed before its last reported
+/// flush, changes nothing outside the written sectors, and leaves no lock behind; a second vmm cannot open the image a
+/// running one writes.
+/// <para>What this shows: writes reach the image in the guest's order, no write completes to the guest before its
+/// pwrite, no sector outside the written ones changes, the locks go with the process, a second writer is refused.
+/// What it does not: a power loss. A SIGKILL leaves the host's page cache intact, so the image is read back through
+/// it, and a vmm whose FLUSH were a no-op would pass too; that FLUSH's fdatasync reaches the disk is not
+/// observed.</para></summary>
 [Collection("kvm")]
 public class KvmCrashTests(KvmFixture kvm)
 {
@@ -22,7 +27,7 @@ public class KvmCrashTests(KvmFixture kvm)
     }
 
     [Fact]
-    public void A_killed_vmm_loses_no_flushed_write_and_changes_nothing_outside_the_written_sectors()
+    public void Process_kill_consistency_a_SIGKILLed_vmm_loses_no_flushed_write_and_changes_nothing_outside_the_written_sectors()
     {
         for (int i = 1; i <= CrashScenario.Rounds; i++)
         {

@@ -111,7 +111,7 @@ public sealed class KvmFixture
                 "n=0; while [ -e v.sock_7000 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; " +
                 "echo @@HOST; cat connect.out serve.out vmm.rc; [ -e v.sock ] && echo '@@SOCKET LEFT' || echo '@@SOCKET GONE'; " +
                 "exit $(cut -d' ' -f2 vmm.rc)"),
-            // Crash consistency (KvmCrashTests): vmm SIGKILLed three times in a guest's write-and-flush stream.
+            // Process-kill consistency (KvmCrashTests): vmm SIGKILLed three times in a guest's write-and-flush stream.
             new("blk-crash", [], Shell: CrashScenario.Script),
             new("virtio-bad-disk", ["run", "--kernel", "virtio-test.elf", "--disk", "path=no-such.img"]),
             // The vfio-user test GPU (tests/Vmm.TestGpu, its own process) passed through to the GPU test guest.

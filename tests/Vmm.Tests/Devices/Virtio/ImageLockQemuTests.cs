@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using Vmm.Devices.Virtio;
+using Vmm.Interop;
 using Vmm.Tests.TestKit;
 
 namespace Vmm.Tests.Devices.Virtio;
@@ -67,12 +68,19 @@ public sealed class ImageLockQemuTests : IDisposable
     /// <summary>The byte ranges ("first-last") of every OFD lock on <paramref name="path"/>, from /proc/locks, sorted.</summary>
     public static string[] LockedRanges(string path)
     {
-        string inode = $":{Repo.Run("stat", ["-c", "%i", path]).Stdout.Trim()} ";
+        string inode = $":{Inode(path)} ";
         return [.. File.ReadLines("/proc/locks")
             .Where(l => l.Contains("OFDLCK", StringComparison.Ordinal) && l.Contains(inode, StringComparison.Ordinal))
             .Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries)[^2..])
             .Select(r => $"{r[0]}-{r[1]}")
             .Order(StringComparer.Ordinal)];
+    }
+
+    /// <summary>The inode number of <paramref name="path"/>, as /proc/locks and fdinfo lock lines show it.</summary>
+    private static string Inode(string path)
+    {
+        Assert.Equal(SocketFile.Kind.Other, SocketFile.Stat(path, out var identity));
+        return identity.Inode.ToString(CultureInfo.InvariantCulture);
     }
 
     private sealed class Qemu : IDisposable
@@ -102,8 +110,9 @@ public sealed class ImageLockQemuTests : IDisposable
         {
             var process = Launch(image, readOnly);
             var qemu = new Qemu(process);
+            string byte201 = $":{Inode(image)} 201 201"; // once: the poll below runs every 20 ms
             var deadline = Stopwatch.StartNew();
-            while (!HoldsByte201(process.Id, image))
+            while (!HoldsLockLine(process.Id, byte201))
             {
                 if (process.HasExited || deadline.Elapsed > TimeSpan.FromSeconds(20))
                 {
@@ -125,15 +134,15 @@ public sealed class ImageLockQemuTests : IDisposable
             return stderr;
         }
 
-        /// <summary>Whether <paramref name="pid"/> holds a lock on byte 201 of <paramref name="image"/>: QEMU takes its
-        /// bytes in ascending order, so then it holds all of them.</summary>
-        private static bool HoldsByte201(int pid, string image)
+        /// <summary>Whether <paramref name="pid"/> holds a lock whose fdinfo line contains <paramref name="lockKey"/>
+        /// (":INODE 201 201", byte 201 of the image: QEMU takes its bytes in ascending order, so then it holds all of
+        /// them).</summary>
+        private static bool HoldsLockLine(int pid, string lockKey)
         {
-            string inode = $":{Repo.Run("stat", ["-c", "%i", image]).Stdout.Trim()} 201 201";
             try
             {
                 return Directory.EnumerateFiles($"/proc/{pid.ToString(CultureInfo.InvariantCulture)}/fdinfo")
-                    .Any(fd => File.ReadAllText(fd).Contains(inode, StringComparison.Ordinal));
+                    .Any(fd => File.ReadAllText(fd).Contains(lockKey, StringComparison.Ordinal));
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
