@@ -28,7 +28,7 @@ namespace Vmm.Machine;
 public static class SeccompFilters
 {
     private const ulong CLONE_THREAD = 0x10000;
-    private const int PR_SET_NO_NEW_PRIVS = 38, SECCOMP_SET_MODE_FILTER = 1, PR_SET_NAME = 15, PR_GET_NAME = 16, PR_SET_VMA = 0x53564d41;
+    private const int SECCOMP_SET_MODE_FILTER = 1, PR_SET_NAME = 15, PR_GET_NAME = 16, PR_SET_VMA = 0x53564d41;
     private const int AF_UNIX = 1;
     private const int EAGAIN = 11, EACCES = 13, ENOSYS = 38;
     private const ulong FIONBIO = 0x5421, FIONREAD = 0x541B, TCGETS = 0x5401, TCSETS = 0x5402, TIOCGWINSZ = 0x5413;
@@ -85,9 +85,8 @@ public static class SeccompFilters
         yield return R("gettimeofday", "DateTime, when the vDSO falls back");
         yield return R("getrusage", "per-thread CPU time (--stats)");
         yield return R("getcpu", "the thread pool's per-core queues (sched_getcpu when rseq is off)");
-        yield return Args("prctl", "thread names (PR_SET_NAME/PR_GET_NAME), naming anonymous mappings (PR_SET_VMA), "
-            + "PR_SET_NO_NEW_PRIVS before a role filter (it only takes privileges away)",
-            Is(0, PR_SET_NAME), Is(0, PR_GET_NAME), Is(0, PR_SET_VMA), Is(0, PR_SET_NO_NEW_PRIVS));
+        yield return Args("prctl", "thread names (PR_SET_NAME/PR_GET_NAME), naming anonymous mappings (PR_SET_VMA)",
+            Is(0, PR_SET_NAME), Is(0, PR_GET_NAME), Is(0, PR_SET_VMA));
         yield return R("close", "closing fds (eventfds at device reset, sockets)");
         yield return R("getrandom", "HashCode seeds, virtio-rng");
         yield return R("poll", "waiting on fds");

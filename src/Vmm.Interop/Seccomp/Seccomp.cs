@@ -19,12 +19,11 @@ namespace Vmm.Interop.Seccomp;
 public static unsafe class Seccomp
 {
     public const int SIGSYS = 31;
-    private const int PR_SET_NO_NEW_PRIVS = 38;
     private const int SECCOMP_SET_MODE_FILTER = 1;
     public const uint SECCOMP_FILTER_FLAG_TSYNC = 1;
     private const int SA_SIGINFO = 4, SA_NODEFER = 0x40000000, SA_RESETHAND = unchecked((int)0x80000000);
     private const int SYS_write = 1, SYS_getpid = 39, SYS_gettid = 186, SYS_tgkill = 234, SYS_exit_group = 231,
-        SYS_seccomp = 317, SYS_prctl = 157;
+        SYS_seccomp = 317;
 
     private const int TableEntries = 256, RoleBytes = 16, NameBytes = 32, EntryBytes = 4 + RoleBytes + NameBytes;
     private const int LineBytes = 512;
@@ -64,7 +63,10 @@ public static unsafe class Seccomp
 
     /// <summary>The main thread: installs the SIGSYS handler and the process filter on every thread of the process
     /// (SECCOMP_FILTER_FLAG_TSYNC: the runtime's own threads — finalizer, signal thread — exist already and would
-    /// otherwise run unfiltered). No-op when not configured or Off.</summary>
+    /// otherwise run unfiltered). PR_SET_NO_NEW_PRIVS first, once: an unprivileged process may only install a filter
+    /// with it set, and an execve could otherwise gain privileges past the filter. TSYNC sets it on every thread it
+    /// filters and a new thread inherits it, so a role thread's <see cref="Enter"/> need not set it again.
+    /// No-op when not configured or Off.</summary>
     public static void InstallProcess(string threadName)
     {
         var program = ProgramFor(SeccompRole.Main);
@@ -73,6 +75,7 @@ public static unsafe class Seccomp
         InstallSigsysHandler();
         SeccompThreads.StartSpawner();
         Register(SeccompRole.Main, threadName);
+        JailCalls.SetNoNewPrivileges();
         Install(program, SECCOMP_FILTER_FLAG_TSYNC);
     }
 
@@ -94,12 +97,10 @@ public static unsafe class Seccomp
             return s_programs is null ? null : s_programs.TryGetValue(role, out var p) ? p : throw new InvalidOperationException($"no seccomp filter for role {role}");
     }
 
-    /// <summary>PR_SET_NO_NEW_PRIVS first (an unprivileged process may only install a filter with it set, and an
-    /// execve could otherwise gain privileges past the filter), then seccomp(SECCOMP_SET_MODE_FILTER).</summary>
+    /// <summary>seccomp(SECCOMP_SET_MODE_FILTER) on the calling thread (all threads with TSYNC). The thread must
+    /// have no_new_privs set (<see cref="InstallProcess"/> sets it for the process) or hold CAP_SYS_ADMIN.</summary>
     public static void Install(sock_filter[] program, uint flags)
     {
-        if (syscall_errno(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
-            throw new SyscallException("prctl(PR_SET_NO_NEW_PRIVS)", Marshal.GetLastSystemError());
         fixed (sock_filter* f = program)
         {
             var fprog = new sock_fprog { len = (ushort)program.Length, filter = f };
@@ -274,7 +275,7 @@ public static unsafe class Seccomp
         return n;
     }
 
-    // No GC transition: these calls never block (seccomp, prctl, write of one short line to stderr at worst) and
+    // No GC transition: these calls never block (seccomp, write of one short line to stderr at worst) and
     // the handler must not enter the runtime's transition code from a signal.
     [DllImport("libc", EntryPoint = "syscall")]
     [SuppressGCTransition]

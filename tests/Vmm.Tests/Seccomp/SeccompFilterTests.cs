@@ -108,6 +108,9 @@ public class SeccompFilterTests
             Assert.True(Run(f, N(name)) == SECCOMP_RET_ALLOW, $"{role}: {name}");
         Assert.Equal(SECCOMP_RET_ALLOW, Run(f, N("tgkill"), Self, 1234, 31));
         Assert.Equal(Trap, Run(f, N("tgkill"), Self + 1, 1234, 31));
+        // Thread names yes; PR_SET_NO_NEW_PRIVS is set once before any filter, so no filter needs it.
+        Assert.Equal(SECCOMP_RET_ALLOW, Run(f, N("prctl"), 15 /* PR_SET_NAME */));
+        Assert.Equal(Trap, Run(f, N("prctl"), 38 /* PR_SET_NO_NEW_PRIVS */, 1));
         // Log mode: the same program with SECCOMP_RET_LOG where the trap was.
         Assert.Equal(SECCOMP_RET_LOG, Run(f.Compile(SECCOMP_RET_LOG), AUDIT_ARCH_X86_64, N("execve")));
     }
@@ -164,6 +167,9 @@ public class SeccompFilterTests
         {
             try
             {
+                // vmm's InstallProcess sets no_new_privs for the process before any filter; this test process has
+                // none, so the thread sets it itself (it stays with the thread, which ends with the test).
+                Vmm.Interop.JailCalls.SetNoNewPrivileges();
                 Vmm.Interop.Seccomp.Seccomp.Install(program, 0);
                 pid = getpid();
                 createVmErrno = ioctl(-1, KVM_CREATE_VM, 0) == -1 ? Marshal.GetLastSystemError() : 0;
