@@ -163,7 +163,7 @@ public static unsafe class Seccomp
     {
         lock (s_lock)
         {
-            int tid = (int)syscall(SYS_gettid, 0, 0, 0, 0, 0);
+            int tid = Sys.GetTid();
             int slot = -1;
             for (int i = 0; i < TableEntries && slot < 0; i++)
                 if (*(int*)(s_table + i * EntryBytes) == tid)
@@ -275,13 +275,13 @@ public static unsafe class Seccomp
         return n;
     }
 
-    // No GC transition: these calls never block (seccomp, write of one short line to stderr at worst) and
-    // the handler must not enter the runtime's transition code from a signal.
+    // Only for the SIGSYS handler. No GC transition: its calls never block (a write of one short line to stderr at
+    // worst) and the handler must not enter the runtime's transition code from a signal.
     [DllImport("libc", EntryPoint = "syscall")]
     [SuppressGCTransition]
     private static extern long syscall(long number, long a1, long a2, long a3, long a4, long a5);
 
-    /// <summary>For the installing calls, which want errno.</summary>
+    /// <summary>For seccomp(2) itself, whose errno the caller reports.</summary>
     [DllImport("libc", EntryPoint = "syscall", SetLastError = true)]
     private static extern long syscall_errno(long number, long a1, long a2, long a3, long a4, long a5);
 
