@@ -13,7 +13,7 @@ namespace Vmm.Machine;
 /// runs on the .NET thread pool, which also boots and hot-plugs VMs) and the runtime need. Each role thread then adds
 /// its own filter at its start, before it touches guest data; filters stack and the stricter answer wins, so a role
 /// can only take calls away. Role threads never create threads: their filters answer clone with EAGAIN (the thread
-/// pool copes: it undoes the count and its gate thread, started by the main thread, adds the worker instead), and
+/// pool copes, late: see <see cref="SeccompThreads.Post"/>), and
 /// vmm starts its own role threads through <see cref="SeccompThreads"/>' spawner, a thread under the main filter,
 /// so a device worker the guest activates from a vCPU thread does not inherit the vCPU filter. clone3 answers
 /// ENOSYS everywhere: glibc then falls back to clone, whose flags a filter can read (CLONE_THREAD required: no
@@ -136,7 +136,7 @@ public static class SeccompFilters
     /// <summary>Role threads never create threads (see the class comment): EAGAIN, which the runtime handles.</summary>
     private static IEnumerable<SyscallRule> NoThreads()
     {
-        yield return new SyscallRule("clone", "role threads create no threads; the thread pool and GC take EAGAIN in stride",
+        yield return new SyscallRule("clone", "role threads create no threads; the thread pool takes EAGAIN in stride (SeccompThreads.Post says at what cost)",
             Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | EAGAIN);
         yield return new SyscallRule("clone3", "ENOSYS: glibc falls back to clone, which is refused above",
             Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | ENOSYS);

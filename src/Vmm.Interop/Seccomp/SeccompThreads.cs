@@ -27,8 +27,16 @@ public static class SeccompThreads
     }
 
     /// <summary>Runs <paramref name="action"/> now, or on a role thread soon on the spawner: for work that may make
-    /// the .NET thread pool start a worker (completing a task whose continuations run asynchronously, Task.Run),
-    /// which a role thread's filter refuses. The action must not block for long.</summary>
+    /// the .NET thread pool start a worker (completing a task whose continuations run asynchronously, Task.Run).
+    /// The action must not block for long.
+    ///
+    /// <para>What happens without it. A role thread's filter answers clone with EAGAIN (an errno, not the SIGSYS
+    /// kill), so a worker the pool starts from a role thread fails to start; the pool catches that
+    /// (ThreadStartException), undoes its count and the work item stays queued. Nothing is lost and nothing dies,
+    /// but the item waits for a busy worker to come free, or for the gate thread (started by the main thread before
+    /// any role thread exists) to see the queue starve and add a worker itself, which takes half a second or more
+    /// (it looks every 500 ms). On a path that ends a VM, ejects a device or echoes a key, that wait is the cost this
+    /// avoids.</para></summary>
     public static void Post(Action action)
     {
         if (!OnRoleThreadWithSpawner())
