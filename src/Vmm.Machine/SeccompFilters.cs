@@ -1,4 +1,4 @@
-using System.Runtime.CompilerServices;
+using Vmm.Interop;
 using Vmm.Interop.Seccomp;
 using static Vmm.Interop.KvmConstants;
 using static Vmm.Interop.TunConstants;
@@ -30,7 +30,6 @@ public static class SeccompFilters
     private const ulong CLONE_THREAD = 0x10000;
     private const int SECCOMP_SET_MODE_FILTER = 1, PR_SET_NAME = 15, PR_GET_NAME = 16, PR_SET_VMA = 0x53564d41;
     private const int AF_UNIX = 1;
-    private const int EAGAIN = 11, EACCES = 13, ENOSYS = 38;
     private const ulong FIONBIO = 0x5421, FIONREAD = 0x541B, TCGETS = 0x5401, TCSETS = 0x5402, TIOCGWINSZ = 0x5413;
 
     /// <summary>The filters for this process (JIT or NativeAOT), one per role.</summary>
@@ -130,23 +129,23 @@ public static class SeccompFilters
     {
         if (!jit)
             yield return new SyscallRule("openat", "EACCES: role threads open no files; the runtime's lazy probes fall back",
-                Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | EACCES);
+                Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.EACCES);
     }
 
     /// <summary>Role threads never create threads (see the class comment): EAGAIN, which the runtime handles.</summary>
     private static IEnumerable<SyscallRule> NoThreads()
     {
         yield return new SyscallRule("clone", "role threads create no threads; the thread pool takes EAGAIN in stride (SeccompThreads.Post says at what cost)",
-            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | EAGAIN);
+            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.EAGAIN);
         yield return new SyscallRule("clone3", "ENOSYS: glibc falls back to clone, which is refused above",
-            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | ENOSYS);
+            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.ENOSYS);
     }
 
     private static IEnumerable<SyscallRule> Threads()
     {
         yield return Args("clone", "new threads only (CLONE_THREAD): no fork", [new ArgMatch(0, CLONE_THREAD, CLONE_THREAD)]);
         yield return new SyscallRule("clone3", "ENOSYS: glibc falls back to clone, whose flags the filter can check",
-            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | ENOSYS);
+            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.ENOSYS);
         yield return R("set_robust_list", "a new thread's start (glibc)");
         yield return R("rseq", "a new thread's start (glibc)");
     }
