@@ -261,7 +261,7 @@ internal sealed class DeviceManager
             Pci.Remove(slot);
         }
         _log.Info($"guest ejected {p.Info.Kind} {p.Info.Id} at {p.Info.Bdf}");
-        // Task.Run from the spawner: a vCPU thread cannot start a thread-pool worker under its seccomp filter.
+        // Task.Run from the spawner: a worker the pool starts from a vCPU thread is refused (SeccompThreads.Post).
         SeccompThreads.Post(() => Task.Run(() =>
         {
             lock (_changeLock)

@@ -1,4 +1,4 @@
-using System.Runtime.CompilerServices;
+using Vmm.Interop;
 using Vmm.Interop.Seccomp;
 using static Vmm.Interop.KvmConstants;
 using static Vmm.Interop.TunConstants;
@@ -13,7 +13,7 @@ namespace Vmm.Machine;
 /// runs on the .NET thread pool, which also boots and hot-plugs VMs) and the runtime need. Each role thread then adds
 /// its own filter at its start, before it touches guest data; filters stack and the stricter answer wins, so a role
 /// can only take calls away. Role threads never create threads: their filters answer clone with EAGAIN (the thread
-/// pool copes: it undoes the count and its gate thread, started by the main thread, adds the worker instead), and
+/// pool copes, late: see <see cref="SeccompThreads.Post"/>), and
 /// vmm starts its own role threads through <see cref="SeccompThreads"/>' spawner, a thread under the main filter,
 /// so a device worker the guest activates from a vCPU thread does not inherit the vCPU filter. clone3 answers
 /// ENOSYS everywhere: glibc then falls back to clone, whose flags a filter can read (CLONE_THREAD required: no
@@ -28,9 +28,8 @@ namespace Vmm.Machine;
 public static class SeccompFilters
 {
     private const ulong CLONE_THREAD = 0x10000;
-    private const int PR_SET_NO_NEW_PRIVS = 38, SECCOMP_SET_MODE_FILTER = 1, PR_SET_NAME = 15, PR_GET_NAME = 16, PR_SET_VMA = 0x53564d41;
+    private const int SECCOMP_SET_MODE_FILTER = 1, PR_SET_NAME = 15, PR_GET_NAME = 16, PR_SET_VMA = 0x53564d41;
     private const int AF_UNIX = 1;
-    private const int EAGAIN = 11, EACCES = 13, ENOSYS = 38;
     private const ulong FIONBIO = 0x5421, FIONREAD = 0x541B, TCGETS = 0x5401, TCSETS = 0x5402, TIOCGWINSZ = 0x5413;
 
     /// <summary>The filters for this process (JIT or NativeAOT), one per role.</summary>
@@ -85,9 +84,8 @@ public static class SeccompFilters
         yield return R("gettimeofday", "DateTime, when the vDSO falls back");
         yield return R("getrusage", "per-thread CPU time (--stats)");
         yield return R("getcpu", "the thread pool's per-core queues (sched_getcpu when rseq is off)");
-        yield return Args("prctl", "thread names (PR_SET_NAME/PR_GET_NAME), naming anonymous mappings (PR_SET_VMA), "
-            + "PR_SET_NO_NEW_PRIVS before a role filter (it only takes privileges away)",
-            Is(0, PR_SET_NAME), Is(0, PR_GET_NAME), Is(0, PR_SET_VMA), Is(0, PR_SET_NO_NEW_PRIVS));
+        yield return Args("prctl", "thread names (PR_SET_NAME/PR_GET_NAME), naming anonymous mappings (PR_SET_VMA)",
+            Is(0, PR_SET_NAME), Is(0, PR_GET_NAME), Is(0, PR_SET_VMA));
         yield return R("close", "closing fds (eventfds at device reset, sockets)");
         yield return R("getrandom", "HashCode seeds, virtio-rng");
         yield return R("poll", "waiting on fds");
@@ -131,23 +129,23 @@ public static class SeccompFilters
     {
         if (!jit)
             yield return new SyscallRule("openat", "EACCES: role threads open no files; the runtime's lazy probes fall back",
-                Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | EACCES);
+                Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.EACCES);
     }
 
     /// <summary>Role threads never create threads (see the class comment): EAGAIN, which the runtime handles.</summary>
     private static IEnumerable<SyscallRule> NoThreads()
     {
-        yield return new SyscallRule("clone", "role threads create no threads; the thread pool and GC take EAGAIN in stride",
-            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | EAGAIN);
+        yield return new SyscallRule("clone", "role threads create no threads; the thread pool takes EAGAIN in stride (SeccompThreads.Post says at what cost)",
+            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.EAGAIN);
         yield return new SyscallRule("clone3", "ENOSYS: glibc falls back to clone, which is refused above",
-            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | ENOSYS);
+            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.ENOSYS);
     }
 
     private static IEnumerable<SyscallRule> Threads()
     {
         yield return Args("clone", "new threads only (CLONE_THREAD): no fork", [new ArgMatch(0, CLONE_THREAD, CLONE_THREAD)]);
         yield return new SyscallRule("clone3", "ENOSYS: glibc falls back to clone, whose flags the filter can check",
-            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | ENOSYS);
+            Action: Interop.Seccomp.Bpf.SECCOMP_RET_ERRNO | Errno.ENOSYS);
         yield return R("set_robust_list", "a new thread's start (glibc)");
         yield return R("rseq", "a new thread's start (glibc)");
     }

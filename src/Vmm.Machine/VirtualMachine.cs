@@ -127,6 +127,8 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
     /// <summary>Completes with how the VM ended (the first report wins).</summary>
     public Task<VmOutcome> Ended => _ended.Task;
 
+    /// <summary>The first report, taken at once; <see cref="Ended"/> completes a moment later (Finish posts it, see
+    /// <see cref="SeccompThreads.Post"/>), so the task cannot be what decides which report wins.</summary>
     private VmOutcome? _outcome;
 
     public bool Stopping => _stopping;
@@ -230,8 +232,8 @@ public sealed class VirtualMachine : IVmControl, IVcpuHost, IDisposable
     {
         if (Interlocked.CompareExchange(ref _outcome, outcome, null) is null)
         {
-            // Completing the task queues its continuations on the thread pool, which may have to start a worker:
-            // a vCPU thread (under its seccomp filter) cannot, so the completion is handed to a thread that can.
+            // Completing the task queues its continuations on the thread pool, which may have to start a worker; from
+            // a vCPU thread that start is refused and the continuations wait (SeccompThreads.Post says how long).
             SeccompThreads.Post(() => _ended.TrySetResult(outcome));
             _stopping = true;
             lock (_pauseLock)

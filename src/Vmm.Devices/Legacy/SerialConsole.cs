@@ -253,8 +253,8 @@ public sealed class SerialConsole : IByteSink, IDisposable
     }
 
     /// <summary>Reads on the calling thread: Stream's default ReadAsync (stdin's console stream, a pipe) runs the read
-    /// on the thread pool, which may have to start a worker — and the input thread's seccomp filter refuses that.
-    /// The input thread only waits for input anyway.</summary>
+    /// on the thread pool, which may have to start a worker — and the input thread's seccomp filter refuses that, so
+    /// the read would wait for a worker (see <see cref="SeccompThreads.Post"/>). The input thread only waits for input anyway.</summary>
     private sealed class SynchronousReads(Stream inner) : Stream
     {
         public override bool CanRead => true;

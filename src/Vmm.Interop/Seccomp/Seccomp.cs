@@ -15,16 +15,22 @@ namespace Vmm.Interop.Seccomp;
 /// thread (from a native table filled by <see cref="Enter"/>) and the call, then, its disposition reset to
 /// SIG_DFL by SA_RESETHAND, sends SIGSYS to its own thread: the process dies by SIGSYS (a shell sees status
 /// 128 + 31 = 159). It uses only raw system calls (write, gettid, getpid, tgkill, exit_group) on native memory
-/// prepared here, never managed allocation, so it is async-signal-safe; every filter allows those calls.</para></summary>
+/// prepared here, never managed allocation; every filter allows those calls.</para>
+///
+/// <para>The known limit: the handler is managed code ([UnmanagedCallersOnly]), and entering it from a signal makes a
+/// GC transition, which is not async-signal-safe in general (see Vmm.Machine's KickSignal, whose handler is native
+/// for that reason). It is safe when the forbidden call comes from a P/Invoke (vmm's own calls, the usual case:
+/// the thread is then in preemptive mode). It can fail when runtime code makes the forbidden call
+/// while its thread is in cooperative mode (inside the runtime, not in a P/Invoke): entering managed code from there
+/// is an invalid transition, which the runtime answers by failing fast. The process still dies — by that abort, or
+/// by SIGSYS, which SA_RESETHAND has already made fatal — but possibly without the one-line report.</para></summary>
 public static unsafe class Seccomp
 {
     public const int SIGSYS = 31;
-    private const int PR_SET_NO_NEW_PRIVS = 38;
     private const int SECCOMP_SET_MODE_FILTER = 1;
     public const uint SECCOMP_FILTER_FLAG_TSYNC = 1;
-    private const int SA_SIGINFO = 4, SA_NODEFER = 0x40000000, SA_RESETHAND = unchecked((int)0x80000000);
     private const int SYS_write = 1, SYS_getpid = 39, SYS_gettid = 186, SYS_tgkill = 234, SYS_exit_group = 231,
-        SYS_seccomp = 317, SYS_prctl = 157;
+        SYS_seccomp = 317;
 
     private const int TableEntries = 256, RoleBytes = 16, NameBytes = 32, EntryBytes = 4 + RoleBytes + NameBytes;
     private const int LineBytes = 512;
@@ -64,7 +70,10 @@ public static unsafe class Seccomp
 
     /// <summary>The main thread: installs the SIGSYS handler and the process filter on every thread of the process
     /// (SECCOMP_FILTER_FLAG_TSYNC: the runtime's own threads — finalizer, signal thread — exist already and would
-    /// otherwise run unfiltered). No-op when not configured or Off.</summary>
+    /// otherwise run unfiltered). PR_SET_NO_NEW_PRIVS first, once: an unprivileged process may only install a filter
+    /// with it set, and an execve could otherwise gain privileges past the filter. TSYNC sets it on every thread it
+    /// filters and a new thread inherits it, so a role thread's <see cref="Enter"/> need not set it again.
+    /// No-op when not configured or Off.</summary>
     public static void InstallProcess(string threadName)
     {
         var program = ProgramFor(SeccompRole.Main);
@@ -73,6 +82,7 @@ public static unsafe class Seccomp
         InstallSigsysHandler();
         SeccompThreads.StartSpawner();
         Register(SeccompRole.Main, threadName);
+        JailCalls.SetNoNewPrivileges();
         Install(program, SECCOMP_FILTER_FLAG_TSYNC);
     }
 
@@ -94,12 +104,10 @@ public static unsafe class Seccomp
             return s_programs is null ? null : s_programs.TryGetValue(role, out var p) ? p : throw new InvalidOperationException($"no seccomp filter for role {role}");
     }
 
-    /// <summary>PR_SET_NO_NEW_PRIVS first (an unprivileged process may only install a filter with it set, and an
-    /// execve could otherwise gain privileges past the filter), then seccomp(SECCOMP_SET_MODE_FILTER).</summary>
+    /// <summary>seccomp(SECCOMP_SET_MODE_FILTER) on the calling thread (all threads with TSYNC). The thread must
+    /// have no_new_privs set (<see cref="InstallProcess"/> sets it for the process) or hold CAP_SYS_ADMIN.</summary>
     public static void Install(sock_filter[] program, uint flags)
     {
-        if (syscall_errno(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
-            throw new SyscallException("prctl(PR_SET_NO_NEW_PRIVS)", Marshal.GetLastSystemError());
         fixed (sock_filter* f = program)
         {
             var fprog = new sock_fprog { len = (ushort)program.Length, filter = f };
@@ -117,25 +125,16 @@ public static unsafe class Seccomp
         public sock_filter* filter;
     }
 
-    /// <summary>glibc's <c>struct sigaction</c> on x86-64: handler, 128-byte mask, flags, restorer.</summary>
-    [StructLayout(LayoutKind.Explicit, Size = 152)]
-    private struct sigaction_t
-    {
-        [FieldOffset(0)] public nint sa_sigaction;
-        [FieldOffset(136)] public int sa_flags;
-    }
-
     private static void InstallSigsysHandler()
     {
         // SA_RESETHAND: SIGSYS is back to its default (terminate + core) as the handler starts, so the handler's own
         // tgkill ends the process; SA_NODEFER: not blocked inside the handler, so that signal is delivered at once.
-        var act = new sigaction_t
-        {
-            sa_sigaction = (nint)(delegate* unmanaged<int, byte*, void*, void>)&OnSigsys,
-            sa_flags = SA_SIGINFO | SA_NODEFER | SA_RESETHAND,
-        };
-        if (sigaction(SIGSYS, &act, null) != 0)
-            throw new SyscallException("sigaction(SIGSYS)", Marshal.GetLastSystemError());
+        Tmds.Linux.sigaction act = default;
+        act.sa_sigaction = (delegate* unmanaged<int, byte*, void*, void>)&OnSigsys;
+        act.sa_flags = Tmds.Linux.LibC.SA_SIGINFO | Tmds.Linux.LibC.SA_NODEFER | Tmds.Linux.LibC.SA_RESETHAND;
+        Tmds.Linux.LibC.sigemptyset(&act.sa_mask);
+        if (Tmds.Linux.LibC.sigaction(SIGSYS, &act, null) != 0)
+            throw new SyscallException("sigaction(SIGSYS)", Errno.Last);
     }
 
     private static void PrepareHandlerMemory()
@@ -162,7 +161,7 @@ public static unsafe class Seccomp
     {
         lock (s_lock)
         {
-            int tid = (int)syscall(SYS_gettid, 0, 0, 0, 0, 0);
+            int tid = Sys.GetTid();
             int slot = -1;
             for (int i = 0; i < TableEntries && slot < 0; i++)
                 if (*(int*)(s_table + i * EntryBytes) == tid)
@@ -274,16 +273,13 @@ public static unsafe class Seccomp
         return n;
     }
 
-    // No GC transition: these calls never block (seccomp, prctl, write of one short line to stderr at worst) and
-    // the handler must not enter the runtime's transition code from a signal.
+    // Only for the SIGSYS handler. No GC transition: its calls never block (a write of one short line to stderr at
+    // worst) and the handler must not enter the runtime's transition code from a signal.
     [DllImport("libc", EntryPoint = "syscall")]
     [SuppressGCTransition]
     private static extern long syscall(long number, long a1, long a2, long a3, long a4, long a5);
 
-    /// <summary>For the installing calls, which want errno.</summary>
+    /// <summary>For seccomp(2) itself, whose errno the caller reports.</summary>
     [DllImport("libc", EntryPoint = "syscall", SetLastError = true)]
     private static extern long syscall_errno(long number, long a1, long a2, long a3, long a4, long a5);
-
-    [DllImport("libc", EntryPoint = "sigaction", SetLastError = true)]
-    private static extern int sigaction(int signal, sigaction_t* act, sigaction_t* old);
 }

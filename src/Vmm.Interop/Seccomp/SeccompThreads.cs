@@ -16,39 +16,46 @@ public static class SeccompThreads
     /// <summary>Starts <paramref name="thread"/>: directly, or through the spawner on a role thread.</summary>
     public static void Start(Thread thread)
     {
-        Thread? spawner;
-        lock (s_lock)
-            spawner = s_spawner;
-        if (!t_inRole || spawner is null)
+        if (!OnRoleThreadWithSpawner())
         {
             thread.Start();
             return;
         }
         using var done = new ManualResetEventSlim();
-        lock (s_lock)
-        {
-            s_queue.Enqueue((thread, null, done));
-            Monitor.PulseAll(s_lock);
-        }
+        Enqueue((thread, null, done));
         done.Wait();
     }
 
     /// <summary>Runs <paramref name="action"/> now, or on a role thread soon on the spawner: for work that may make
-    /// the .NET thread pool start a worker (completing a task whose continuations run asynchronously, Task.Run),
-    /// which a role thread's filter refuses. The action must not block for long.</summary>
+    /// the .NET thread pool start a worker (completing a task whose continuations run asynchronously, Task.Run).
+    /// The action must not block for long.
+    ///
+    /// <para>What happens without it. A role thread's filter answers clone with EAGAIN (an errno, not the SIGSYS
+    /// kill), so a worker the pool starts from a role thread fails to start; the pool catches that
+    /// (ThreadStartException), undoes its count and the work item stays queued. Nothing is lost and nothing dies,
+    /// but the item waits for a busy worker to come free, or for the gate thread (started by the main thread before
+    /// any role thread exists) to see the queue starve and add a worker itself, which takes half a second or more
+    /// (it looks every 500 ms). On a path that ends a VM, ejects a device or echoes a key, that wait is the cost this
+    /// avoids.</para></summary>
     public static void Post(Action action)
     {
-        Thread? spawner;
-        lock (s_lock)
-            spawner = s_spawner;
-        if (!t_inRole || spawner is null)
+        if (!OnRoleThreadWithSpawner())
         {
             action();
             return;
         }
+        Enqueue((null, action, null));
+    }
+
+    /// <summary>t_inRole first: a thread without a role never looks further. s_spawner is written once, before any
+    /// role thread exists, so a volatile read needs no lock.</summary>
+    private static bool OnRoleThreadWithSpawner() => t_inRole && Volatile.Read(ref s_spawner) is not null;
+
+    private static void Enqueue((Thread? Thread, Action? Action, ManualResetEventSlim? Done) item)
+    {
         lock (s_lock)
         {
-            s_queue.Enqueue((null, action, null));
+            s_queue.Enqueue(item);
             Monitor.PulseAll(s_lock);
         }
     }
@@ -62,8 +69,9 @@ public static class SeccompThreads
         {
             if (s_spawner is not null)
                 return;
-            s_spawner = new Thread(SpawnLoop) { Name = "vmm-spawner", IsBackground = true };
-            s_spawner.Start();
+            var spawner = new Thread(SpawnLoop) { Name = "vmm-spawner", IsBackground = true };
+            spawner.Start();
+            Volatile.Write(ref s_spawner, spawner);
         }
         _ = Environment.ProcessorCount; // glibc reads /sys/devices/system/cpu/online for it, once
         using var ran = new ManualResetEventSlim();

@@ -33,8 +33,9 @@ public static class HotplugScenario
         r add-user-device socket=gpu2.sock,id=biggpu
         r add-user-device socket=gpu1.sock,id=gpu
         wait_for 'vmm-hotplug: gpu bar2' 60
-        # seccomp (default on): every thread of vmm, with its filter mode (2 = filter), while the disk, NIC and GPU are in.
-        echo "@@THREADS"; for t in /proc/$VPID/task/*; do echo "$(cat $t/comm)|$(grep Seccomp: $t/status | tr -d '\t ')"; done; echo "@@END-THREADS"
+        # seccomp (default on): every thread of vmm, with its filter mode (2 = filter) and how many filters it has (the
+        # process filter, plus its role's), while the disk, NIC and GPU are in.
+        echo "@@THREADS"; for t in /proc/$VPID/task/*; do echo "$(cat $t/comm)|$(grep Seccomp: $t/status | tr -d '\t ')|$(grep Seccomp_filters: $t/status | tr -d '\t ')"; done; echo "@@END-THREADS"
         r add-disk path=hp.img,id=hpdisk
         r info
         r remove-device hpdisk
@@ -62,7 +63,6 @@ public static class HotplugScenario
         echo "@@SECTOR1 $(dd if=hp.img bs=512 skip=1 count=1 2>/dev/null | head -c 16)"
         echo "@@GUESTFILE $(cat share/from-guest.txt 2>&1)"
         echo "@@VSOCKSOCKET $([ -e vs.sock ] && echo left || echo gone)"
-        echo "@@VMMERR"; cat vmm.err; echo "@@END-VMMERR"
         echo "@@CONSOLE"; cat console.log
         echo "@@EVENTS"; cat events.json
         echo "@@VMM-STDERR"; cat vmm.err

@@ -1,5 +1,6 @@
 using System.Runtime.InteropServices;
 using Vmm.Cli;
+using Vmm.Interop;
 using Vmm.Interop.Seccomp;
 using Vmm.Machine;
 using static Vmm.Interop.KvmConstants;
@@ -12,7 +13,6 @@ namespace Vmm.Tests.Seccomp;
 /// thread of this test process.</summary>
 public class SeccompFilterTests
 {
-    private const int EAGAIN = 11, ENOSYS = 38, EPERM = 1, EBADF = 9;
     private const uint Trap = SECCOMP_RET_TRAP;
     private static readonly ulong Self = (ulong)Environment.ProcessId;
 
@@ -99,7 +99,7 @@ public class SeccompFilterTests
                      "perf_event_open", "keyctl", "setuid", "reboot" })
             Assert.True(Run(f, N(name)) == Trap, $"{role}: {name}");
         Assert.NotEqual(SECCOMP_RET_ALLOW, Run(f, N("clone"), 17 /* SIGCHLD alone: a fork */));
-        Assert.Equal(SECCOMP_RET_ERRNO | ENOSYS, Run(f, N("clone3")));
+        Assert.Equal(SECCOMP_RET_ERRNO | Errno.ENOSYS, Run(f, N("clone3")));
         // x32 (the same arch value, numbers with bit 30) and i386 numbers are refused before any rule.
         Assert.Equal(Trap, Run(f, (int)X32_SYSCALL_BIT | N("write")));
         Assert.Equal(Trap, Run(f.Compile(Trap), 0x40000003 /* AUDIT_ARCH_I386 */, 4 /* i386 write */));
@@ -108,6 +108,9 @@ public class SeccompFilterTests
             Assert.True(Run(f, N(name)) == SECCOMP_RET_ALLOW, $"{role}: {name}");
         Assert.Equal(SECCOMP_RET_ALLOW, Run(f, N("tgkill"), Self, 1234, 31));
         Assert.Equal(Trap, Run(f, N("tgkill"), Self + 1, 1234, 31));
+        // Thread names yes; PR_SET_NO_NEW_PRIVS is set once before any filter, so no filter needs it.
+        Assert.Equal(SECCOMP_RET_ALLOW, Run(f, N("prctl"), 15 /* PR_SET_NAME */));
+        Assert.Equal(Trap, Run(f, N("prctl"), 38 /* PR_SET_NO_NEW_PRIVS */, 1));
         // Log mode: the same program with SECCOMP_RET_LOG where the trap was.
         Assert.Equal(SECCOMP_RET_LOG, Run(f.Compile(SECCOMP_RET_LOG), AUDIT_ARCH_X86_64, N("execve")));
     }
@@ -125,9 +128,9 @@ public class SeccompFilterTests
             Assert.Equal(Trap, Run(f, N("ioctl"), 20, request));
         foreach (var name in new[] { "socket", "socketpair", "connect", "bind", "listen", "accept4", "open", "memfd_create", "execve" })
             Assert.Equal(Trap, Run(f, N(name), 1, 1, 0));
-        Assert.Equal(SECCOMP_RET_ERRNO | 13 /* EACCES */, Run(f, N("openat"), unchecked((ulong)-100), 0, 0));
+        Assert.Equal(SECCOMP_RET_ERRNO | Errno.EACCES, Run(f, N("openat"), unchecked((ulong)-100), 0, 0));
         Assert.Equal(SECCOMP_RET_ALLOW, Run(SeccompFilters.Vcpu(jit: true), N("openat"), unchecked((ulong)-100), 0, 0));
-        Assert.Equal(SECCOMP_RET_ERRNO | EAGAIN, Run(f, N("clone"), 0x10000 /* CLONE_THREAD */));
+        Assert.Equal(SECCOMP_RET_ERRNO | Errno.EAGAIN, Run(f, N("clone"), 0x10000 /* CLONE_THREAD */));
     }
 
     [Fact]
@@ -157,13 +160,16 @@ public class SeccompFilterTests
     public void The_vCPU_filter_installed_on_a_thread_of_this_process_lets_its_calls_through_and_refuses_the_rest()
     {
         // ERRNO(EPERM) instead of the trap, so the test process survives; the thread ends with its filter.
-        var program = SeccompFilters.Vcpu(SeccompFilters.IsJit).Compile(SECCOMP_RET_ERRNO | EPERM);
+        var program = SeccompFilters.Vcpu(SeccompFilters.IsJit).Compile(SECCOMP_RET_ERRNO | Errno.EPERM);
         int socketErrno = 0, createVmErrno = 0, runErrno = 0, pid = 0;
         Exception? failure = null;
         var t = new Thread(() =>
         {
             try
             {
+                // vmm's InstallProcess sets no_new_privs for the process before any filter; this test process has
+                // none, so the thread sets it itself (it stays with the thread, which ends with the test).
+                Vmm.Interop.JailCalls.SetNoNewPrivileges();
                 Vmm.Interop.Seccomp.Seccomp.Install(program, 0);
                 pid = getpid();
                 createVmErrno = ioctl(-1, KVM_CREATE_VM, 0) == -1 ? Marshal.GetLastSystemError() : 0;
@@ -179,9 +185,9 @@ public class SeccompFilterTests
         t.Join();
         Assert.Null(failure);
         Assert.Equal(Environment.ProcessId, pid);
-        Assert.Equal(EPERM, createVmErrno);   // not on the list: the filter answered
-        Assert.Equal(EBADF, runErrno);        // KVM_RUN is: the kernel answered (fd -1)
-        Assert.Equal(EPERM, socketErrno);
+        Assert.Equal(Errno.EPERM, createVmErrno);   // not on the list: the filter answered
+        Assert.Equal(Errno.EBADF, runErrno);        // KVM_RUN is: the kernel answered (fd -1)
+        Assert.Equal(Errno.EPERM, socketErrno);
         // This thread (no filter) still may.
         int s = socket(1, 1, 0);
         Assert.True(s >= 0);
