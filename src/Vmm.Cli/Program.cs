@@ -66,7 +66,7 @@ public static class Program
             // Only when vmm is the process: Program.Main called in-process (the CLI tests) must not filter its host.
             if (System.Reflection.Assembly.GetEntryAssembly() == typeof(Program).Assembly)
             {
-                Seccomp.Configure(options.Seccomp, SeccompFilters.All(SeccompFilters.IsJit));
+                Seccomp.Configure(options.Seccomp, SeccompFilters.All(Sys.RunsOnCoreClr));
                 Seccomp.InstallProcess("main");
             }
             if (Seccomp.Mode != SeccompMode.Off)

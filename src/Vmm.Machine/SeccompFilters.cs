@@ -32,14 +32,12 @@ public static class SeccompFilters
     private const int AF_UNIX = 1;
     private const ulong FIONBIO = 0x5421, FIONREAD = 0x541B, TCGETS = 0x5401, TCSETS = 0x5402, TIOCGWINSZ = 0x5413;
 
-    /// <summary>The filters for this process (JIT or NativeAOT), one per role.</summary>
+    /// <summary>The filters, one per role; <paramref name="jit"/> for a JIT build (<c>dotnet run</c>, <see cref="Vmm.Interop.Sys.RunsOnCoreClr"/>), where
+    /// the runtime loads assemblies and compiles on every thread, false for NativeAOT.</summary>
     public static IReadOnlyList<SeccompFilter> All(bool jit) =>
     [
         Main(jit), Vcpu(jit), DeviceWorker(jit), Api(jit), Console(jit),
     ];
-
-    /// <summary>A JIT build (<c>dotnet run</c>): the runtime loads assemblies and compiles on every thread.</summary>
-    public static bool IsJit => Vmm.Interop.Sys.RunsOnCoreClr;
 
     private static SyscallRule R(string name, string why) => new(name, why);
 

@@ -160,7 +160,7 @@ public class SeccompFilterTests
     public void The_vCPU_filter_installed_on_a_thread_of_this_process_lets_its_calls_through_and_refuses_the_rest()
     {
         // ERRNO(EPERM) instead of the trap, so the test process survives; the thread ends with its filter.
-        var program = SeccompFilters.Vcpu(SeccompFilters.IsJit).Compile(SECCOMP_RET_ERRNO | Errno.EPERM);
+        var program = SeccompFilters.Vcpu(Vmm.Interop.Sys.RunsOnCoreClr).Compile(SECCOMP_RET_ERRNO | Errno.EPERM);
         int socketErrno = 0, createVmErrno = 0, runErrno = 0, pid = 0;
         Exception? failure = null;
         var t = new Thread(() =>
