@@ -625,8 +625,21 @@ public sealed class VirtioBlockTests : IDisposable
         for (int i = 0; i < 50; i++)
             h.Submit(new(header, 16, false), new(data, 4096, true), new(status, 1, true));
         const int N = 500;
-        // The worker publishes its thread's allocation counter before it waits for the next kick.
-        long Settled() { Thread.Sleep(100); return _device!.WorkerAllocatedBytes; }
+        // The worker publishes its thread's allocation counter before it waits for the next kick. A fixed 100 ms was too
+        // short in one CI run (the nested QEMU of the KVM tests keeps both cores busy): read until it holds still.
+        long Settled()
+        {
+            long last = _device!.WorkerAllocatedBytes;
+            for (int i = 0; i < 50; i++)
+            {
+                Thread.Sleep(100);
+                long now = _device.WorkerAllocatedBytes;
+                if (now == last)
+                    return now;
+                last = now;
+            }
+            return last;
+        }
         long before = Settled();
         for (int i = 0; i < N; i++)
             h.Submit(new(header, 16, false), new(data, 4096, true), new(status, 1, true));
